@@ -111,20 +111,17 @@ def model_name(model) -> str:
 def fingerprint(model) -> str:
     """A short hash that identifies the base model's weights, robust to float32/bf16 loading.
 
-    Hashes the architecture facts and the first values of a few spread-out weight tensors rounded
-    to bfloat16, so that a prefix file can refuse a different base model.
+    Hashes the architecture facts and the first values of every weight tensor rounded to
+    bfloat16, so that a prefix file can refuse a different base model.
     """
     h = hashlib.sha256()
     c = model.config
     facts = [c.model_type, getattr(c, "vocab_size", None)]
     h.update(repr(facts).encode())
-    params = [(n, p) for n, p in model.named_parameters() if p.ndim >= 1]
-    params.sort(key=lambda np_: np_[0])
-    step = max(1, len(params) // 8)
-    for name, p in params[::step][:8]:
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         h.update(name.encode())
         h.update(repr(tuple(p.shape)).encode())
-        sample = p.detach().flatten()[:256].to(torch.float32).cpu().to(torch.bfloat16)
+        sample = p.detach().flatten()[:64].to(torch.float32).cpu().to(torch.bfloat16)
         h.update(sample.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -8,6 +8,7 @@ slightly different order for system outputs and for references; we keep both ord
 
 import re
 import unicodedata
+import warnings
 
 try:  # the official script uses unidecode; fall back to a close approximation without it
     from unidecode import unidecode as _unidecode
@@ -25,9 +26,16 @@ _EXTRA_ASCII = str.maketrans({
 
 def to_ascii(text: str) -> str:
     """unidecode when installed, else NFKD without combining marks plus a small table
-    (identical for accented Latin letters and common punctuation)."""
+    (identical for accented Latin letters and common punctuation, not for other scripts)."""
     if _unidecode is not None:
         return _unidecode(text)
+    if not text.isascii():
+        warnings.warn(
+            "unidecode is not installed: non-ASCII text is transliterated approximately, so "
+            "WebNLG/DART scores may differ from the official script (pip install Unidecode==1.4.0)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     decomposed = unicodedata.normalize("NFKD", text.translate(_EXTRA_ASCII))
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
