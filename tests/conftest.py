@@ -70,3 +70,39 @@ def t5_small():
     import prefixtune as pt
 
     return pt.load_model(str(T5_SMALL))
+
+
+def tiny_tokenizer(arch: str):
+    """A word-level tokenizer over VOCAB ids whose special ids match `tiny(arch)`'s config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"llama": ("<pad>", "<s>", "</s>"), "gpt2": ("<pad>", "<s>", "</s>"),
+                "t5": ("<pad>", "</s>", "<s>"), "bart": ("<s>", "<pad>", "</s>")}[arch]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab["<unk>"] = 3
+    vocab["\n"] = 4
+    for i in range(5, VOCAB):
+        vocab[f"w{i}"] = i
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    pad = {"llama": "<pad>", "gpt2": "<pad>", "t5": "<pad>", "bart": "<pad>"}[arch]
+    eos = "</s>"
+    if arch in ("t5", "bart"):  # encoders read `... </s>`
+        core.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, eos_token=eos, unk_token="<unk>")
+    tok.add_tokens(["\n"])
+    return tok
+
+
+def reversal_pairs(n: int, seed: int = 0):
+    """A learnable toy task: the target is the source reversed."""
+    import random
+    from types import SimpleNamespace
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [f"w{rng.randrange(5, 30)}" for _ in range(rng.randrange(2, 5))]
+        out.append(SimpleNamespace(source=" ".join(words), target=" ".join(reversed(words))))
+    return out

@@ -277,13 +277,33 @@ def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, input_ids, att
     return pos + rows.lengths("self", batch).to(pos.device)[:, None]
 
 
-def forward_with_prefix(model, rows: RowPrefixes | None, input_ids=None, attention_mask=None, **kwargs):
-    """`model(...)` with one prefix per row (or one shared prefix)."""
+def forward_with_prefix(model, rows: RowPrefixes | None, input_ids=None, attention_mask=None, run=None, **kwargs):
+    """`model(...)` with one prefix per row (or one shared prefix).
+
+    `run`: call this module instead of `model` (e.g. `model.base_model` for hidden states only).
+    """
     with use_prefix(model, rows) as state:
         pos = _position_ids(state.layout, rows, input_ids, attention_mask)
         if pos is not None and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = pos
-        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return (run or model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def target_loss(model, rows: RowPrefixes | None, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Mean cross-entropy over target tokens only (labels != -100).
+
+    Decoder-only models: the LM head runs only at positions that predict a target token: the head
+    over a 49k vocabulary at every source and padding position would be most of the work.
+    """
+    if layout_of(model).is_encoder_decoder:
+        return forward_with_prefix(model, rows, input_ids=input_ids, attention_mask=attention_mask,
+                                   labels=labels, use_cache=False).loss
+    hidden = forward_with_prefix(model, rows, input_ids=input_ids, attention_mask=attention_mask,
+                                 run=model.base_model, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100                                                      # position t predicts token t+1
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])                # (n_targets, vocab)
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 @torch.no_grad()

@@ -56,7 +56,10 @@ class Example:
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One distinct source with all of its references, for evaluation."""
+    """One distinct source with all of its references, for evaluation.
+
+    Equality and hashing use ``source`` and ``references`` only, not ``meta``.
+    """
 
     source: str
     references: tuple[str, ...]

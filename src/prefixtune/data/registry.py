@@ -149,7 +149,9 @@ def download(
     return root
 
 
-def _download(spec: DatasetSpec, root: Path, *, splits: Iterable[str] | None, fetch: Fetcher | None, force: bool) -> None:
+def _download(
+    spec: DatasetSpec, root: Path, *, splits: Iterable[str] | None, fetch: Fetcher | None, force: bool
+) -> None:
     wanted = None if splits is None else {SPLIT_ALIASES.get(s, s) for s in splits}
     chosen = [r for r in spec.resources if wanted is None or not r.splits or wanted & set(r.splits)]
     place_all(chosen, root, fetch or urllib_fetch, force=force)

@@ -94,6 +94,10 @@ def load(
         raise FileNotFoundError(f"{NAME} split '{split}': no .xml files under {path}")
     entries = [e for f in files for e in read_xml(f)]
 
+    if isinstance(categories, str):
+        categories = [categories]
+    if isinstance(exclude_categories, str):
+        exclude_categories = [exclude_categories]
     known = {e.category for e in entries}
     keep = set(known) if categories is None else set(categories)
     drop = set(exclude_categories or ())

@@ -44,6 +44,8 @@ class MeteorProcess:
 
     def score(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
         """(corpus METEOR, per-item METEOR) for already validated inputs."""
+        if not hyps:
+            raise ValueError("METEOR needs at least one item")  # an empty EVAL line gets no answer
         stats = []
         for hyp, item_refs in zip(hyps, refs, strict=True):
             self._send(" ||| ".join(["SCORE", *(_clean(r) for r in item_refs), _clean(hyp)]))

@@ -2,7 +2,7 @@
 
 Before BLEU (multi-bleu.perl -lc), METEOR and TER the official script lower-cases,
 transliterates to ASCII (unidecode) and splits every non-word character off as its own
-token (`' '.join(re.split(r'(\W)', text))`, whitespace collapsed). It does this in a
+token (`re.split` on non-word characters, whitespace collapsed). It does this in a
 slightly different order for system outputs and for references; we keep both orders.
 """
 

@@ -1,0 +1,104 @@
+"""Decoding settings (paper §5.3) and batched generation over evaluation items."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .batching import SEPARATOR, left_padded_prompts
+from .config import ConfigError
+from .engine import RowPrefixes, generate_with_prefix
+from .prefix import MergedPrefix, atomic_write_bytes
+
+
+@dataclass
+class DecodeConfig:
+    """How outputs are generated. Paper: beam 5 for table-to-text; beam 6, length penalty 0.8 for XSum."""
+
+    num_beams: int = field(default=5, metadata={"help": "Beam width (1 = greedy unless sampling)."})
+    max_new_tokens: int = field(default=60, metadata={"help": "Most tokens generated per output."})
+    min_new_tokens: int = field(default=1, metadata={"help": "Fewest tokens generated per output."})
+    length_penalty: float = field(default=1.0, metadata={"help": "Beam-search length penalty (0.8 for XSum)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of searching."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    batch_size: int = field(default=16, metadata={"help": "Sources per generate() call."})
+    stop_at_newline: bool = field(default=True, metadata={"help": "End an output at the first newline."})
+    max_source_len: int = field(default=512, metadata={"help": "Source tokens kept."})
+
+    def __post_init__(self):
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("DecodeConfig: num_beams, max_new_tokens and batch_size must be >= 1")
+
+
+DECODE_DEFAULTS = {"xsum": dict(num_beams=6, length_penalty=0.8, max_new_tokens=60, max_source_len=512)}
+
+
+def _stop_ids(tokenizer, stop_at_newline: bool) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    if stop_at_newline:
+        ids += [i for t, i in tokenizer.get_vocab().items() if t in ("\n", "Ċ", "<0x0A>")]
+    return sorted(set(i for i in ids if i is not None))
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, sources: list[str], prefix: MergedPrefix | None, cfg: DecodeConfig,
+                   format_source: Callable[[str], str] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """One output string per source, generated in batches with `prefix` (None = the bare model)."""
+    is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    rows = RowPrefixes.per_row([prefix], device=model.device, dtype=model.dtype) if prefix is not None else None
+    outputs: list[str] = []
+    stops = _stop_ids(tokenizer, cfg.stop_at_newline)
+    # long sources first: similar lengths share a batch
+    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    texts = [format_source(s) if format_source else s for s in sources]
+    by_index: dict[int, str] = {}
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        ids, mask = left_padded_prompts(tokenizer, [texts[i] for i in idx], is_enc_dec, cfg.max_source_len)
+        kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                      length_penalty=cfg.length_penalty, do_sample=cfg.do_sample, eos_token_id=stops,
+                      pad_token_id=tokenizer.pad_token_id)
+        if cfg.do_sample:
+            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+        if cfg.num_beams > 1:
+            kwargs["early_stopping"] = True
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        if rows is None:
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        else:
+            out = generate_with_prefix(model, rows, ids, mask, **kwargs)
+        new = out if is_enc_dec else out[:, ids.shape[1]:]
+        for i, seq in zip(idx, new):
+            text = tokenizer.decode(seq, skip_special_tokens=True)
+            by_index[i] = clean_output(text, cfg.stop_at_newline)
+        if progress:
+            progress(min(start + cfg.batch_size, len(order)), len(order))
+    outputs = [by_index[i] for i in range(len(sources))]
+    return outputs
+
+
+def clean_output(text: str, stop_at_newline: bool = True) -> str:
+    text = text.strip()
+    if stop_at_newline and SEPARATOR in text:
+        text = text.split(SEPARATOR, 1)[0].strip()
+    return text
+
+
+def write_predictions(path: str | Path, items, outputs: list[str]) -> None:
+    """Per-example output file: one JSON object per line with source, output and references."""
+    lines = [json.dumps({"source": it.source, "output": out, "references": list(it.references)}, ensure_ascii=False)
+             for it, out in zip(items, outputs)]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def decode_config_for(dataset: str, **overrides) -> DecodeConfig:
+    base = asdict(DecodeConfig())
+    base.update(DECODE_DEFAULTS.get(dataset, {}))
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return DecodeConfig(**base)

@@ -1,0 +1,511 @@
+"""Continuous batching over one frozen model: many requests, each with its own prefix and sampling.
+
+One worker thread owns the model and loops:
+  1. admit waiting requests (up to `max_batch_size` rows in all): prefill them together in one
+     left-padded forward pass, choose their first token, then merge them into the running batch by
+     left-padding the shorter KV cache, so every row shares one cache length;
+  2. one decode step for every running row, each attending to its own prefix;
+  3. rows that are done (EOS, a stop string, max_tokens, cancelled) leave via index_select.
+Other threads only `submit()` and wait on futures, so the model never runs twice at once.
+
+A row's output equals running it alone: padding is masked, positions are counted from the mask
+(plus the row's prefix length), and a row's prefix is visible to that row only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..engine import RowPrefixes, forward_with_prefix, layout_of
+from ..models import model_name
+from ..prefix import MergedPrefix, check_compatible
+from .config import ServeConfig
+from .metrics import ServerMetrics
+from .prefix_cache import LoadedPrefix
+from .sampling import SamplingParams, TextTracker, choose_tokens, decode
+
+log = logging.getLogger("prefixtune.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The batcher is stopping and accepts no new requests."""
+
+
+class PrefixRemoved(Exception):
+    """The request's prefix was removed before the request started."""
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled (its client left or timed out)."""
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete. `on_text(piece)` (optional) receives streamed text on the worker thread."""
+
+    prompt_ids: list[int]
+    prefix: LoadedPrefix | MergedPrefix | None = None
+    params: SamplingParams = SamplingParams()
+    on_text: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]          # generated tokens, without the EOS token
+    finish_reason: str            # "stop" (EOS or a stop string) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int        # tokens generated, the EOS token included
+
+
+class RequestHandle:
+    """What `submit` returns: the future of a Completion, timestamps, and `cancel()`."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.future: concurrent.futures.Future[Completion] = concurrent.futures.Future()
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Drop the request: it leaves the queue or the running batch at the next step."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self, timeout: float | None = None) -> Completion:
+        return self.future.result(timeout)
+
+
+def _merged(prefix: LoadedPrefix | MergedPrefix | None) -> MergedPrefix | None:
+    return prefix.prefix if isinstance(prefix, LoadedPrefix) else prefix
+
+
+class _Row:
+    """One request while it is in the running batch."""
+
+    def __init__(self, handle: RequestHandle, tokenizer, eos_ids: set[int], device):
+        self.handle = handle
+        self.request = handle.request
+        self.params = handle.request.params
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.prefix = _merged(handle.request.prefix)
+        self.generated: list[int] = []
+        self.count = 0
+        self.generator = None
+        if not self.params.greedy and self.params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        # decoding text every step costs time: only for streaming or stop strings
+        needs_text = self.request.on_text is not None or bool(self.params.stop)
+        self.tracker = TextTracker(tokenizer, self.params.stop) if needs_text else None
+
+    def add(self, token: int) -> str | None:
+        """Record the next token; the finish reason when the row is done, else None."""
+        self.count += 1
+        if self.handle.first_token_at is None:
+            self.handle.first_token_at = time.monotonic()
+        if token in self.eos_ids:
+            return "stop"
+        self.generated.append(token)
+        if self.tracker is not None:
+            if self.tracker.update(self.generated):
+                return "stop"
+            self._emit(self.tracker.take(final=False))
+        return "length" if self.count >= self.params.max_tokens else None
+
+    def _emit(self, piece: str) -> None:
+        if piece and self.request.on_text is not None:
+            self.request.on_text(piece)
+
+    def finish(self, reason: str) -> Completion:
+        if self.tracker is not None:
+            self._emit(self.tracker.take(final=True))
+            text = self.tracker.text
+        else:
+            text = decode(self.tokenizer, self.generated)
+        return Completion(text=text, token_ids=list(self.generated), finish_reason=reason,
+                          prompt_tokens=len(self.request.prompt_ids), completion_tokens=self.count)
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad `t` at the front of `dim` up to `length`."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _first_used_column(used: torch.Tensor) -> int:
+    """Index of the first column where any row is real (used: (rows, cols) bool)."""
+    cols = used.any(0)
+    return int(cols.int().argmax()) if bool(cols.any()) else used.shape[1]
+
+
+def _select_prefixes(prefixes: RowPrefixes | None, index: torch.Tensor) -> RowPrefixes | None:
+    """Keep rows `index`, and drop prefix slots no remaining row uses."""
+    if prefixes is None:
+        return None
+    kv, valid = {}, {}
+    for kind in prefixes.kv:
+        v = prefixes.valid[kind].index_select(0, index)
+        start = _first_used_column(v)
+        if start < v.shape[1]:
+            kv[kind] = prefixes.kv[kind].index_select(2, index)[:, :, :, :, start:]
+            valid[kind] = v[:, start:]
+    return RowPrefixes(kv=kv, valid=valid) if kv else None
+
+
+def _concat_prefixes(a: RowPrefixes | None, rows_a: int, b: RowPrefixes | None, rows_b: int) -> RowPrefixes | None:
+    """Rows of `a` then rows of `b`; prefix slots stay right-aligned (left-padded), as in per_row."""
+    kinds = sorted(set(a.kv if a else ()) | set(b.kv if b else ()))
+    if not kinds:
+        return None
+    kv, valid = {}, {}
+    for kind in kinds:
+        ref = (a.kv.get(kind) if a else None)
+        ref = ref if ref is not None else b.kv[kind]
+        layers, two, _, heads, _, head_dim = ref.shape
+
+        def part(p: RowPrefixes | None, rows: int):
+            if p is not None and kind in p.kv:
+                return p.kv[kind], p.valid[kind]
+            return (ref.new_zeros(layers, two, rows, heads, 0, head_dim),
+                    torch.zeros(rows, 0, dtype=torch.bool, device=ref.device))
+
+        (ka, va), (kb, vb) = part(a, rows_a), part(b, rows_b)
+        width = max(va.shape[1], vb.shape[1])
+        kv[kind] = torch.cat([_pad_left(ka, width, 4), _pad_left(kb, width, 4)], dim=2)
+        valid[kind] = torch.cat([_pad_left(va, width, 1), _pad_left(vb, width, 1)], dim=0)
+    return RowPrefixes(kv=kv, valid=valid)
+
+
+class _Batch:
+    """The running batch: rows, their shared KV cache (left-padded) and attention mask."""
+
+    def __init__(self, rows: list[_Row], cache, mask: torch.Tensor, last: torch.Tensor, prefixes: RowPrefixes | None):
+        self.rows = rows
+        self.cache = cache          # HF DynamicCache; layers[i].keys: (rows, kv_heads, seq, head_dim)
+        self.mask = mask            # (rows, seq) long, 1 where the cache holds a real token
+        self.last = last            # (rows,) each row's newest token, not yet in the cache
+        self.prefixes = prefixes    # one prefix per row, or None when no row has one
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def extend(self, other: "_Batch") -> None:
+        """Append `other`'s rows, left-padding the shorter cache so both share one length."""
+        seq = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, seq, 2), _pad_left(theirs.keys, seq, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, seq, 2), _pad_left(theirs.values, seq, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, seq, 1), _pad_left(other.mask, seq, 1)])
+        self.last = torch.cat([self.last, other.last])
+        self.prefixes = _concat_prefixes(self.prefixes, len(self.rows), other.prefixes, len(other.rows))
+        self.rows = self.rows + other.rows
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only rows `keep`; drop cache columns that are padding for every remaining row."""
+        if not keep:
+            self.rows = []
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = _first_used_column(mask.bool())
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.mask = mask[:, start:]
+        self.last = self.last.index_select(0, index)
+        self.prefixes = _select_prefixes(self.prefixes, index)
+        self.rows = [self.rows[i] for i in keep]
+
+
+def _positions(mask: torch.Tensor, prefixes: RowPrefixes | None, new: int) -> torch.Tensor:
+    """Positions of the last `new` tokens: counted over real tokens only, after the row's prefix."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+    if prefixes is not None and "self" in prefixes.valid:
+        pos = pos + prefixes.valid["self"].sum(-1, keepdim=True)
+    return pos
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+class Batcher:
+    """The request queue and the model worker thread.
+
+        batcher = Batcher(model, tokenizer, ServeConfig()).start()
+        handle = batcher.submit(GenerationRequest(prompt_ids, prefix, SamplingParams(max_tokens=30)))
+        completion = handle.result()
+        batcher.stop()
+    """
+
+    def __init__(self, model, tokenizer, config: ServeConfig | None = None, metrics: ServerMetrics | None = None):
+        layout = layout_of(model)
+        if layout.is_encoder_decoder or not layout.arch.shift_positions:
+            raise ValueError(f"the batching server supports decoder-only models; {model_name(model)} is not one")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or ServeConfig()
+        self.metrics = metrics or ServerMetrics()
+        self.device = model.device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else 0
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cond = threading.Condition()
+        self._pending: deque[RequestHandle] = deque()
+        self._batch: _Batch | None = None
+        self._stopping = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.metrics.queue_depth.fn = lambda: self.queue_depth
+        self.metrics.running.fn = lambda: self.running
+
+    # -- the caller's side ---------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        batch = self._batch
+        return len(batch) if batch is not None else 0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Batcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="prefixtune-model-worker", daemon=True)
+            self._thread.start()
+        return self
+
+    def __enter__(self) -> "Batcher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError when the request cannot run on this model."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        prefix = _merged(request.prefix)
+        if prefix is not None:
+            # shapes only: the store checked the base-model fingerprint when the file was added
+            check_compatible(prefix, self.model, source=getattr(request.prefix, "name", "prefix"), check_fingerprint=False)
+        if self.max_positions:
+            length = prefix.length if prefix is not None else 0
+            total = len(request.prompt_ids) + request.params.max_tokens + length
+            if total > self.max_positions:
+                raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
+                                 f"+ prefix ({length}) = {total} exceeds the model's context of {self.max_positions}")
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue all of `requests` or none of them (QueueFull, ShuttingDown, ValueError)."""
+        if len(requests) > self.config.max_queue:
+            raise ValueError(f"{len(requests)} prompts in one request; the queue holds at most {self.config.max_queue}")
+        for r in requests:
+            self.check(r)
+        handles = [RequestHandle(r) for r in requests]
+        with self._cond:
+            if self._stopping or not self.alive:
+                raise ShuttingDown("the server is shutting down" if self._stopping else "the model worker is not running")
+            if len(self._pending) + len(handles) > self.config.max_queue:
+                raise QueueFull(f"too many requests waiting ({len(self._pending)} queued, bound {self.config.max_queue}); "
+                                "retry later", retry_after=self.config.retry_after_s)
+            self._pending.extend(handles)
+            self._cond.notify_all()
+        return handles
+
+    def generate(self, requests: list[GenerationRequest], timeout: float | None = None) -> list[Completion]:
+        """Submit and wait for all (a convenience for scripts and tests)."""
+        return [h.result(timeout) for h in self.submit_all(requests)]
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; with `drain`, finish the accepted ones first (up to `timeout` s)."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                self._abort = True
+            self._cond.notify_all()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # drain took too long: fail what is left
+            with self._cond:
+                self._abort = True
+                self._cond.notify_all()
+            self._thread.join()
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        with torch.inference_mode():
+            while True:
+                admitted = self._next_admissions()
+                if admitted is None:
+                    break
+                try:
+                    if admitted:
+                        self._admit(admitted)
+                    if self._batch is not None:
+                        self._step()
+                except Exception as e:  # never let one bad batch kill the server
+                    log.exception("model worker: a batch failed")
+                    self._fail([*(r.handle for r in (self._batch.rows if self._batch else [])), *admitted], e)
+                    self._batch = None
+        self._fail([*(r.handle for r in (self._batch.rows if self._batch else [])), *self._pending],
+                   ShuttingDown("the server shut down before this request finished"))
+        self._batch = None
+        self._pending.clear()
+
+    def _next_admissions(self) -> list[RequestHandle] | None:
+        """Requests to add to the batch now ([] to just decode); None when the worker should exit."""
+        window = self.config.batch_window_ms / 1000
+        with self._cond:
+            if self._abort:
+                return None
+            if self._batch is None:
+                while not self._pending:
+                    if self._stopping or self._abort:
+                        return None
+                    self._cond.wait()
+                # idle start: give requests arriving together a moment to share the first batch
+                deadline = time.monotonic() + window
+                while len(self._pending) < self.config.max_batch_size and not self._abort:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            room = self.config.max_batch_size - self.running
+            return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+
+    def _fail(self, handles, error: Exception) -> None:
+        for h in handles:
+            if not h.future.done():
+                h.finished_at = time.monotonic()
+                h.future.set_exception(error)
+
+    def _admit(self, handles: list[RequestHandle]) -> None:
+        """Prefill new requests together and merge them into the running batch."""
+        live = []
+        for h in handles:
+            if h.cancelled:
+                self._fail([h], RequestCancelled("cancelled before it started"))
+            elif isinstance(h.request.prefix, LoadedPrefix) and h.request.prefix.revoked:
+                self._fail([h], PrefixRemoved(f"prefix {h.request.prefix.name!r} was removed"))
+            else:
+                live.append(h)
+        if not live:
+            return
+        rows = [_Row(h, self.tokenizer, self.eos_ids, self.device) for h in live]
+        width = max(len(h.request.prompt_ids) for h in live)
+        ids = torch.full((len(live), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(live), width, dtype=torch.long, device=self.device)
+        for i, h in enumerate(live):
+            n = len(h.request.prompt_ids)
+            ids[i, width - n:] = torch.tensor(h.request.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        prefixes = None
+        if any(r.prefix is not None for r in rows):
+            prefixes = RowPrefixes.per_row([r.prefix for r in rows], device=self.device, dtype=self.model.dtype)
+        logits, cache = self._forward(ids, mask, prefixes, cache=None)
+        self.metrics.prompt_tokens.inc(int(mask.sum()))
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise RuntimeError(f"the batching server needs full-attention caches; {model_name(self.model)} uses "
+                                   f"{type(layer).__name__} (e.g. sliding-window attention)")
+        new = _Batch(rows, cache, mask, torch.zeros(len(rows), dtype=torch.long, device=self.device), prefixes)
+        self._take_tokens(new, logits)
+        if len(new) == 0:
+            return
+        if self._batch is None:
+            self._batch = new
+        else:
+            self._batch.extend(new)
+
+    def _step(self) -> None:
+        """One decode step for every running row."""
+        batch = self._batch
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
+        logits, batch.cache = self._forward(batch.last[:, None], mask, batch.prefixes, cache=batch.cache)
+        batch.mask = mask
+        self.metrics.batch_size.observe(len(batch))
+        self.steps += 1
+        self._take_tokens(batch, logits)
+        if len(batch) == 0:
+            self._batch = None
+
+    def _forward(self, ids, mask, prefixes, cache):
+        kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
+        out = forward_with_prefix(self.model, prefixes, input_ids=ids, attention_mask=mask,
+                                  position_ids=_positions(mask, prefixes, ids.shape[1]), cache=cache,
+                                  use_cache=True, **kwargs)
+        return out.logits[:, -1], out.cache
+
+    def _take_tokens(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Choose each row's next token, finish rows that are done, and keep the others."""
+        tokens = choose_tokens(logits, [r.params for r in batch.rows], [r.generator for r in batch.rows])
+        self.metrics.add_tokens(len(tokens))
+        keep = []
+        for i, (row, token) in enumerate(zip(batch.rows, tokens)):
+            if row.handle.cancelled:
+                self._fail([row.handle], RequestCancelled("cancelled"))
+                continue
+            try:
+                reason = row.add(token)
+                if reason is not None:
+                    completion = row.finish(reason)
+            except Exception as e:  # e.g. a streaming callback failed: drop this row only
+                self._fail([row.handle], e)
+                continue
+            if reason is None:
+                keep.append(i)
+            elif not row.handle.future.done():
+                row.handle.finished_at = time.monotonic()
+                row.handle.future.set_result(completion)
+        batch.last = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        if len(keep) < len(batch):
+            batch.keep(keep)

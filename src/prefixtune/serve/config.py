@@ -1,0 +1,70 @@
+"""The server's settings: one dataclass, each field with its help text, checked on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from ..config import ConfigError
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ServeConfig:
+    """How the server batches, bounds and times out requests."""
+
+    max_batch_size: int = field(default=32, metadata={
+        "help": "Most requests decoded together in one batch (rows may use different prefixes)."})
+    batch_window_ms: float = field(default=10.0, metadata={
+        "help": "When the engine is idle, how long it waits after the first request for others to join its batch. "
+                "While a batch runs, new requests join between decode steps without waiting."})
+    max_queue: int = field(default=64, metadata={
+        "help": "Most requests waiting to join the batch; beyond it requests get 429 with a Retry-After header."})
+    request_timeout_s: float = field(default=120.0, metadata={
+        "help": "A request not finished after this many seconds (queue + generation) gets 504 and is dropped."})
+    retry_after_s: int = field(default=1, metadata={"help": "Seconds sent in Retry-After with a 429."})
+    default_max_tokens: int = field(default=16, metadata={
+        "help": "max_tokens when a request does not say (OpenAI's default is 16)."})
+    max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
+    max_prompts_per_request: int = field(default=32, metadata={
+        "help": "Most prompts in one request's prompt list."})
+    prefix_cache_size: int = field(default=64, metadata={
+        "help": "Loaded prefixes kept in memory (least recently used are dropped first)."})
+    max_upload_mb: float = field(default=64.0, metadata={"help": "Largest prefix file accepted by POST /v1/prefixes."})
+    torch_threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads for the model worker. None: every core this process may use."})
+    shutdown_timeout_s: float = field(default=60.0, metadata={
+        "help": "On shutdown, how long accepted requests may take to finish before they are failed."})
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"ServeConfig.{name}: {message}, got {getattr(self, name)!r}")
+
+        check(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        check(self.batch_window_ms >= 0, "batch_window_ms", "must be >= 0")
+        check(self.max_queue >= 1, "max_queue", "must be >= 1")
+        check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
+        check(self.retry_after_s >= 0, "retry_after_s", "must be >= 0")
+        check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
+              "must be between 1 and max_tokens_limit")
+        check(self.max_prompts_per_request >= 1, "max_prompts_per_request", "must be >= 1")
+        check(self.prefix_cache_size >= 1, "prefix_cache_size", "must be >= 1")
+        check(self.max_upload_mb > 0, "max_upload_mb", "must be > 0")
+        check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or None")
+        check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or available_cores()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

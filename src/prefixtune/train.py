@@ -1,0 +1,297 @@
+"""The training loop: one plain loop for every prefix method, readable top to bottom.
+
+data pairs -> encode -> length-bucketed batches -> frozen LM with prefix -> loss on target tokens
+-> AdamW + linear warm-up/decay + clipping (+ gradient accumulation) -> checkpoints, dev loss,
+best prefix. Runs unchanged under `accelerate launch` (Accelerate is a no-op on one CPU).
+
+A checkpoint is ONE safetensors file written atomically: trainable parameters (MLP included),
+optimizer moments, best prefix so far, and the loop state (step, epoch, position in the epoch,
+scheduler, RNG) as JSON metadata. A run killed at any moment resumes from the last checkpoint to
+the same final prefix as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .batching import Encoded, collate, encode, length_bucketed_batches
+from .config import ConfigError, PrefixConfig
+from .engine import PrefixModel, target_loss, trainable_state
+from .prefix import MergedPrefix, atomic_write_bytes, read_safetensors, save_prefix
+
+# Paper §5.2 hyperparameters for prefix-tuning, per dataset (lr, epochs, batch size, prefix length).
+PAPER_DEFAULTS = {
+    "e2e": dict(lr=8e-5, epochs=5, batch_size=10, prefix_length=5),
+    "webnlg": dict(lr=5e-5, epochs=5, batch_size=5, prefix_length=5),
+    "dart": dict(lr=5e-5, epochs=10, batch_size=5, prefix_length=10),
+    "xsum": dict(lr=5e-5, epochs=30, batch_size=14, prefix_length=100, mlp_hidden=800),
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says where and what was kept."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults are generic; `PAPER_DEFAULTS` holds the paper's per-dataset values."""
+
+    lr: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
+    epochs: int = field(default=5, metadata={"help": "Passes over the training data."})
+    batch_size: int = field(default=5, metadata={"help": "Examples per forward pass."})
+    grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    seed: int = field(default=0, metadata={"help": "Seeds data order and initialization."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    time_budget_s: float | None = field(default=None, metadata={"help": "Stop training after this many seconds."})
+    checkpoint_every: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps."})
+    eval_every: int | None = field(default=None, metadata={"help": "Dev loss every N steps (default: each epoch)."})
+    patience: int | None = field(default=None, metadata={"help": "Early stop after N dev evaluations without improvement."})
+    dev_max_examples: int = field(default=200, metadata={"help": "Dev pairs used for the dev loss."})
+    max_source_len: int = field(default=256, metadata={"help": "Source tokens kept (longer sources are cut)."})
+    max_target_len: int = field(default=128, metadata={"help": "Target tokens kept."})
+    log_every: int = field(default=10, metadata={"help": "Print progress every N steps (every step goes to log.jsonl)."})
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "dev_max_examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr: must be > 0, got {self.lr}")
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors needed to resume exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_dev_loss: float = math.inf
+    bad_evals: int = 0
+    train_seconds: float = 0.0
+    done: bool = False
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _encode_all(tokenizer, pairs, is_enc_dec: bool, cfg: TrainConfig) -> list[Encoded]:
+    return [encode(tokenizer, p.source, p.target, is_enc_dec, cfg.max_source_len, cfg.max_target_len) for p in pairs]
+
+
+@torch.no_grad()
+def dev_loss(pm: PrefixModel, encoded: list[Encoded], pad_id: int, batch_size: int) -> float:
+    """Mean target-token loss over the dev pairs (token-weighted)."""
+    total, count = 0.0, 0
+    is_enc_dec = pm.layout.is_encoder_decoder
+    rows = pm.rows()
+    for start in range(0, len(encoded), batch_size):
+        b = collate(encoded[start:start + batch_size], pad_id, is_enc_dec).to(pm.model.device)
+        loss = target_loss(pm.model, rows, b.input_ids, b.attention_mask, b.labels)
+        total += loss.item() * b.n_target_tokens
+        count += b.n_target_tokens
+    return total / max(1, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, pm: PrefixModel, optimizer, scheduler, state: LoopState,
+                    best: MergedPrefix | None, extra: dict) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in trainable_state(pm).items()}
+    names = {id(p): n for n, p in trainable_state(pm).items()}
+    opt_state = optimizer.state_dict()
+    index_to_name = {}
+    for group, group_state in zip(optimizer.param_groups, opt_state["param_groups"]):
+        for p, idx in zip(group["params"], group_state["params"]):
+            index_to_name[idx] = names[id(p)]
+    for idx, st in opt_state["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{index_to_name[idx]}.{key}"] = torch.as_tensor(value).contiguous()
+    if best is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best.kv.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "format": "prefixtune.checkpoint/1",
+        "state": json.dumps(asdict(state)),
+        "scheduler": json.dumps(scheduler.state_dict()),
+        "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]),
+        "prefix_config": pm.config.to_json(),
+        "extra": json.dumps(extra),
+    }
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_checkpoint(path: Path, pm: PrefixModel, optimizer, scheduler) -> tuple[LoopState, MergedPrefix | None, dict]:
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != "prefixtune.checkpoint/1":
+        raise TrainingError(f"{path}: not a prefixtune training checkpoint")
+    saved_cfg = PrefixConfig.from_dict(json.loads(meta["prefix_config"]))
+    if saved_cfg != pm.config:
+        raise TrainingError(f"{path}: checkpoint was made with {saved_cfg}, this run asks for {pm.config}; "
+                            "resume with the same settings or start a new output folder")
+    params = trainable_state(pm)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+    # rebuild the optimizer state dict in torch's own index-based layout
+    opt_sd = optimizer.state_dict()
+    name_of = {id(p): n for n, p in params.items()}
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    index_of = {name_of[id(p)]: idx for idx, p in enumerate(ordered)}
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            pname, field_name = key[len("optim."):].rsplit(".", 1)
+            state.setdefault(index_of[pname], {})[field_name] = value
+    groups = json.loads(meta["param_groups"])
+    for g, saved in zip(opt_sd["param_groups"], groups):
+        saved["params"] = g["params"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(json.loads(meta["scheduler"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    best_prefix = MergedPrefix(kv=best, meta={}) if best else None
+    return LoopState(**json.loads(meta["state"])), best_prefix, json.loads(meta.get("extra", "{}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, out_dir: str | Path,
+          resume: bool = False, print_fn: Callable[[str], None] = print, extra_meta: dict | None = None) -> dict:
+    """Train `pm`'s prefix; writes out_dir/{prefix.safetensors, checkpoint.safetensors, log.jsonl}."""
+    from accelerate import Accelerator
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path, prefix_path = out / "checkpoint.safetensors", out / "log.jsonl", out / "prefix.safetensors"
+    if not train_pairs:
+        raise TrainingError("no training examples")
+    if ckpt_path.exists() and not resume:
+        raise TrainingError(f"{ckpt_path} exists: pass --resume to continue that run, or choose a new --out folder")
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    is_enc_dec = pm.layout.is_encoder_decoder
+    pad_id = tokenizer.pad_token_id
+    train_enc = _encode_all(tokenizer, train_pairs, is_enc_dec, cfg)
+    dev_enc = _encode_all(tokenizer, list(dev_pairs)[:cfg.dev_max_examples], is_enc_dec, cfg)
+    lengths = [len(e.input_ids) + (len(e.labels) if is_enc_dec else 0) for e in train_enc]
+    n_batches = len(length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+
+    optimizer = torch.optim.AdamW(list(trainable_state(pm).values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
+    state, best = LoopState(), None
+    meta = dict(extra_meta or {})
+    if resume and ckpt_path.exists():
+        state, best, _ = load_checkpoint(ckpt_path, pm, optimizer, scheduler)
+        print_fn(f"resumed from {ckpt_path} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
+    model, optimizer = accelerator.prepare(pm, optimizer)  # DDP over several processes; identity on one CPU
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def checkpoint():
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt_path, pm, optimizer, scheduler, state, best, meta)
+
+    def evaluate() -> bool:
+        """Dev loss; keeps the best prefix. Returns True when early stopping says stop."""
+        nonlocal best
+        if not dev_enc:
+            return False
+        loss = dev_loss(pm, dev_enc, pad_id, cfg.batch_size)
+        improved = loss < state.best_dev_loss
+        if improved:
+            state.best_dev_loss, state.bad_evals = loss, 0
+            best = pm.prefix.merge()
+        else:
+            state.bad_evals += 1
+        print_fn(f"  dev loss {loss:.4f}{' (best)' if improved else ''} at step {state.step}")
+        _append_log(log_path, {"step": state.step, "epoch": state.epoch, "dev_loss": loss})
+        return cfg.patience is not None and state.bad_evals >= cfg.patience
+
+    started = time.time() - state.train_seconds
+    tokens_seen, window_start = 0, time.time()
+    stop = state.done
+    while not stop and state.epoch < cfg.epochs:
+        batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, state.epoch)
+        for bi in range(state.batch_in_epoch, len(batches)):
+            if bi % world != rank:  # each process takes its share of the batches
+                continue
+            batch = collate([train_enc[i] for i in batches[bi]], pad_id, is_enc_dec).to(accelerator.device)
+            loss = target_loss(pm.model, pm.rows(), batch.input_ids, batch.attention_mask, batch.labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, "
+                                    f"batch {bi}); the last good checkpoint is kept at {ckpt_path}"
+                                    f"{'' if ckpt_path.exists() else ' (none written yet)'}; try a lower --lr")
+            accelerator.backward(loss / cfg.grad_accum)
+            tokens_seen += batch.n_target_tokens
+            if (bi + 1) % cfg.grad_accum and bi + 1 != len(batches):
+                continue
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(list(trainable_state(pm).values()), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch = bi + 1
+            state.train_seconds = time.time() - started
+            _append_log(log_path, {"step": state.step, "epoch": state.epoch, "loss": loss.item(),
+                                   "lr": scheduler.get_last_lr()[0], "target_tokens": batch.n_target_tokens})
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                elapsed = time.time() - window_start
+                eta = state.train_seconds / state.step * (total_steps - state.step)
+                print_fn(f"step {state.step}/{total_steps} epoch {state.epoch + 1} loss {loss.item():.4f} "
+                         f"{tokens_seen / max(elapsed, 1e-9):.0f} target tok/s ETA {eta:.0f}s")
+                tokens_seen, window_start = 0, time.time()
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and evaluate():
+                stop = True
+            out_of_time = cfg.time_budget_s is not None and state.train_seconds >= cfg.time_budget_s
+            if state.step >= total_steps or out_of_time:
+                stop = True
+            if stop and not cfg.eval_every:
+                evaluate()  # the last steps since the previous dev evaluation count too
+            if stop or state.step % cfg.checkpoint_every == 0:
+                state.done = stop
+                checkpoint()
+            if stop:
+                break
+        if not stop:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if not cfg.eval_every and evaluate():
+                stop = state.done = True
+            checkpoint()
+    if not cfg.eval_every and dev_enc and best is None:
+        evaluate()
+    final = best if best is not None else pm.prefix.merge()
+    final.meta.update({"method": pm.config.method, "config": pm.config.to_dict(), "train": asdict(cfg), **meta})
+    if accelerator.is_main_process:
+        save_prefix(final, prefix_path, model=pm.model)
+    return {"steps": state.step, "best_dev_loss": state.best_dev_loss, "train_seconds": state.train_seconds,
+            "prefix_path": str(prefix_path), "prefix": final}
+
+
+def _append_log(path: Path, record: dict) -> None:
+    record = {"time": round(time.time(), 3), **record}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
