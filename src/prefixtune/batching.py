@@ -39,6 +39,8 @@ def prompt_ids(tokenizer, source: str, is_encoder_decoder: bool, max_source_len:
     if is_encoder_decoder:
         return tokenizer(source, truncation=True, max_length=max_source_len)["input_ids"]
     ids = tokenizer(source, add_special_tokens=False)["input_ids"][:max_source_len]
+    if source.endswith(SEPARATOR):  # e.g. a chat template that already ends its prompt with a newline
+        return ids
     return ids + tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
 
 

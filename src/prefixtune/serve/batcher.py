@@ -292,7 +292,8 @@ class Batcher:
         self._stopping = False
         self._abort = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
+        self.steps = 0          # decode steps run
+        self.largest_batch = 0  # most rows ever decoded together
         self.metrics.queue_depth.fn = lambda: self.queue_depth
         self.metrics.running.fn = lambda: self.running
 
@@ -465,6 +466,7 @@ class Batcher:
             self._batch = new
         else:
             self._batch.extend(new)
+        self.largest_batch = max(self.largest_batch, len(self._batch))
 
     def _step(self) -> None:
         """One decode step for every running row."""

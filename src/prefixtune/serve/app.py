@@ -1,0 +1,369 @@
+"""The HTTP server: FastAPI routes over the batcher and the prefix store.
+
+    app = create_app(model, tokenizer, PrefixStore("prefixes.db", model=model))
+    run_server("smollm2-135m", "prefixes.db", host="127.0.0.1", port=8000)
+
+Routes: POST /v1/completions, GET /v1/models, POST /v1/prefixes, GET|DELETE /v1/prefixes/{name},
+GET /health, GET /metrics. Every /v1 route needs `Authorization: Bearer KEY`; a key belongs to an
+owner, who sees their own prefixes plus public ones. Another owner's private prefix answers 404,
+exactly like a name nobody uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..models import fingerprint, model_name
+from ..prefix import PrefixFileError
+from .batcher import Batcher, Completion, GenerationRequest, PrefixRemoved, QueueFull, RequestHandle, ShuttingDown
+from .config import ServeConfig
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .prefix_cache import LoadedPrefix, PrefixCache
+from .sampling import SamplingParams
+from .schemas import CompletionRequest, choice, completion_body, error_body, usage
+from .store import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound, PrefixRecord,
+                    PrefixStore, StoreError)
+
+log = logging.getLogger("prefixtune.serve")
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI-style JSON: {"error": {"message", "type", ...}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.headers = status, message, type, headers or {}
+
+
+def _not_found(name: str) -> ApiError:
+    return ApiError(404, f"The model {name!r} does not exist or you do not have access to it.", "not_found_error")
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share; one per app."""
+
+    model: object
+    tokenizer: object
+    store: PrefixStore
+    config: ServeConfig
+    model_id: str
+    fingerprint: str
+    batcher: Batcher
+    prefixes: PrefixCache
+    metrics: ServerMetrics
+    shutting_down: bool = False
+
+    def lookup(self, name: str, owner: str) -> LoadedPrefix | None:
+        """The prefix a request names (None: the base model), as `owner` may see it. Runs in a thread."""
+        if name == self.model_id:
+            return None
+        try:
+            record = self.store.get(name, owner)
+            if record.fingerprint != self.fingerprint:
+                raise ApiError(400, f"prefix {name!r} was made for base model {record.base_model!r} (fingerprint "
+                                    f"{record.fingerprint}); this server runs {self.model_id!r} ({self.fingerprint})")
+            return self.prefixes.get(record)
+        except PrefixNotFound:
+            raise _not_found(name) from None
+        except (PrefixIntegrityError, PrefixFileError) as e:
+            log.error("refusing to serve prefix %r: %s", name, e)
+            raise ApiError(500, str(e), "prefix_integrity_error") from None
+
+
+def _describe(record: PrefixRecord) -> dict:
+    return {"id": record.name, "object": "model", "created": _unix(record.created), "owned_by": record.owner,
+            "public": record.public, "length": record.length, "method": record.method, "sha256": record.sha256,
+            "size_bytes": record.size_bytes}
+
+
+def _unix(iso: str) -> int:
+    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None = None,
+               model_id: str | None = None) -> FastAPI:
+    """The FastAPI app serving `model` with the prefixes in `store`.
+
+    `model_id`: the name under which clients ask for the base model without a prefix (default: the
+    model's own name). The model worker starts with the app (lifespan) and drains on shutdown.
+    """
+    config = config or ServeConfig()
+    metrics = ServerMetrics()
+    if store.model is None:
+        store.model = model  # uploads must be validated against the served model
+    elif store.model is not model:
+        raise ValueError("the store validates against a different model object than the one served")
+    state = ServerState(
+        model=model, tokenizer=tokenizer, store=store, config=config, model_id=model_id or model_name(model),
+        fingerprint=fingerprint(model), batcher=Batcher(model, tokenizer, config, metrics),
+        prefixes=PrefixCache(store, capacity=config.prefix_cache_size, dtype=model.dtype), metrics=metrics)
+    metrics.cached_prefixes.fn = lambda: len(state.prefixes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.batcher.start()
+        log.info("serving %s (fingerprint %s) with prefixes from %s", state.model_id, state.fingerprint, store.path)
+        yield
+        state.shutting_down = True  # uvicorn has let open requests finish; now finish the worker
+        await run_in_threadpool(state.batcher.stop, True, config.shutdown_timeout_s)
+
+    app = FastAPI(title="prefixtune server", version="1", lifespan=lifespan,
+                  description="Many users' prefixes served from one frozen model.")
+    app.state.prefixtune = state
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.inc(1, getattr(route, "path", "other"), str(response.status_code))
+        return response
+
+    async def owner(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                           "authentication_error", {"WWW-Authenticate": "Bearer"})
+        who = await run_in_threadpool(store.owner_of, key.strip())
+        if who is None:
+            raise ApiError(401, "invalid API key", "authentication_error", {"WWW-Authenticate": "Bearer"})
+        return who
+
+    @app.get("/health")
+    async def health():
+        ok = state.batcher.alive and not state.shutting_down
+        body = {"status": "ok" if ok else "unavailable", "model": state.model_id,
+                "queue_depth": state.batcher.queue_depth, "running": state.batcher.running}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models(who: str = Depends(owner)):
+        records = await run_in_threadpool(store.list, who)
+        base = {"id": state.model_id, "object": "model", "created": 0, "owned_by": "system", "public": True}
+        return {"object": "list", "data": [base] + [_describe(r) for r in records if r.fingerprint == state.fingerprint]}
+
+    @app.get("/v1/prefixes/{name}")
+    async def show_prefix(name: str, who: str = Depends(owner)):
+        try:
+            record = await run_in_threadpool(store.get, name, who)
+        except PrefixNotFound:
+            raise _not_found(name) from None
+        return {**_describe(record), "object": "prefix", "fingerprint": record.fingerprint,
+                "base_model": record.base_model}
+
+    @app.post("/v1/prefixes", status_code=201)
+    async def upload_prefix(name: str = Form(..., description="Name to call the prefix by."),
+                            file: UploadFile = File(..., description="A prefixtune .safetensors prefix file."),
+                            public: bool = Form(False, description="Let every key holder use it."),
+                            who: str = Depends(owner)):
+        if name == state.model_id:
+            raise ApiError(400, f"{name!r} is the base model's name; pick another prefix name")
+        limit = int(config.max_upload_mb * 2**20)
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(413, f"file larger than the limit of {config.max_upload_mb} MB")
+        try:
+            record = await run_in_threadpool(store.add_bytes, name, who, data, public, file.filename or "uploaded file")
+        except PrefixExists as e:
+            raise ApiError(409, str(e), "conflict_error") from None
+        except (PrefixFileError, InvalidName) as e:
+            raise ApiError(400, str(e), "invalid_prefix_file" if isinstance(e, PrefixFileError) else
+                           "invalid_request_error") from None
+        log.info("owner %s added prefix %r (%s bytes, public=%s)", who, name, record.size_bytes, record.public)
+        return {**_describe(record), "object": "prefix"}
+
+    @app.delete("/v1/prefixes/{name}")
+    async def delete_prefix(name: str, who: str = Depends(owner)):
+        try:
+            record = await run_in_threadpool(store.remove, name, who)  # also drops the cached copy
+        except PrefixNotFound:
+            raise _not_found(name) from None
+        except NotOwner as e:
+            raise ApiError(403, str(e), "permission_error") from None
+        log.info("owner %s removed prefix %r", who, name)
+        return {"id": record.name, "object": "prefix", "deleted": True}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, who: str = Depends(owner)):
+        arrived = time.monotonic()
+        prompts = body.prompts
+        if len(prompts) > config.max_prompts_per_request:
+            raise ApiError(400, f"{len(prompts)} prompts; at most {config.max_prompts_per_request} per request")
+        max_tokens = body.max_tokens or config.default_max_tokens
+        if max_tokens > config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens={max_tokens} is above this server's limit of {config.max_tokens_limit}")
+        prefix = await run_in_threadpool(state.lookup, body.model, who)
+        prompt_ids = [_encode(tokenizer, p) for p in prompts]
+        params = [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                 stop=tuple(body.stop), seed=None if body.seed is None else body.seed + i)
+                  for i in range(len(prompts))]
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            return _stream(state, body, prompt_ids, prefix, params, meta, arrived)
+        requests = [GenerationRequest(ids, prefix, p) for ids, p in zip(prompt_ids, params)]
+        handles = _submit(state, requests)
+        results = await _wait_all(state, handles, arrived, body.model)
+        metrics.request_latency.observe(time.monotonic() - arrived)
+        return completion_body(**meta, choices=[choice(i, c.text, c.finish_reason) for i, c in enumerate(results)],
+                               usage=usage(sum(c.prompt_tokens for c in results),
+                                           sum(c.completion_tokens for c in results)))
+
+    return app
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text)["input_ids"]
+    if not ids and getattr(tokenizer, "bos_token_id", None) is not None:
+        ids = [tokenizer.bos_token_id]  # an empty prompt continues from the start-of-text token
+    if not ids:
+        raise ApiError(400, "the prompt is empty")
+    return ids
+
+
+def _submit(state: ServerState, requests: list[GenerationRequest]) -> list[RequestHandle]:
+    try:
+        return state.batcher.submit_all(requests)
+    except QueueFull as e:
+        raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(e.retry_after)}) from None
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), "service_unavailable") from None
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _worker_error(e: BaseException, model: str) -> ApiError:
+    if isinstance(e, PrefixRemoved):
+        return _not_found(model)
+    if isinstance(e, ShuttingDown):
+        return ApiError(503, str(e), "service_unavailable")
+    log.error("generation failed: %r", e)
+    return ApiError(500, f"generation failed: {e}", "server_error")
+
+
+async def _wait_all(state: ServerState, handles: list[RequestHandle], arrived: float, model: str) -> list[Completion]:
+    left = state.config.request_timeout_s - (time.monotonic() - arrived)
+    try:
+        return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)), left)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ApiError(504, f"the request did not finish within {state.config.request_timeout_s} s",
+                       "timeout_error") from None
+    except Exception as e:  # raised by the worker: a removed prefix, shutdown, a failed batch
+        raise _worker_error(e, model) from None
+    finally:
+        for h in handles:  # a timed-out or failed request frees its rows at the next step
+            if not h.future.done():
+                h.cancel()
+
+
+def _stream(state: ServerState, body: CompletionRequest, prompt_ids, prefix, params, meta, arrived) -> StreamingResponse:
+    """Server-sent events: one chunk per streamed text piece, a final chunk per choice, then [DONE]."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def on_text_for(index: int):
+        return lambda piece: loop.call_soon_threadsafe(events.put_nowait, ("text", index, piece))
+
+    requests = [GenerationRequest(ids, prefix, p, on_text=on_text_for(i))
+                for i, (ids, p) in enumerate(zip(prompt_ids, params))]
+    handles = _submit(state, requests)  # errors here are still plain HTTP errors (429, 503, 400)
+    for i, h in enumerate(handles):
+        h.future.add_done_callback(
+            lambda fut, i=i: loop.call_soon_threadsafe(events.put_nowait, ("done", i, fut)))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def sse(payload) -> str:
+        return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
+
+    async def event_source():
+        remaining, prompt_tokens, completion_tokens = len(handles), 0, 0
+        deadline = arrived + state.config.request_timeout_s
+        try:
+            while remaining:
+                try:
+                    kind, index, value = await asyncio.wait_for(events.get(), deadline - time.monotonic())
+                except (TimeoutError, asyncio.TimeoutError):
+                    yield sse(error_body(f"the request did not finish within {state.config.request_timeout_s} s",
+                                         "timeout_error", 504))
+                    break
+                if kind == "text":
+                    yield sse(completion_body(**meta, choices=[choice(index, value, None)], usage=None))
+                    continue
+                remaining -= 1
+                if value.exception() is not None:
+                    err = _worker_error(value.exception(), body.model)
+                    yield sse(error_body(err.message, err.type, err.status))
+                    break
+                result: Completion = value.result()
+                prompt_tokens += result.prompt_tokens
+                completion_tokens += result.completion_tokens
+                yield sse(completion_body(**meta, choices=[choice(index, "", result.finish_reason)], usage=None))
+            else:
+                state.metrics.request_latency.observe(time.monotonic() - arrived)
+                if include_usage:
+                    yield sse(completion_body(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)))
+            yield sse("[DONE]")
+        finally:  # the client left, or an error ended the stream: free the rows
+            for h in handles:
+                if not h.future.done():
+                    h.cancel()
+
+    return StreamingResponse(event_source(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(error_body(e.message, e.type, e.status), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError):
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse(error_body("invalid request: " + "; ".join(problems), "invalid_request_error", 400),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", e.status_code),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, e: StoreError):
+        return JSONResponse(error_body(str(e), "server_error", 500), status_code=500)
+
+
+def run_server(model_name_or_path: str, store_path: str, host: str = "127.0.0.1", port: int = 8000,
+               config: ServeConfig | None = None, log_level: str = "info") -> None:
+    """Load the model, open the store and serve until interrupted (Ctrl-C / SIGTERM drain gracefully)."""
+    import uvicorn
+
+    from ..models import load_model
+
+    config = config or ServeConfig()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, tokenizer = load_model(model_name_or_path)
+    store = PrefixStore(store_path, model=model)
+    app = create_app(model, tokenizer, store, config, model_id=model_name_or_path)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.shutdown_timeout_s))

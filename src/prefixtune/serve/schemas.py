@@ -1,0 +1,94 @@
+"""Request bodies and response shapes of the HTTP API (OpenAI-compatible where OpenAI has one)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. Unknown fields are ignored, as OpenAI clients send many."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="A prefix name, or the served base model's name for no prefix.")
+    prompt: str | list[str] = Field(description="One prompt, or a list of prompts (one choice each).")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate per prompt.")
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 8 strings that end the completion.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(default=None, description="Makes sampling repeatable (prompt i uses seed + i).")
+    n: int = Field(default=1, description="Only 1 is supported.")
+    echo: bool = Field(default=False, description="Not supported.")
+    logprobs: int | None = Field(default=None, description="Not supported.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt list is empty")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else list(v)
+        if len(stops) > 8:
+            raise ValueError(f"at most 8 stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, v):
+        if v != 1:
+            raise ValueError("only n=1 is supported; send a list of prompts for several completions")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v):
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v is not None:
+            raise ValueError("logprobs is not supported")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def choice(index: int, text: str, finish_reason: Literal["stop", "length"] | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion_body(id: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
+    body = {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, type: str, code: int | str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": None, "code": code}}

@@ -1,0 +1,190 @@
+"""The continuous-batching engine: every row of a mixed batch equals that request run alone.
+
+References come from `generate_mixed` (HF generate) on one request with its prefix, greedy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import prefixtune as pt
+from prefixtune.prefix import MergedPrefix
+from prefixtune.serve.batcher import Batcher, GenerationRequest, PrefixRemoved, QueueFull, ShuttingDown
+from prefixtune.serve.config import ServeConfig
+from prefixtune.serve.prefix_cache import LoadedPrefix
+from prefixtune.serve.sampling import SamplingParams, TextTracker, decode
+from prefixtune.serve.testing import char_tokenizer
+
+from conftest import tiny
+
+PROMPTS = ["hello", "a much longer prompt, with commas", "xy", "The quick brown fox", "Z"]
+
+
+def random_prefix(model, length: int, seed: int) -> MergedPrefix:
+    g = torch.Generator().manual_seed(seed)
+    kv = {k: torch.randn(layers, 2, heads, length, hd, generator=g)
+          for k, (layers, heads, hd) in pt.layout_of(model).shapes.items()}
+    return MergedPrefix(kv=kv, meta={"method": "prefix"})
+
+
+def alone(model, tok, prefix, prompt: str, max_tokens: int) -> list[int]:
+    """The reference: this request by itself through HF generate, greedy, cut at EOS."""
+    ids = tok(prompt)["input_ids"]
+    out = pt.generate_mixed(model, [prefix], input_ids=torch.tensor([ids]), max_new_tokens=max_tokens,
+                            do_sample=False)[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    return out[:out.index(eos)] if eos in out else out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = tiny("llama"), char_tokenizer()
+    prefixes = [random_prefix(model, n, seed=n) for n in (2, 5, 3)] + [None]
+    return model, tok, prefixes
+
+
+def test_mixed_batch_with_joins_equals_each_request_alone(setup):
+    """Requests join mid-decode (submitted from inside a running row's stream) and leave when done."""
+    model, tok, prefixes = setup
+    cases = [(prefixes[i % 4], PROMPTS[(3 * i) % 5], 4 + 2 * i) for i in range(10)]
+    joined = threading.Event()
+    later: list = []
+    pieces = 0
+
+    with Batcher(model, tok, ServeConfig(max_batch_size=6, batch_window_ms=0)) as batcher:
+        def on_text(piece):  # runs on the worker thread, between decode steps
+            nonlocal pieces
+            pieces += 1
+            if pieces == 3:
+                later.extend(batcher.submit_all([GenerationRequest(tok(p)["input_ids"], pre, SamplingParams(max_tokens=n))
+                                                 for pre, p, n in cases[2:]]))
+                joined.set()
+
+        first_long = (prefixes[1], "a much longer prompt, with commas", 30)
+        first = batcher.submit_all([GenerationRequest(tok(first_long[1])["input_ids"], first_long[0],
+                                                      SamplingParams(max_tokens=first_long[2]), on_text=on_text)] +
+                                   [GenerationRequest(tok(p)["input_ids"], pre, SamplingParams(max_tokens=n))
+                                    for pre, p, n in cases[:2]])
+        results = [h.result(30) for h in first]
+        assert joined.wait(5)
+        results += [h.result(30) for h in later]
+        assert batcher.largest_batch > 3  # the late requests really shared steps with the running ones
+    for (pre, prompt, n), got in zip([first_long] + cases, results):
+        ref = alone(model, tok, pre, prompt, n)
+        assert got.token_ids == ref, (prompt, n)
+        assert got.text == decode(tok, ref)
+        assert got.finish_reason == ("length" if len(ref) == n else "stop")
+        assert got.prompt_tokens == len(tok(prompt)["input_ids"])
+    # different prefixes gave different answers: the test is not vacuous
+    assert len({tuple(r.token_ids) for r in results[1:5]}) > 1
+
+
+def test_prefill_batch_of_different_lengths_and_no_prefix_rows(setup):
+    model, tok, prefixes = setup
+    with Batcher(model, tok, ServeConfig(max_batch_size=32, batch_window_ms=50)) as batcher:
+        cases = [(p, prompt) for p in prefixes for prompt in PROMPTS]
+        got = batcher.generate([GenerationRequest(tok(s)["input_ids"], p, SamplingParams(max_tokens=8))
+                                for p, s in cases], timeout=30)
+        assert batcher.largest_batch == len(cases)  # all arrived within the window: one prefill
+    for (p, s), c in zip(cases, got):
+        assert c.token_ids == alone(model, tok, p, s, 8)
+
+
+def test_stop_strings_cut_the_text_and_streaming_holds_back(setup):
+    model, tok, prefixes = setup
+    with Batcher(model, tok, ServeConfig(batch_window_ms=0)) as batcher:
+        full = batcher.submit(GenerationRequest(tok("hello")["input_ids"], prefixes[0], SamplingParams(max_tokens=20))).result(10)
+        assert len(full.text) >= 6
+        stop = full.text[3:5]
+        cut = full.text[:full.text.find(stop)]
+        pieces = []
+        got = batcher.submit(GenerationRequest(tok("hello")["input_ids"], prefixes[0],
+                                               SamplingParams(max_tokens=20, stop=("@@@", stop)),
+                                               on_text=pieces.append)).result(10)
+    assert got.text == cut and got.finish_reason == "stop"
+    assert "".join(pieces) == cut
+
+
+def test_text_tracker_never_streams_part_of_a_stop_string():
+    tok = char_tokenizer()
+    tracker = TextTracker(tok, ("STOP",))
+    ids, streamed = [], []
+    for ch in "abcSTOxySTOPzz":
+        ids.append(tok(ch)["input_ids"][0])
+        if tracker.update(ids):
+            break
+        streamed.append(tracker.take(final=False))
+    streamed.append(tracker.take(final=True))
+    assert "".join(streamed) == tracker.text == "abcSTOxy"
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy(setup):
+    model, tok, prefixes = setup
+    ids = tok("The quick")["input_ids"]
+    with Batcher(model, tok) as batcher:
+        hot = SamplingParams(max_tokens=12, temperature=1.5, seed=7)
+        a, b, c = batcher.generate([GenerationRequest(ids, prefixes[2], hot), GenerationRequest(ids, prefixes[2], hot),
+                                    GenerationRequest(ids, prefixes[2], SamplingParams(max_tokens=12, temperature=1.5,
+                                                                                        top_p=1e-6, seed=3))])
+    assert a.token_ids == b.token_ids
+    assert c.token_ids == alone(model, tok, prefixes[2], "The quick", 12)
+    assert a.token_ids != c.token_ids  # temperature 1.5 on a random model: surely not the greedy path
+
+
+def test_queue_bound_revoked_prefix_and_shutdown(setup):
+    model, tok, prefixes = setup
+    batcher = Batcher(model, tok, ServeConfig(max_batch_size=1, max_queue=2, batch_window_ms=0))
+    with pytest.raises(ShuttingDown):  # not started yet
+        batcher.submit(GenerationRequest([5, 6], None))
+    batcher.start()
+    long = SamplingParams(max_tokens=200)
+    gone = LoadedPrefix(name="gone", prefix=prefixes[0])
+    running = batcher.submit(GenerationRequest([5, 6], None, long))
+    while batcher.running == 0:
+        time.sleep(0.001)
+    queued = batcher.submit_all([GenerationRequest([5, 6], gone, long), GenerationRequest([7], None, SamplingParams(3))])
+    with pytest.raises(QueueFull):
+        batcher.submit(GenerationRequest([5, 6], None))
+    gone.revoked = True  # removed while waiting: refused when its turn comes
+    running.cancel()
+    with pytest.raises(PrefixRemoved):
+        queued[0].result(10)
+    assert queued[1].result(10).completion_tokens <= 3
+    batcher.stop()
+    with pytest.raises(ShuttingDown):
+        batcher.submit(GenerationRequest([5, 6], None))
+
+
+def test_requests_the_model_cannot_take_are_refused(setup):
+    model, tok, _ = setup
+    with Batcher(model, tok) as batcher:
+        with pytest.raises(ValueError, match="no tokens"):
+            batcher.submit(GenerationRequest([], None))
+        with pytest.raises(ValueError, match="context"):
+            batcher.submit(GenerationRequest([5] * 10, None, SamplingParams(max_tokens=model.config.max_position_embeddings)))
+        wrong = MergedPrefix(kv={"self": torch.zeros(2, 2, 2, 3, 4)}, meta={})
+        with pytest.raises(pt.PrefixFileError, match="head_dim"):
+            batcher.submit(GenerationRequest([5], wrong))
+
+
+@pytest.mark.real
+def test_smollm2_mixed_batch_equals_each_request_alone(smollm2):
+    model, tok = smollm2
+    torch.manual_seed(0)
+    french = pt.PrefixModel(model, pt.PrefixConfig(length=5, init_text="Translate to French:"), tokenizer=tok).merge()
+    summary = pt.PrefixModel(model, pt.PrefixConfig(length=3, init_text="Summary:"), tokenizer=tok).merge()
+    cases = [(french, "The cat sat on"), (summary, "name : Alimentum | area : city centre"), (None, "Once upon a time"),
+             (french, "Good morning")]
+    with Batcher(model, tok, ServeConfig(batch_window_ms=0)) as batcher:
+        first = batcher.submit(GenerationRequest(tok(cases[0][1])["input_ids"], cases[0][0], SamplingParams(max_tokens=12)))
+        while batcher.running == 0:  # let it start alone, so the others join a running batch
+            time.sleep(0.001)
+        rest = batcher.submit_all([GenerationRequest(tok(p)["input_ids"], pre, SamplingParams(max_tokens=12))
+                                   for pre, p in cases[1:]])
+        got = [h.result(60) for h in [first, *rest]]
+    for (pre, prompt), c in zip(cases, got):
+        assert c.token_ids == alone(model, tok, pre, prompt, 12), prompt
