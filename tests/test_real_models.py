@@ -61,3 +61,21 @@ def test_t5_small_prefixes_on_all_three_attention_kinds(t5_small, tmp_path):
     out_a = pm.generate(**enc, max_new_tokens=12, num_beams=3)
     out_b = pt.generate_mixed(model, [loaded], **enc, max_new_tokens=12, num_beams=3)
     assert out_a.tolist() == out_b.tolist()
+
+
+def test_smollm2_short_e2e_training_lowers_dev_loss(smollm2, tmp_path):
+    from conftest import SHARED
+    from prefixtune.batching import encode
+    from prefixtune.data import load_dataset, low_data_split
+    from prefixtune.train import TrainConfig, dev_loss, train
+
+    model, tok = smollm2
+    train_part, held_out = low_data_split(load_dataset("e2e", "dev", data_dir=SHARED / "data"), 40, seed=0)
+    dev_pairs = held_out.examples[:20]
+    pm = pt.PrefixModel(model, pt.PrefixConfig(length=5, init_text="table-to-text:"), tokenizer=tok)
+    dev_enc = [encode(tok, p.source, p.target, False) for p in dev_pairs]
+    before = dev_loss(pm, dev_enc, tok.pad_token_id, 10)
+    result = train(pm, tok, train_part.examples, dev_pairs, TrainConfig(lr=1e-3, epochs=1, batch_size=5, warmup_steps=2),
+                   tmp_path, print_fn=lambda s: None)
+    assert result["steps"] == 8
+    assert result["best_dev_loss"] < before - 0.3, (before, result["best_dev_loss"])

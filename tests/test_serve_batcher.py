@@ -40,6 +40,19 @@ def alone(model, tok, prefix, prompt: str, max_tokens: int) -> list[int]:
     return out[:out.index(eos)] if eos in out else out
 
 
+def config(**kw) -> ServeConfig:
+    return ServeConfig(torch_threads=1, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small models gain little from threads; one keeps the tests steady on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def setup():
     model, tok = tiny("llama"), char_tokenizer()
@@ -55,7 +68,7 @@ def test_mixed_batch_with_joins_equals_each_request_alone(setup):
     later: list = []
     pieces = 0
 
-    with Batcher(model, tok, ServeConfig(max_batch_size=6, batch_window_ms=0)) as batcher:
+    with Batcher(model, tok, config(max_batch_size=6, batch_window_ms=0)) as batcher:
         def on_text(piece):  # runs on the worker thread, between decode steps
             nonlocal pieces
             pieces += 1
@@ -85,18 +98,21 @@ def test_mixed_batch_with_joins_equals_each_request_alone(setup):
 
 def test_prefill_batch_of_different_lengths_and_no_prefix_rows(setup):
     model, tok, prefixes = setup
-    with Batcher(model, tok, ServeConfig(max_batch_size=32, batch_window_ms=50)) as batcher:
+    with Batcher(model, tok, config(max_batch_size=32, batch_window_ms=50)) as batcher:
         cases = [(p, prompt) for p in prefixes for prompt in PROMPTS]
         got = batcher.generate([GenerationRequest(tok(s)["input_ids"], p, SamplingParams(max_tokens=8))
                                 for p, s in cases], timeout=30)
         assert batcher.largest_batch == len(cases)  # all arrived within the window: one prefill
     for (p, s), c in zip(cases, got):
         assert c.token_ids == alone(model, tok, p, s, 8)
+    with Batcher(model, tok, config(batch_window_ms=50)) as batcher:  # no row has a prefix
+        got = batcher.generate([GenerationRequest(tok(s)["input_ids"], None, SamplingParams(max_tokens=8)) for s in PROMPTS])
+    assert [c.token_ids for c in got] == [alone(model, tok, None, s, 8) for s in PROMPTS]
 
 
 def test_stop_strings_cut_the_text_and_streaming_holds_back(setup):
     model, tok, prefixes = setup
-    with Batcher(model, tok, ServeConfig(batch_window_ms=0)) as batcher:
+    with Batcher(model, tok, config(batch_window_ms=0)) as batcher:
         full = batcher.submit(GenerationRequest(tok("hello")["input_ids"], prefixes[0], SamplingParams(max_tokens=20))).result(10)
         assert len(full.text) >= 6
         stop = full.text[3:5]
@@ -125,7 +141,7 @@ def test_text_tracker_never_streams_part_of_a_stop_string():
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy(setup):
     model, tok, prefixes = setup
     ids = tok("The quick")["input_ids"]
-    with Batcher(model, tok) as batcher:
+    with Batcher(model, tok, config()) as batcher:
         hot = SamplingParams(max_tokens=12, temperature=1.5, seed=7)
         a, b, c = batcher.generate([GenerationRequest(ids, prefixes[2], hot), GenerationRequest(ids, prefixes[2], hot),
                                     GenerationRequest(ids, prefixes[2], SamplingParams(max_tokens=12, temperature=1.5,
@@ -137,7 +153,7 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(setup):
 
 def test_queue_bound_revoked_prefix_and_shutdown(setup):
     model, tok, prefixes = setup
-    batcher = Batcher(model, tok, ServeConfig(max_batch_size=1, max_queue=2, batch_window_ms=0))
+    batcher = Batcher(model, tok, config(max_batch_size=1, max_queue=2, batch_window_ms=0))
     with pytest.raises(ShuttingDown):  # not started yet
         batcher.submit(GenerationRequest([5, 6], None))
     batcher.start()
@@ -161,7 +177,7 @@ def test_queue_bound_revoked_prefix_and_shutdown(setup):
 
 def test_requests_the_model_cannot_take_are_refused(setup):
     model, tok, _ = setup
-    with Batcher(model, tok) as batcher:
+    with Batcher(model, tok, config()) as batcher:
         with pytest.raises(ValueError, match="no tokens"):
             batcher.submit(GenerationRequest([], None))
         with pytest.raises(ValueError, match="context"):
@@ -179,7 +195,7 @@ def test_smollm2_mixed_batch_equals_each_request_alone(smollm2):
     summary = pt.PrefixModel(model, pt.PrefixConfig(length=3, init_text="Summary:"), tokenizer=tok).merge()
     cases = [(french, "The cat sat on"), (summary, "name : Alimentum | area : city centre"), (None, "Once upon a time"),
              (french, "Good morning")]
-    with Batcher(model, tok, ServeConfig(batch_window_ms=0)) as batcher:
+    with Batcher(model, tok, config(batch_window_ms=0)) as batcher:
         first = batcher.submit(GenerationRequest(tok(cases[0][1])["input_ids"], cases[0][0], SamplingParams(max_tokens=12)))
         while batcher.running == 0:  # let it start alone, so the others join a running batch
             time.sleep(0.001)

@@ -42,7 +42,7 @@ def plan_data(plan: DataPlan):
     from .data import load_dataset, low_data_split
 
     opts = {"path": plan.path} if plan.path else {}
-    train_ds = load_dataset(plan.dataset, plan.train_split, data_dir=plan.data_dir, **opts)
+    train_ds = load_dataset(plan.dataset, plan.train_split, data_dir=plan.data_dir, download=True, **opts)
     if plan.train_split == plan.eval_split:
         if plan.train_size is None:
             raise ValueError(f"training and evaluating on the same split ({plan.train_split!r}) needs --train-size, so "
@@ -57,7 +57,7 @@ def plan_data(plan: DataPlan):
         train_pairs = train_ds.examples
         if plan.train_size is not None:
             train_pairs = low_data_split(train_ds, plan.train_size, seed=plan.seed)[0].examples
-        eval_ds = load_dataset(plan.dataset, plan.eval_split, data_dir=plan.data_dir, **opts)
+        eval_ds = load_dataset(plan.dataset, plan.eval_split, data_dir=plan.data_dir, download=True, **opts)
         dev_pairs = eval_ds.examples
         eval_items = eval_ds.eval_items()
     if plan.eval_size is not None:

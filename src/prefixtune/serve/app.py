@@ -353,6 +353,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def store_error(request: Request, e: StoreError):
         return JSONResponse(error_body(str(e), "server_error", 500), status_code=500)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error", 500), status_code=500)
+
 
 def run_server(model_name_or_path: str, store_path: str, host: str = "127.0.0.1", port: int = 8000,
                config: ServeConfig | None = None, log_level: str = "info") -> None:

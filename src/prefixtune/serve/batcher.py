@@ -127,7 +127,7 @@ class _Row:
         self.count += 1
         if self.handle.first_token_at is None:
             self.handle.first_token_at = time.monotonic()
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.params.ignore_eos:
             return "stop"
         self.generated.append(token)
         if self.tracker is not None:

@@ -21,7 +21,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate per prompt.")
     temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(default=None, description="Up to 8 strings that end the completion.")
+    stop: list[str] = Field(default_factory=list, description="A string or up to 8 strings that end the completion.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, description="Makes sampling repeatable (prompt i uses seed + i).")
@@ -36,15 +36,15 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompt list is empty")
         return v
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v):
         if v is None:
             return []
-        stops = [v] if isinstance(v, str) else list(v)
-        if len(stops) > 8:
+        stops = [v] if isinstance(v, str) else v
+        if isinstance(stops, list) and len(stops) > 8:
             raise ValueError(f"at most 8 stop strings, got {len(stops)}")
-        if any(not s for s in stops):
+        if isinstance(stops, list) and any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
 

@@ -36,13 +36,12 @@ class ServerThread:
 
         options = dict(log_level="warning", access_log=False, timeout_graceful_shutdown=30)
         options.update(uvicorn_options)
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
+        self.port = port  # the real one once started
 
-    @property
-    def port(self) -> int:
-        return self.server.servers[0].sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -55,6 +54,7 @@ class ServerThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 
     def stop(self, timeout: float = 60.0) -> None:

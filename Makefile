@@ -1,0 +1,37 @@
+# prefixtune: `make demo` runs the main job, `make test` the tests, `make bench` the benchmarks.
+# Everything installs into .venv from exact pins (requirements.lock); Java (for METEOR) via apt if missing.
+
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,)
+STAMP    := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	@command -v java >/dev/null || { echo "installing Java for METEOR (default-jre-headless)"; \
+	  (apt-get update -qq && apt-get install -y -qq default-jre-headless) || \
+	  echo "WARNING: no Java; METEOR/PTB-tokenized metrics will fail. Install a JRE (apt install default-jre-headless)."; }
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/prefixtune demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -m "not real" -p no:cacheprovider
+
+bench: install
+	$(PY) bench/bench_serve.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
