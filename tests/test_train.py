@@ -63,9 +63,9 @@ def test_training_learns_and_changes_only_the_prefix(tmp_path):
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
     model, tok = tiny("llama"), tiny_tokenizer("llama")
     pm = pt.PrefixModel(model, pt.PrefixConfig(length=2, reparam="flat"))
-    import prefixtune.train as train_module
+    import prefixtune.engine as engine_module
 
-    real = train_module.target_loss
+    real = engine_module.target_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -73,7 +73,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkey
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(train_module, "target_loss", flaky)
+    monkeypatch.setattr(engine_module, "target_loss", flaky)
     with pytest.raises(TrainingError, match=r"loss became nan at step 5 .*checkpoint\.safetensors"):
         train(pm, tok, reversal_pairs(40), [], TrainConfig(lr=1e-3, epochs=1, batch_size=4, checkpoint_every=2),
               tmp_path, print_fn=lambda s: None)
@@ -195,3 +195,18 @@ def test_kill_9_and_resume_gives_the_same_prefix(tmp_path):
     a = pt.load_prefix(tmp_path / "full" / "prefix.safetensors").kv
     b = pt.load_prefix(tmp_path / "killed" / "prefix.safetensors").kv
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_data_parallel_training(tmp_path):
+    """The same loop under torchrun/accelerate with 2 CPU processes (gloo): batches split, gradients averaged."""
+    model_dir, data = _tiny_assets(tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "prefixtune.cli",
+           *map(str, _train_args(model_dir, data, tmp_path / "ddp"))]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 processes" in r.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 3 * (20 // 2)  # 3 epochs, 20 batches / 2 processes
+    assert (tmp_path / "ddp" / "prefix.safetensors").exists()

@@ -400,7 +400,10 @@ class PrefixModel(nn.Module):
         dtype = self.model.dtype
         return RowPrefixes.shared({k: v.to(dtype) for k, v in self.prefix().items()})
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, loss_on_targets: bool = False, **kwargs):
+        """HF-style output; with `loss_on_targets=True` just the target-token loss (the fast training path)."""
+        if loss_on_targets:
+            return target_loss(self.model, self.rows(), input_ids, attention_mask, labels)
         return forward_with_prefix(self.model, self.rows(), input_ids=input_ids, attention_mask=attention_mask,
                                    labels=labels, **kwargs)
 

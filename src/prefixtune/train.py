@@ -196,8 +196,9 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
     train_enc = _encode_all(tokenizer, train_pairs, is_enc_dec, cfg)
     dev_enc = _encode_all(tokenizer, list(dev_pairs)[:cfg.dev_max_examples], is_enc_dec, cfg)
     lengths = [len(e.input_ids) + (len(e.labels) if is_enc_dec else 0) for e in train_enc]
-    n_batches = len(length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, 0))
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    world = accelerator.num_processes
+    n_batches = len(length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, 0)) // world * world
+    steps_per_epoch = math.ceil(n_batches / world / cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
 
     optimizer = torch.optim.AdamW(list(trainable_state(pm).values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -208,7 +209,11 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
         state, best, _ = load_checkpoint(ckpt_path, pm, optimizer, scheduler)
         print_fn(f"resumed from {ckpt_path} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
     model, optimizer = accelerator.prepare(pm, optimizer)  # DDP over several processes; identity on one CPU
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
+    if world > 1:
+        print_fn(f"{world} processes: each takes every {world}th batch; gradients are averaged")
+    if not accelerator.is_main_process:
+        print_fn = _quiet
 
     def checkpoint():
         if accelerator.is_main_process:
@@ -227,26 +232,30 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
         else:
             state.bad_evals += 1
         print_fn(f"  dev loss {loss:.4f}{' (best)' if improved else ''} at step {state.step}")
-        _append_log(log_path, {"step": state.step, "epoch": state.epoch, "dev_loss": loss})
+        if accelerator.is_main_process:
+            _append_log(log_path, {"step": state.step, "epoch": state.epoch, "dev_loss": loss})
         return cfg.patience is not None and state.bad_evals >= cfg.patience
 
     started = time.time() - state.train_seconds
     tokens_seen, window_start = 0, time.time()
     stop = state.done
     while not stop and state.epoch < cfg.epochs:
-        batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, state.epoch)
+        # every process sees the same batch list and takes every world-th batch (equal counts: DDP steps in lockstep)
+        batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, state.epoch)[:n_batches]
         for bi in range(state.batch_in_epoch, len(batches)):
             if bi % world != rank:  # each process takes its share of the batches
                 continue
             batch = collate([train_enc[i] for i in batches[bi]], pad_id, is_enc_dec).to(accelerator.device)
-            loss = target_loss(pm.model, pm.rows(), batch.input_ids, batch.attention_mask, batch.labels)
+            # through the (possibly DDP-wrapped) module, so gradients are averaged across processes
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                         loss_on_targets=True)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, "
                                     f"batch {bi}); the last good checkpoint is kept at {ckpt_path}"
                                     f"{'' if ckpt_path.exists() else ' (none written yet)'}; try a lower --lr")
             accelerator.backward(loss / cfg.grad_accum)
             tokens_seen += batch.n_target_tokens
-            if (bi + 1) % cfg.grad_accum and bi + 1 != len(batches):
+            if (bi // world + 1) % cfg.grad_accum and bi + world < len(batches):
                 continue
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(list(trainable_state(pm).values()), cfg.max_grad_norm)
@@ -256,8 +265,9 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
             state.step += 1
             state.batch_in_epoch = bi + 1
             state.train_seconds = time.time() - started
-            _append_log(log_path, {"step": state.step, "epoch": state.epoch, "loss": loss.item(),
-                                   "lr": scheduler.get_last_lr()[0], "target_tokens": batch.n_target_tokens})
+            if accelerator.is_main_process:
+                _append_log(log_path, {"step": state.step, "epoch": state.epoch, "loss": loss.item(),
+                                       "lr": scheduler.get_last_lr()[0], "target_tokens": batch.n_target_tokens})
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 elapsed = time.time() - window_start
                 eta = state.train_seconds / state.step * (total_steps - state.step)
@@ -289,6 +299,10 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
         save_prefix(final, prefix_path, model=pm.model)
     return {"steps": state.step, "best_dev_loss": state.best_dev_loss, "train_seconds": state.train_seconds,
             "prefix_path": str(prefix_path), "prefix": final}
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _append_log(path: Path, record: dict) -> None:
