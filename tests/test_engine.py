@@ -10,7 +10,7 @@ import prefixtune as pt
 from prefixtune.engine import RowPrefixes, activations_of_text, forward_with_prefix
 from prefixtune.prefix import MergedPrefix
 
-from conftest import VOCAB, tiny
+from conftest import tiny
 
 DECODERS = ["llama", "gpt2"]
 ENC_DECS = ["t5", "bart"]

@@ -13,7 +13,7 @@ import torch
 
 import prefixtune as pt
 from prefixtune.prefix import MergedPrefix
-from prefixtune.serve.batcher import Batcher, GenerationRequest, PrefixRemoved, QueueFull, ShuttingDown
+from prefixtune.serve.batcher import Batcher, GenerationRequest, PrefixRemoved, QueueFull, ShuttingDown, prefill_groups
 from prefixtune.serve.config import ServeConfig
 from prefixtune.serve.prefix_cache import LoadedPrefix
 from prefixtune.serve.sampling import SamplingParams, TextTracker, decode
@@ -204,3 +204,30 @@ def test_smollm2_mixed_batch_equals_each_request_alone(smollm2):
         got = [h.result(60) for h in [first, *rest]]
     for (pre, prompt), c in zip(cases, got):
         assert c.token_ids == alone(model, tok, pre, prompt, 12), prompt
+
+
+def test_prefill_groups_trade_padding_against_passes():
+    lengths = [3, 14, 4, 15, 5, 4, 6]
+    groups = prefill_groups(lengths, overhead_tokens=8)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[3, 4, 4, 5, 6], [14, 15]]
+    assert len(prefill_groups(lengths, overhead_tokens=1000)) == 1  # passes are dear: one batch
+    assert len(prefill_groups(lengths, overhead_tokens=0)) == len(set(lengths))  # padding is dear: no padding
+
+
+@pytest.mark.parametrize("first", ["no prefix", "prefix"])
+def test_rows_with_and_without_prefixes_join_each_other(setup, first):
+    """A running batch without any prefix takes prefixed rows (and the other way round); rows leave in between."""
+    model, tok, prefixes = setup
+    first_prefix, others = (None, prefixes[:3]) if first == "no prefix" else (prefixes[1], [None, None, prefixes[0]])
+    with Batcher(model, tok, config(batch_window_ms=0)) as batcher:
+        head = batcher.submit(GenerationRequest(tok("hello")["input_ids"], first_prefix, SamplingParams(max_tokens=25)))
+        while batcher.steps < 3 and not head.future.done():
+            time.sleep(0.001)
+        rest = batcher.submit_all([GenerationRequest(tok(p)["input_ids"], pre, SamplingParams(max_tokens=3 + 4 * i))
+                                   for i, (pre, p) in enumerate(zip(others, PROMPTS))])
+        got = [h.result(30) for h in [head, *rest]]
+        assert batcher.largest_batch == 4  # they joined the running head
+    assert got[0].token_ids == alone(model, tok, first_prefix, "hello", 25)
+    for (pre, prompt), c, n in zip(zip(others, PROMPTS), got[1:], (3, 7, 11)):
+        assert c.token_ids == alone(model, tok, pre, prompt, n)

@@ -47,6 +47,7 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
     eval_every: Optional[int] = typer.Option(None, help="Dev loss every N steps (default: each epoch)."),
     patience: Optional[int] = typer.Option(None, help="Early stopping patience in dev evaluations."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast for the frozen LM (about 2x faster on recent CPUs/GPUs)."),
     seed: int = typer.Option(0, help="Seed for sampling, data order and initialization."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors."),
 ):
@@ -59,7 +60,7 @@ def train(
         dataset, prefix_length=prefix_length, reparam=reparam, mlp_hidden=mlp_hidden, init_text=init_text,
         method=method, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
         max_steps=max_steps, time_budget_s=time_budget, checkpoint_every=checkpoint_every, eval_every=eval_every,
-        patience=patience, seed=seed)
+        patience=patience, seed=seed, bf16=bf16 or None)
     plan = DataPlan(dataset=dataset, data_dir=data_dir, train_split=train_split, eval_split=eval_split,
                     train_size=train_size, seed=seed, path=path)
     result = run_training(model, plan, prefix_cfg, train_cfg, out, resume=resume)

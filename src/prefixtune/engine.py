@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import sys
 import weakref
 from dataclasses import dataclass, field

@@ -60,6 +60,8 @@ class TrainConfig:
     max_source_len: int = field(default=256, metadata={"help": "Source tokens kept (longer sources are cut)."})
     max_target_len: int = field(default=128, metadata={"help": "Target tokens kept."})
     log_every: int = field(default=10, metadata={"help": "Print progress every N steps (every step goes to log.jsonl)."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the frozen LM's matmuls (prefix, "
+                                                "optimizer and loss stay float32); ~2x faster on CPUs with AVX512-BF16."})
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "dev_max_examples"):
@@ -224,7 +226,8 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
         nonlocal best
         if not dev_enc:
             return False
-        loss = dev_loss(pm, dev_enc, pad_id, cfg.batch_size)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = dev_loss(pm, dev_enc, pad_id, cfg.batch_size)
         improved = loss < state.best_dev_loss
         if improved:
             state.best_dev_loss, state.bad_evals = loss, 0
@@ -247,8 +250,9 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
                 continue
             batch = collate([train_enc[i] for i in batches[bi]], pad_id, is_enc_dec).to(accelerator.device)
             # through the (possibly DDP-wrapped) module, so gradients are averaged across processes
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                         loss_on_targets=True)
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                             loss_on_targets=True)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, "
                                     f"batch {bi}); the last good checkpoint is kept at {ckpt_path}"

@@ -15,6 +15,7 @@ A row's output equals running it alone: padding is masked, positions are counted
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import threading
@@ -180,6 +181,15 @@ def _select_prefixes(prefixes: RowPrefixes | None, index: torch.Tensor) -> RowPr
     return RowPrefixes(kv=kv, valid=valid) if kv else None
 
 
+def _rows_of(p: RowPrefixes | None, kind: str, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv, valid) of one kind; rows without that kind get zero prefix slots."""
+    if p is not None and kind in p.kv:
+        return p.kv[kind], p.valid[kind]
+    layers, two, _, heads, _, head_dim = like.shape
+    return (like.new_zeros(layers, two, rows, heads, 0, head_dim),
+            torch.zeros(rows, 0, dtype=torch.bool, device=like.device))
+
+
 def _concat_prefixes(a: RowPrefixes | None, rows_a: int, b: RowPrefixes | None, rows_b: int) -> RowPrefixes | None:
     """Rows of `a` then rows of `b`; prefix slots stay right-aligned (left-padded), as in per_row."""
     kinds = sorted(set(a.kv if a else ()) | set(b.kv if b else ()))
@@ -187,17 +197,8 @@ def _concat_prefixes(a: RowPrefixes | None, rows_a: int, b: RowPrefixes | None, 
         return None
     kv, valid = {}, {}
     for kind in kinds:
-        ref = (a.kv.get(kind) if a else None)
-        ref = ref if ref is not None else b.kv[kind]
-        layers, two, _, heads, _, head_dim = ref.shape
-
-        def part(p: RowPrefixes | None, rows: int):
-            if p is not None and kind in p.kv:
-                return p.kv[kind], p.valid[kind]
-            return (ref.new_zeros(layers, two, rows, heads, 0, head_dim),
-                    torch.zeros(rows, 0, dtype=torch.bool, device=ref.device))
-
-        (ka, va), (kb, vb) = part(a, rows_a), part(b, rows_b)
+        like = a.kv[kind] if a is not None and kind in a.kv else b.kv[kind]
+        (ka, va), (kb, vb) = _rows_of(a, kind, rows_a, like), _rows_of(b, kind, rows_b, like)
         width = max(va.shape[1], vb.shape[1])
         kv[kind] = torch.cat([_pad_left(ka, width, 4), _pad_left(kb, width, 4)], dim=2)
         valid[kind] = torch.cat([_pad_left(va, width, 1), _pad_left(vb, width, 1)], dim=0)
@@ -251,6 +252,26 @@ def _positions(mask: torch.Tensor, prefixes: RowPrefixes | None, new: int) -> to
     if prefixes is not None and "self" in prefixes.valid:
         pos = pos + prefixes.valid["self"].sum(-1, keepdim=True)
     return pos
+
+
+def prefill_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
+    """Split prompts (by index) into prefill batches: sorted by length, cut where the padding saved
+    outweighs the fixed cost of one more forward pass (`overhead_tokens`, in padded-token units).
+    Minimizes sum over batches of (overhead + rows * longest prompt) exactly (dynamic programming)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    n = len(ordered)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + overhead_tokens + (j - i) * ordered[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append([order[k] for k in range(cut[j], j)])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -425,27 +446,38 @@ class Batcher:
 
     def _fail(self, handles, error: Exception) -> None:
         for h in handles:
-            if not h.future.done():
-                h.finished_at = time.monotonic()
+            h.finished_at = time.monotonic()
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # already done or cancelled
                 h.future.set_exception(error)
 
     def _admit(self, handles: list[RequestHandle]) -> None:
-        """Prefill new requests together and merge them into the running batch."""
+        """Prefill new requests (in length buckets) and merge them into the running batch."""
         live = []
         for h in handles:
-            if h.cancelled:
+            if h.cancelled or not h.future.set_running_or_notify_cancel():  # from now on it cannot be cancelled
                 self._fail([h], RequestCancelled("cancelled before it started"))
             elif isinstance(h.request.prefix, LoadedPrefix) and h.request.prefix.revoked:
                 self._fail([h], PrefixRemoved(f"prefix {h.request.prefix.name!r} was removed"))
             else:
                 live.append(h)
-        if not live:
-            return
-        rows = [_Row(h, self.tokenizer, self.eos_ids, self.device) for h in live]
-        width = max(len(h.request.prompt_ids) for h in live)
-        ids = torch.full((len(live), width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(live), width, dtype=torch.long, device=self.device)
-        for i, h in enumerate(live):
+        lengths = [len(h.request.prompt_ids) for h in live]
+        for group in prefill_groups(lengths, self.config.prefill_overhead_tokens):
+            new = self._prefill([live[i] for i in group])
+            if len(new) == 0:
+                continue
+            if self._batch is None:
+                self._batch = new
+            else:
+                self._batch.extend(new)
+            self.largest_batch = max(self.largest_batch, len(self._batch))
+
+    def _prefill(self, handles: list[RequestHandle]) -> _Batch:
+        """One left-padded forward pass over new prompts; their first tokens are chosen here."""
+        rows = [_Row(h, self.tokenizer, self.eos_ids, self.device) for h in handles]
+        width = max(len(h.request.prompt_ids) for h in handles)
+        ids = torch.full((len(handles), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(handles), width, dtype=torch.long, device=self.device)
+        for i, h in enumerate(handles):
             n = len(h.request.prompt_ids)
             ids[i, width - n:] = torch.tensor(h.request.prompt_ids, dtype=torch.long)
             mask[i, width - n:] = 1
@@ -460,13 +492,7 @@ class Batcher:
                                    f"{type(layer).__name__} (e.g. sliding-window attention)")
         new = _Batch(rows, cache, mask, torch.zeros(len(rows), dtype=torch.long, device=self.device), prefixes)
         self._take_tokens(new, logits)
-        if len(new) == 0:
-            return
-        if self._batch is None:
-            self._batch = new
-        else:
-            self._batch.extend(new)
-        self.largest_batch = max(self.largest_batch, len(self._batch))
+        return new
 
     def _step(self) -> None:
         """One decode step for every running row."""
@@ -505,9 +531,10 @@ class Batcher:
                 continue
             if reason is None:
                 keep.append(i)
-            elif not row.handle.future.done():
+            else:
                 row.handle.finished_at = time.monotonic()
-                row.handle.future.set_result(completion)
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # its waiter gave up
+                    row.handle.future.set_result(completion)
         batch.last = torch.tensor(tokens, dtype=torch.long, device=self.device)
         if len(keep) < len(batch):
             batch.keep(keep)

@@ -28,6 +28,9 @@ class ServeConfig:
                 "While a batch runs, new requests join between decode steps without waiting."})
     max_queue: int = field(default=64, metadata={
         "help": "Most requests waiting to join the batch; beyond it requests get 429 with a Retry-After header."})
+    prefill_overhead_tokens: int = field(default=32, metadata={
+        "help": "New prompts are prefilled in length buckets: one more forward pass is worth it when it saves more "
+                "than this many padded tokens (a pass costs about this much beyond its tokens)."})
     request_timeout_s: float = field(default=120.0, metadata={
         "help": "A request not finished after this many seconds (queue + generation) gets 504 and is dropped."})
     retry_after_s: int = field(default=1, metadata={"help": "Seconds sent in Retry-After with a 429."})
@@ -52,6 +55,7 @@ class ServeConfig:
         check(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
         check(self.batch_window_ms >= 0, "batch_window_ms", "must be >= 0")
         check(self.max_queue >= 1, "max_queue", "must be >= 1")
+        check(self.prefill_overhead_tokens >= 0, "prefill_overhead_tokens", "must be >= 0")
         check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
         check(self.retry_after_s >= 0, "retry_after_s", "must be >= 0")
         check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
