@@ -351,7 +351,7 @@ def test_load_overflow_hot_add_remove(world, tmp_path):
     server.stop()
     assert failures == []
     assert sum(counts.values()) == 500
-    assert counts["ok"] > 100 and counts["429"] > 0, counts
+    assert counts["ok"] > 50 and counts["429"] > 0, counts
     assert health.status_code == 200 and health.json()["queue_depth"] == 0
     print("load test:", counts)
 
@@ -383,3 +383,17 @@ def test_timeout_gives_504_and_graceful_shutdown_finishes_accepted_requests(worl
     assert not state.batcher.alive
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=2)
+
+
+def test_a_stored_file_changed_on_disk_is_refused(world, server):
+    server, store, keys = server
+    with client(server, keys["bob"]) as bob:
+        assert upload(bob, "fragile", world.files["p6"]).status_code == 201
+        record = store.get("fragile", "bob")
+        data = bytearray(record.file.read_bytes())
+        data[-1] ^= 0xFF  # flip a bit of the stored copy before it was ever loaded
+        record.file.write_bytes(bytes(data))
+        r = complete(bob, "fragile", "hello")
+        assert r.status_code == 500 and "changed" in r.json()["error"]["message"]
+        assert str(record.file) not in r.text  # no server paths in answers
+        assert bob.delete("/v1/prefixes/fragile").status_code == 200

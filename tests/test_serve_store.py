@@ -70,6 +70,7 @@ def test_visibility_and_ownership(model, files, tmp_path):
     store.add("shared", "bob", files["f3"])  # a private one of the same name shadows the public one for bob
     assert store.get("shared", "bob").owner == "bob" and store.get("shared", "carol").owner == "alice"
     assert len(store.list()) == 4
+    assert [(r.owner, r.public) for r in store.find("shared")] == [("alice", True), ("bob", False)]
     for bad in ("", "a/b", "../x", "-x", "x" * 65):
         with pytest.raises(InvalidName):
             store.add(bad, "alice", files["f0"])
@@ -174,3 +175,12 @@ def test_prefix_cache_is_lru_and_forgets_removed_prefixes(model, files, tmp_path
     with ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda _: get(), range(6)))
     assert len({id(g) for g in got}) == 1 and loads == [records[1].id]  # one read for six concurrent misses
+
+
+def test_a_load_racing_with_a_remove_is_not_found_not_corrupt(model, files, tmp_path):
+    """Another process removed the prefix between our lookup and our read of its file."""
+    store = PrefixStore(tmp_path / "p.db", model=model)
+    record = store.add("x", "alice", files["f0"])
+    PrefixStore(tmp_path / "p.db").remove("x", "alice")  # a second store object: no listener in this one
+    with pytest.raises(PrefixNotFound):
+        PrefixCache(store).get(record)

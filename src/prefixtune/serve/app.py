@@ -79,9 +79,10 @@ class ServerState:
             return self.prefixes.get(record)
         except PrefixNotFound:
             raise _not_found(name) from None
-        except (PrefixIntegrityError, PrefixFileError) as e:
+        except (PrefixIntegrityError, PrefixFileError) as e:  # details (paths) go to the log, not the client
             log.error("refusing to serve prefix %r: %s", name, e)
-            raise ApiError(500, str(e), "prefix_integrity_error") from None
+            raise ApiError(500, f"prefix {name!r} cannot be served: its stored file is missing or changed since it "
+                                "was added (the server log has the details)", "prefix_integrity_error") from None
 
 
 def _describe(record: PrefixRecord) -> dict:

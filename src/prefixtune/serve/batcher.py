@@ -71,7 +71,7 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Completion:
     text: str
-    token_ids: list[int]          # generated tokens, without the EOS token
+    token_ids: list[int]          # generated tokens, without the EOS token (unless ignore_eos)
     finish_reason: str            # "stop" (EOS or a stop string) or "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int        # tokens generated, the EOS token included
@@ -143,6 +143,7 @@ class _Row:
 
     def finish(self, reason: str) -> Completion:
         if self.tracker is not None:
+            self.tracker.update(self.generated, final=True)
             self._emit(self.tracker.take(final=True))
             text = self.tracker.text
         else:

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..prefix import MergedPrefix
-from .store import PrefixNotFound, PrefixRecord, PrefixStore
+from .store import PrefixIntegrityError, PrefixNotFound, PrefixRecord, PrefixStore
 
 
 @dataclass(eq=False)
@@ -49,7 +49,12 @@ class PrefixCache:
                     return entry
                 self.misses += 1
             try:
-                merged = self.store.load(record)
+                try:
+                    merged = self.store.load(record)
+                except PrefixIntegrityError:
+                    if self.store.get_by_id(record.id) is None:  # removed (maybe by another process) meanwhile
+                        raise PrefixNotFound(f"no prefix named {record.name!r}") from None
+                    raise
                 if self.dtype is not None:
                     merged = merged.to(dtype=self.dtype)
                 entry = LoadedPrefix(name=record.name, prefix=merged, record_id=record.id)

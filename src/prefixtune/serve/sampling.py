@@ -66,8 +66,10 @@ def decode(tokenizer, ids: list[int]) -> str:
 class TextTracker:
     """The text of one row's generated tokens: finds stop strings and says what is safe to stream.
 
-    A streamed piece is never taken back, so text that might still become (part of) a stop string,
-    or an unfinished multi-byte character, is held back until it is certain.
+    Decoding is incremental (as in vLLM): each step decodes only the tokens since the last stable
+    point, so a long answer costs the same per step as a short one. A streamed piece is never
+    taken back, so text that might still become (part of) a stop string, or an unfinished
+    multi-byte character, is held back until it is certain.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
@@ -77,11 +79,22 @@ class TextTracker:
         self.text = ""
         self.sent = 0
         self.stopped = False
-        self._checked = 0  # stop strings ending before this offset were already looked for
+        self._prefix_offset = 0  # tokens before this are final in self.text
+        self._read_offset = 0    # tokens before this have been decoded into self.text
+        self._checked = 0        # stop strings ending before this offset were already looked for
 
-    def update(self, ids: list[int]) -> bool:
-        """Re-decode after new tokens; True when a stop string appeared (the text is cut before it)."""
-        self.text = decode(self.tokenizer, ids)
+    def update(self, ids: list[int], final: bool = False) -> bool:
+        """Take the row's tokens so far; True when a stop string appeared (the text is cut before it).
+
+        `final`: the row is done, so an unfinished character is kept as it decodes."""
+        if self.stopped:
+            return True
+        # decode from a token before the new ones, so the tokenizer sees the same context as in a full decode
+        before = decode(self.tokenizer, ids[self._prefix_offset:self._read_offset])
+        after = decode(self.tokenizer, ids[self._prefix_offset:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
         if self.stop:
             start = max(0, self._checked - self.hold)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
@@ -93,11 +106,7 @@ class TextTracker:
 
     def take(self, final: bool) -> str:
         """The text not yet streamed that is certain now (everything, when `final`)."""
-        end = len(self.text)
-        if not final:
-            end -= self.hold
-            while end > self.sent and self.text[end - 1] == "\ufffd":  # half a UTF-8 character so far
-                end -= 1
+        end = len(self.text) if final else len(self.text) - self.hold
         if end <= self.sent:
             return ""
         piece = self.text[self.sent:end]

@@ -279,6 +279,18 @@ class PrefixStore:
                 out.append(self._record(r))
         return out
 
+    def get_by_id(self, record_id: int) -> PrefixRecord | None:
+        """The record with this id, or None once it is removed (ids are never reused)."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM prefixes WHERE id=?", (record_id,)).fetchone()
+        return self._record(row) if row else None
+
+    def find(self, name: str) -> list[PrefixRecord]:
+        """Every prefix called `name`, whoever owns it (an administrator's view, e.g. the CLI)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM prefixes WHERE name=? ORDER BY owner", (name,)).fetchall()
+        return [self._record(r) for r in rows]
+
     def remove(self, name: str, owner: str) -> PrefixRecord:
         """Remove `owner`'s prefix `name` (its row, then its file); it is never served again."""
         with self._write() as db:
@@ -290,11 +302,11 @@ class PrefixStore:
                 raise NotOwner(f"prefix {name!r} is public but belongs to another owner; only its owner can remove it")
             db.execute("DELETE FROM prefixes WHERE id=?", (row["id"],))
         record = self._record(row)
-        record.file.unlink(missing_ok=True)
         with self._listeners_lock:
             listeners = list(self._on_remove)
-        for listener in listeners:
+        for listener in listeners:  # before the file goes, so a load racing with us sees the removal
             listener(record)
+        record.file.unlink(missing_ok=True)
         return record
 
     def on_remove(self, listener: Callable[[PrefixRecord], None]) -> None:
