@@ -106,3 +106,11 @@ def reversal_pairs(n: int, seed: int = 0):
         words = [f"w{rng.randrange(5, 30)}" for _ in range(rng.randrange(2, 5))]
         out.append(SimpleNamespace(source=" ".join(words), target=" ".join(reversed(words))))
     return out
+
+
+def one_torch_thread_impl():
+    """Small models gain nothing from threads; one keeps tests steady on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -252,3 +252,14 @@ def test_format_table():
         format_table({"bleu": "high"})
     with pytest.raises(ValueError, match="no scores"):
         format_table({})
+
+
+def test_model_based_metrics_are_skipped_with_a_note_when_unavailable(monkeypatch):
+    import importlib.util
+
+    from prefixtune.metrics.model_based import model_based_scores
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bert_score" else real(name, *a))
+    scores, notes = model_based_scores(["a b"], [["a b"]])
+    assert scores == {} and "BERTScore skipped" in notes[0]

@@ -24,7 +24,7 @@ from prefixtune.serve import PrefixStore, ServeConfig, create_app
 from prefixtune.serve.sampling import decode
 from prefixtune.serve.testing import ServerThread, char_tokenizer
 
-from conftest import tiny
+from conftest import one_torch_thread_impl, tiny
 
 BASE = "tiny-llama"
 PROMPTS = ["hello", "The quick brown fox", "xy", "a much longer prompt, with commas", "Z", "data: 42"]
@@ -71,13 +71,7 @@ class World:
             return self._refs[key]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from threads; one keeps the tests steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread_impl)
 
 
 @pytest.fixture(scope="module")

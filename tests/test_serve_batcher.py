@@ -19,7 +19,7 @@ from prefixtune.serve.prefix_cache import LoadedPrefix
 from prefixtune.serve.sampling import SamplingParams, TextTracker, decode
 from prefixtune.serve.testing import char_tokenizer
 
-from conftest import tiny
+from conftest import one_torch_thread_impl, tiny
 
 PROMPTS = ["hello", "a much longer prompt, with commas", "xy", "The quick brown fox", "Z"]
 
@@ -44,13 +44,7 @@ def config(**kw) -> ServeConfig:
     return ServeConfig(torch_threads=1, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small models gain little from threads; one keeps the tests steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread_impl)
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,7 @@ def evaluate(
     eval_size: Optional[int] = typer.Option(None, help="Evaluate at most this many sources."),
     num_beams: Optional[int] = typer.Option(None, help="Beam width (paper: 5; 6 for XSum)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Most new tokens per output."),
+    model_based: bool = typer.Option(False, help="Also BERTScore, when the bert-score package and weights exist."),
 ):
     """Generate for every evaluation source and score with the official metrics."""
     from .decode import decode_config_for
@@ -141,9 +142,11 @@ def evaluate(
         items = items[:eval_size] if eval_size else items
     loaded, base, tok = load_run_prefix(prefix, model)
     cfg = decode_config_for(dataset, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    result = run_eval(base, tok, loaded, items, METRIC_TASK.get(dataset, "generic"), cfg, out)
+    result = run_eval(base, tok, loaded, items, METRIC_TASK.get(dataset, "generic"), cfg, out, model_based=model_based)
     typer.echo(f"{dataset} {split}: {len(items)} sources, beam {cfg.num_beams}, {result['decode_seconds']} s")
     typer.echo(format_table(result["scores"]))
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
     for group in ("seen", "unseen"):
         if f"scores_{group}" in result:
             typer.echo(f"\n{group} categories:\n" + format_table(result[f"scores_{group}"]))
@@ -183,6 +186,118 @@ def demo(
         data_dir = "../shared/data"
     run_demo(out=out, data_dir=data_dir, minutes=minutes, train_size=train_size, eval_size=eval_size,
              num_beams=num_beams)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help="Base model served (short name, folder or Hub id)."),
+    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store (created if missing)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_batch_size: int = typer.Option(32, help="Most requests decoded together (any mix of prefixes)."),
+    batch_window_ms: float = typer.Option(10.0, help="Wait this long for more requests when idle."),
+    max_queue: int = typer.Option(64, help="Waiting requests beyond this get 429 + Retry-After."),
+    request_timeout: float = typer.Option(120.0, help="Seconds before a request gets 504."),
+    prefix_cache_size: int = typer.Option(64, help="Loaded prefixes kept in memory (LRU)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads for the model worker (default: all cores)."),
+):
+    """Serve completions for many users' prefixes from one frozen model (OpenAI-style HTTP API)."""
+    from .serve import ServeConfig, run_server
+
+    config = ServeConfig(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                         request_timeout_s=request_timeout, prefix_cache_size=prefix_cache_size, torch_threads=threads)
+    run_server(model, str(store), host=host, port=port, config=config)
+
+
+def _store(path: Path, model_name: Optional[str] = None):
+    from .serve import PrefixStore
+
+    model = None
+    if model_name:
+        from .models import load_model
+
+        model = load_model(model_name)[0]
+    return PrefixStore(path, model=model)
+
+
+@prefixes_app.command("add")
+def prefixes_add(
+    name: str = typer.Argument(..., help="Name clients use as `model` in completions."),
+    file: Path = typer.Argument(..., help="Prefix file (.safetensors) saved by prefixtune."),
+    owner: str = typer.Option(..., help="Owner of the prefix (an API key's owner)."),
+    public: bool = typer.Option(False, help="Let every key use it (only the owner can delete it)."),
+    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store."),
+    model: Optional[str] = typer.Option(None, help="Also check shapes and fingerprint against this base model."),
+):
+    """Add a prefix file to the store (checked, copied in, sha256 recorded)."""
+    from .prefix import PrefixFileError
+    from .serve.store import StoreError
+
+    try:
+        record = _store(store, model).add(name, owner, file, public=public)
+    except (PrefixFileError, StoreError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(record.to_dict()))
+
+
+@prefixes_app.command("list")
+def prefixes_list(
+    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store."),
+    owner: Optional[str] = typer.Option(None, help="Only what this owner may use (default: everything)."),
+):
+    """List prefixes in the store."""
+    for record in _store(store).list(owner):
+        d = record.to_dict()
+        typer.echo(f"{d['name']:<24} owner={d['owner']:<12} {'public ' if d.get('public') else 'private'} "
+                   f"len={d.get('length')} {d.get('size_bytes')} B base={d.get('base_model')}")
+
+
+@prefixes_app.command("show")
+def prefixes_show(name: str = typer.Argument(...), store: Path = typer.Option(Path("prefixes.db"))):
+    """Show every record named NAME."""
+    records = _store(store).find(name)
+    if not records:
+        _fail(f"no prefix named {name!r} in {store}")
+    for record in records:
+        typer.echo(json.dumps(record.to_dict(), indent=2))
+
+
+@prefixes_app.command("rm")
+def prefixes_rm(
+    name: str = typer.Argument(...),
+    owner: str = typer.Option(..., help="Owner of the prefix."),
+    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store."),
+):
+    """Remove a prefix: it is never served again."""
+    from .serve.store import StoreError
+
+    try:
+        record = _store(store).remove(name, owner)
+    except StoreError as e:
+        _fail(str(e))
+    typer.echo(f"removed {record.name}")
+
+
+@keys_app.command("add")
+def keys_add(owner: str = typer.Argument(...), store: Path = typer.Option(Path("prefixes.db"))):
+    """Create an API key for OWNER; the key is the last word printed (only its hash is stored)."""
+    key = _store(store).add_key(owner)
+    typer.echo(f"new key for {owner} (shown once): {key}")
+
+
+@keys_app.command("rm")
+def keys_rm(key: str = typer.Argument(..., help="The key or its id."), store: Path = typer.Option(Path("prefixes.db"))):
+    """Revoke an API key."""
+    if not _store(store).remove_key(key):
+        _fail("no such key")
+    typer.echo("removed")
+
+
+@keys_app.command("list")
+def keys_list(owner: Optional[str] = typer.Option(None), store: Path = typer.Option(Path("prefixes.db"))):
+    """List key ids and owners (never the keys)."""
+    for k in _store(store).list_keys(owner):
+        typer.echo(f"{k.key_id}  owner={k.owner}")
 
 
 def main() -> None:  # pragma: no cover

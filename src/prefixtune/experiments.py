@@ -98,17 +98,23 @@ def run_training(model_name: str, plan: DataPlan, prefix_cfg: PrefixConfig, trai
 
 
 def evaluate(model, tokenizer, prefix: MergedPrefix | None, items, task: str, decode_cfg: DecodeConfig,
-             out_dir: str | Path | None = None, format_source=None, progress=None) -> dict:
-    """Generate for every evaluation item and score with the task's official metrics."""
+             out_dir: str | Path | None = None, format_source=None, progress=None, model_based: bool = False) -> dict:
+    """Generate for every evaluation item and score with the task's official metrics.
+
+    `model_based`: also BERTScore when its package and weights are available (else a note says why not).
+    """
     from .metrics import score
+    from .metrics.model_based import model_based_scores
 
     started = time.time()
     outputs = generate_texts(model, tokenizer, [it.source for it in items], prefix, decode_cfg,
                              format_source=format_source, progress=progress)
     seconds = time.time() - started
-    scores = score(task, outputs, [list(it.references) for it in items])
-    result = {"task": task, "n": len(items), "scores": scores, "decode_seconds": round(seconds, 1),
-              "decode": asdict(decode_cfg)}
+    refs = [list(it.references) for it in items]
+    scores = score(task, outputs, refs)
+    extra, notes = model_based_scores(outputs, refs) if model_based else ({}, [])
+    result = {"task": task, "n": len(items), "scores": {**scores, **extra}, "notes": notes,
+              "decode_seconds": round(seconds, 1), "decode": asdict(decode_cfg)}
     if task == "webnlg" and items and "seen" in (items[0].meta or {}):
         for name, want in (("seen", True), ("unseen", False)):
             idx = [i for i, it in enumerate(items) if it.meta.get("seen") == want]

@@ -50,7 +50,7 @@ def load(
     examples: list[Example] = []
     meta: dict[str, dict] = {}
     records = read_json(path)
-    for triples, annotations in records:
+    for triples, texts in records:
         source = linearize_triples(
             triples,
             leading_separator=leading_separator,
@@ -58,7 +58,7 @@ def load(
             underscores_to_spaces=underscores_to_spaces,
         )
         meta.setdefault(source, {"size": len(triples)})
-        examples.extend(Example(source, text) for _, text in annotations)
+        examples.extend(Example(source, text) for _, text in texts)
     return Dataset(NAME, split, examples, meta=meta, info={"files": [str(path)], "entries": len(records)})
 
 

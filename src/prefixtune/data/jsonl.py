@@ -17,6 +17,7 @@ a relative path is taken from the current folder, not the data folder.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from .base import DataError, Dataset, Example
@@ -33,9 +34,8 @@ def load(root: Path | None, split: str, *, path: str | Path) -> Dataset:
     return Dataset(NAME, split, examples, meta=meta, info={"files": [str(path)]})
 
 
-def read_jsonl(path: str | Path) -> tuple[list[Example], dict[str, dict]]:
-    examples: list[Example] = []
-    meta: dict[str, dict] = {}
+def json_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is a DataError."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -46,16 +46,23 @@ def read_jsonl(path: str | Path) -> tuple[list[Example], dict[str, dict]]:
                 raise DataError(f"malformed JSON: {e.msg}", path, line=lineno) from None
             if not isinstance(obj, dict):
                 raise DataError(f"expected a JSON object, found {type(obj).__name__}", path, line=lineno)
-            source, target = obj.get("source"), obj.get("target")
-            if not isinstance(source, str) or not source.strip():
-                raise DataError("missing or empty 'source' string", path, line=lineno)
-            targets = [target] if isinstance(target, str) else target
-            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-                raise DataError("'target' must be a string or a non-empty list of strings", path, line=lineno)
-            if not all(t.strip() for t in targets):
-                raise DataError("empty reference in 'target'", path, line=lineno)
-            examples.extend(Example(source, t.strip()) for t in targets)
-            extra = {k: v for k, v in obj.items() if k not in ("source", "target")}
-            if extra:
-                meta.setdefault(source, extra)
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> tuple[list[Example], dict[str, dict]]:
+    examples: list[Example] = []
+    meta: dict[str, dict] = {}
+    for lineno, obj in json_objects(path):
+        source, target = obj.get("source"), obj.get("target")
+        if not isinstance(source, str) or not source.strip():
+            raise DataError("missing or empty 'source' string", path, line=lineno)
+        targets = [target] if isinstance(target, str) else target
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise DataError("'target' must be a string or a non-empty list of strings", path, line=lineno)
+        if not all(t.strip() for t in targets):
+            raise DataError("empty reference in 'target'", path, line=lineno)
+        examples.extend(Example(source, t.strip()) for t in targets)
+        extra = {k: v for k, v in obj.items() if k not in ("source", "target")}
+        if extra:
+            meta.setdefault(source, extra)
     return examples, meta

@@ -26,6 +26,7 @@ import random
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from .jsonl import json_objects
 from .base import DataError, Dataset, Example, locate
 from .fetch import Resource
 
@@ -98,22 +99,13 @@ def carve(n: int, seed: int = 0) -> dict[str, list[int]]:
 def read_jsonl(path: str | Path) -> list[tuple[str, str, str]]:
     """Read (id, document, summary) rows; blank lines skipped. Errors name file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON: {e.msg}", path, line=lineno) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"expected a JSON object, found {type(obj).__name__}", path, line=lineno)
-            document, summary = obj.get("document"), obj.get("summary")
-            if not isinstance(document, str) or not isinstance(summary, str):
-                raise DataError("expected string fields 'document' and 'summary'", path, line=lineno)
-            if not summary.strip():
-                raise DataError("empty reference (summary)", path, line=lineno)
-            rows.append((str(obj.get("id", lineno)), document.strip(), summary.strip()))
+    for lineno, obj in json_objects(path):
+        document, summary = obj.get("document"), obj.get("summary")
+        if not isinstance(document, str) or not isinstance(summary, str):
+            raise DataError("expected string fields 'document' and 'summary'", path, line=lineno)
+        if not summary.strip():
+            raise DataError("empty reference (summary)", path, line=lineno)
+        rows.append((str(obj.get("id", lineno)), document.strip(), summary.strip()))
     return rows
 
 
