@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from conftest import missing
 
 from prefixtune.data import (
     DATASETS,
@@ -34,9 +35,7 @@ real = pytest.mark.real  # needs the real shared data
 def require_shared() -> None:
     """Tests on the real data skip on a machine without it, but must run in CI."""
     if not SHARED.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"shared data not found at {SHARED}")
-        pytest.skip(f"shared data not found at {SHARED}")
+        missing(f"shared data not found at {SHARED}")
 
 
 @pytest.fixture(autouse=True)

@@ -98,6 +98,9 @@ class _Active:
     rows: RowPrefixes | None
     capture: dict | None = None  # (kind, layer) -> (keys, values) when recording activations
     hits: int = 0
+    # Work shared by the layers of one forward (masks, bias columns) and by the steps of one
+    # generate call (prefixes repeated for beams), so it is done once, not once per layer and step.
+    memo: dict = field(default_factory=dict)
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("prefixtune_active", default=None)
@@ -133,6 +136,25 @@ def _real_mask(mask, module, kwargs, q_len: int, k_len: int, batch: int, float_d
     return allowed
 
 
+def _prefix_mask_and_bias(layout, kind, module, kwargs, base, attention_mask, bias, valid, query, k_len):
+    """The attention mask (and T5 position bias) over [prefix; real keys] for one attention kind."""
+    rows, q_len, p_len = query.shape[0], query.shape[2], valid.shape[1]
+    float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
+    want_float = float_mask or (attention_mask is None and base == "eager")
+    real = _real_mask(attention_mask, module, kwargs, q_len, k_len, rows, query.dtype, want_float)
+    real = real.to(query.device).expand(rows, real.shape[1], q_len, k_len)
+    cols = valid.to(query.device)[:, None, None, :].expand(rows, real.shape[1], q_len, p_len)
+    if want_float:
+        cols = torch.zeros((), dtype=real.dtype, device=query.device).masked_fill(~cols, torch.finfo(real.dtype).min)
+    mask = torch.cat([cols, real], dim=-1)                                      # (rows, 1|heads, q_len, P + k_len)
+    if bias is None:
+        return mask, None
+    allowed = real if real.dtype == torch.bool else real > torch.finfo(real.dtype).min / 2
+    left_pads = allowed[:, 0, -1, :].int().argmax(-1)                           # first key the last query sees
+    p_bias = layout.prefix_bias(kind, q_len, k_len, p_len, left_pads, bias)
+    return mask, torch.cat([p_bias, bias.expand(rows, -1, -1, -1)], dim=-1)
+
+
 def _prefixed_attention(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         stock = _stock_function(base, module)
@@ -147,25 +169,24 @@ def _prefixed_attention(base: str):
             return stock(module, query, key, value, attention_mask, **kwargs)
         active.hits += 1
         rows, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-        p_key, p_value, valid = active.rows.layer(kind, layer, rows)           # (rows, kv_heads, P, head_dim), (rows, P)
-        p_len = p_key.shape[2]
-        float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
-        want_float = float_mask or (attention_mask is None and base == "eager")
-        real = _real_mask(attention_mask, module, kwargs, q_len, k_len, rows, query.dtype, want_float)
-        real = real.to(query.device).expand(rows, real.shape[1], q_len, k_len)
-        cols = valid.to(query.device)[:, None, None, :].expand(rows, real.shape[1], q_len, p_len)
-        if want_float:
-            cols = torch.zeros((), dtype=real.dtype, device=query.device).masked_fill(~cols, torch.finfo(real.dtype).min)
-        mask = torch.cat([cols, real], dim=-1)                                  # (rows, 1|heads, q_len, P + k_len)
+        kv_key = ("kv", kind, layer, rows, key.dtype)
+        if kv_key not in active.memo:
+            p_key, p_value, valid = active.rows.layer(kind, layer, rows)       # (rows, kv_heads, P, head_dim), (rows, P)
+            active.memo[kv_key] = (p_key.to(key.dtype), p_value.to(value.dtype), valid)
+        p_key, p_value, valid = active.memo[kv_key]
         bias = kwargs.get("position_bias")
+        mask_key = ("mask", kind, rows, q_len, k_len)
+        hit = active.memo.get(mask_key)
+        if hit is None or hit[0] is not attention_mask or hit[1] is not bias:
+            mask, new_bias = _prefix_mask_and_bias(active.layout, kind, module, kwargs, base, attention_mask, bias,
+                                                   valid, query, k_len)
+            hit = active.memo[mask_key] = (attention_mask, bias, mask, new_bias)
+        mask = hit[2]
         if bias is not None:
-            allowed = real if real.dtype == torch.bool else real > torch.finfo(real.dtype).min / 2
-            left_pads = allowed[:, 0, -1, :].int().argmax(-1)                     # first key the last query sees
-            p_bias = active.layout.prefix_bias(kind, q_len, k_len, p_len, left_pads, bias)
-            kwargs["position_bias"] = torch.cat([p_bias, bias.expand(rows, -1, -1, -1)], dim=-1)
-        kwargs["is_causal"] = False  # the mask above is explicit
-        key = torch.cat([p_key.to(key.dtype), key], dim=2)
-        value = torch.cat([p_value.to(value.dtype), value], dim=2)
+            kwargs["position_bias"] = hit[3]
+        kwargs["is_causal"] = False  # the mask is explicit
+        key = torch.cat([p_key, key], dim=2)
+        value = torch.cat([p_value, value], dim=2)
         return stock(module, query, key, value, mask, **kwargs)
 
     attention.__name__ = f"prefixtune_{base}"
