@@ -210,3 +210,23 @@ def test_two_process_data_parallel_training(tmp_path):
              if '"loss"' in line]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 3 * (20 // 2)  # 3 epochs, 20 batches / 2 processes
     assert (tmp_path / "ddp" / "prefix.safetensors").exists()
+
+
+def test_cli_user_errors_are_one_clear_line(tmp_path):
+    cmd, env = _cli("train", "--dataset", "e2e", "--out", tmp_path / "x", "--lr", "-1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: TrainConfig.lr: must be > 0, got -1.0"
+
+
+def test_download_failure_names_url_and_way_around(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from prefixtune.data.fetch import DownloadError, urllib_fetch
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DownloadError, match=r"https://example\.org/x\.csv.*--data-dir"):
+        urllib_fetch("https://example.org/x.csv", tmp_path / "x.csv")

@@ -300,12 +300,22 @@ def keys_list(owner: Optional[str] = typer.Option(None), store: Path = typer.Opt
         typer.echo(f"{k.key_id}  owner={k.owner}")
 
 
-def main() -> None:  # pragma: no cover
+def main() -> None:
+    """Entry point: user-facing errors print one clear line (exit 2) instead of a traceback."""
+    from .config import ConfigError
+    from .data import DataError, MissingDataError
+    from .data.fetch import DownloadError
+    from .prefix import PrefixFileError
+    from .train import TrainingError
+
     try:
-        app()
+        app()  # click's standalone mode handles usage errors and exits itself
     except KeyboardInterrupt:
         sys.exit(130)
+    except (ConfigError, DataError, MissingDataError, DownloadError, PrefixFileError, TrainingError) as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     main()

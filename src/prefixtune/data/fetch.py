@@ -45,8 +45,16 @@ class Resource:
 def urllib_fetch(url: str, dest: Path, *, timeout: float = 60.0) -> None:
     """Stream ``url`` to ``dest`` with the standard library (follows redirects)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
-        shutil.copyfileobj(response, out, length=1 << 20)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+    except OSError as e:  # URLError, HTTPError, timeouts: say what could not be fetched and what to do
+        raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}); without internet, put the "
+                            "official files in the data folder yourself and pass --data-dir or set PREFIXTUNE_DATA") from e
+
+
+class DownloadError(OSError):
+    """A data file could not be fetched; the message names the URL and the way around it."""
 
 
 def place(resource: Resource, root: Path, fetch: Fetcher, *, force: bool = False) -> Path:
