@@ -363,3 +363,15 @@ def test_switching_attention_implementation_reattaches():
     assert model.config._attn_implementation == "prefixtune_eager"
     assert (again - with_prefix).abs().max() <= 1e-4
     assert (again - model(input_ids=x).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_cached_step_without_mask_keeps_positions(arch):
+    """A decode step given only the cache (no attention mask) still places the token after prefix + past."""
+    model = tiny(arch)
+    rows = RowPrefixes.per_row([random_prefix(model, 3, seed=9)])
+    x = torch.tensor([[3, 14, 15, 92, 65]])
+    full = forward_with_prefix(model, rows, input_ids=x).logits[:, -1]
+    first = forward_with_prefix(model, rows, input_ids=x[:, :-1], use_cache=True)
+    step = forward_with_prefix(model, rows, input_ids=x[:, -1:], cache=first.cache, use_cache=True).logits[:, -1]
+    assert (step - full).abs().max() <= 1e-4

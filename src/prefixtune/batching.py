@@ -87,7 +87,7 @@ def collate(items: list[Encoded], pad_id: int, is_encoder_decoder: bool) -> Batc
     return Batch(ids, mask, labels, n_target)
 
 
-def left_padded_prompts(tokenizer, sources: list[str], is_encoder_decoder: bool, max_source_len: int = 512):
+def prompt_batch(tokenizer, sources: list[str], is_encoder_decoder: bool, max_source_len: int = 512):
     """Prompts for generation: left-padded for decoder-only models, right-padded for encoders."""
     prompts = [prompt_ids(tokenizer, s, is_encoder_decoder, max_source_len) for s in sources]
     width = max(map(len, prompts))

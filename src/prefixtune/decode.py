@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .batching import SEPARATOR, left_padded_prompts
+from .batching import SEPARATOR, prompt_batch
 from .config import ConfigError
 from .engine import RowPrefixes, generate_with_prefix
 from .prefix import MergedPrefix, atomic_write_bytes
@@ -52,7 +52,6 @@ def generate_texts(model, tokenizer, sources: list[str], prefix: MergedPrefix | 
     """One output string per source, generated in batches with `prefix` (None = the bare model)."""
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     rows = RowPrefixes.per_row([prefix], device=model.device, dtype=model.dtype) if prefix is not None else None
-    outputs: list[str] = []
     stops = _stop_ids(tokenizer, cfg.stop_at_newline)
     # long sources first: similar lengths share a batch
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
@@ -60,7 +59,7 @@ def generate_texts(model, tokenizer, sources: list[str], prefix: MergedPrefix | 
     by_index: dict[int, str] = {}
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
-        ids, mask = left_padded_prompts(tokenizer, [texts[i] for i in idx], is_enc_dec, cfg.max_source_len)
+        ids, mask = prompt_batch(tokenizer, [texts[i] for i in idx], is_enc_dec, cfg.max_source_len)
         kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                       length_penalty=cfg.length_penalty, do_sample=cfg.do_sample, eos_token_id=stops,
                       pad_token_id=tokenizer.pad_token_id)
@@ -79,8 +78,7 @@ def generate_texts(model, tokenizer, sources: list[str], prefix: MergedPrefix | 
             by_index[i] = clean_output(text, cfg.stop_at_newline)
         if progress:
             progress(min(start + cfg.batch_size, len(order)), len(order))
-    outputs = [by_index[i] for i in range(len(sources))]
-    return outputs
+    return [by_index[i] for i in range(len(sources))]
 
 
 def clean_output(text: str, stop_at_newline: bool = True) -> str:

@@ -15,7 +15,6 @@ from pathlib import Path
 from .config import PrefixConfig
 from .decode import DecodeConfig
 from .experiments import DataPlan, evaluate, run_training
-from .metrics import format_table
 from .prefix import atomic_write_bytes
 from .train import TrainConfig
 
@@ -91,5 +90,4 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, minutes
                "zero_shot": zero["scores"], "prefix_tuned": tuned["scores"], "prefix_bytes": size,
                "total_seconds": round(time.time() - started, 1)}
     atomic_write_bytes(out / "demo.json", json.dumps(summary, indent=2).encode())
-    print_fn("\n" + format_table({f"prefix {k}": v for k, v in tuned["scores"].items()}))
     return summary

@@ -117,7 +117,7 @@ def _stock_function(base: str, module: nn.Module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def _real_mask(mask, module, kwargs, q_len: int, k_len: int, batch: int, float_dtype, want_float: bool):
+def _real_mask(mask, module, kwargs, q_len: int, k_len: int, float_dtype, want_float: bool):
     """The mask over the real keys as (batch|1, 1|heads, q_len, k_len); built when HF passed None."""
     if mask is not None:
         return mask[..., :k_len]
@@ -141,7 +141,7 @@ def _prefix_mask_and_bias(layout, kind, module, kwargs, base, attention_mask, bi
     rows, q_len, p_len = query.shape[0], query.shape[2], valid.shape[1]
     float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
     want_float = float_mask or (attention_mask is None and base == "eager")
-    real = _real_mask(attention_mask, module, kwargs, q_len, k_len, rows, query.dtype, want_float)
+    real = _real_mask(attention_mask, module, kwargs, q_len, k_len, query.dtype, want_float)
     real = real.to(query.device).expand(rows, real.shape[1], q_len, k_len)
     cols = valid.to(query.device)[:, None, None, :].expand(rows, real.shape[1], q_len, p_len)
     if want_float:
@@ -284,17 +284,27 @@ def use_prefix(model, rows: RowPrefixes | None, capture: dict | None = None):
                            f"changed after prefixtune attached? (now {model.config._attn_implementation!r})")
 
 
-def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, input_ids, attention_mask):
-    """Real tokens' positions continue after each row's prefix (decoder-only models)."""
-    if layout.is_encoder_decoder or not layout.arch.shift_positions or rows is None or "self" not in rows.kv:
+def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, input_ids, attention_mask, cache=None):
+    """Decoder-only models: real tokens' positions, counted over unpadded tokens, after each row's prefix.
+
+    Returns None where the model's own default is already right (encoder-decoder models, or no
+    prefix and no mask).
+    """
+    has_prefix = rows is not None and "self" in rows.kv
+    if layout.is_encoder_decoder or not layout.arch.shift_positions or input_ids is None:
+        return None
+    if attention_mask is None and not has_prefix:
         return None
     batch, seq = input_ids.shape[:2]
     if attention_mask is None:
-        pos = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        past = cache.get_seq_length() if cache is not None else 0
+        pos = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
     else:
         # the mask may cover cached tokens too (a decode step): keep the positions of the new ones
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-    return pos + rows.lengths("self", batch).to(pos.device)[:, None]
+    if has_prefix:
+        pos = pos + rows.lengths("self", batch).to(pos.device)[:, None]
+    return pos
 
 
 def forward_with_prefix(model, rows: RowPrefixes | None, input_ids=None, attention_mask=None, run=None, **kwargs):
@@ -303,7 +313,7 @@ def forward_with_prefix(model, rows: RowPrefixes | None, input_ids=None, attenti
     `run`: call this module instead of `model` (e.g. `model.base_model` for hidden states only).
     """
     with use_prefix(model, rows) as state:
-        pos = _position_ids(state.layout, rows, input_ids, attention_mask)
+        pos = _position_ids(state.layout, rows, input_ids, attention_mask, kwargs.get("cache"))
         if pos is not None and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = pos
         return (run or model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -412,9 +422,6 @@ class PrefixModel(nn.Module):
         super().train(mode)
         self.model.eval()  # the frozen LM stays deterministic (no dropout); only the prefix learns
         return self
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return trainable_state(self)
 
     def rows(self) -> RowPrefixes:
         dtype = self.model.dtype

@@ -247,14 +247,6 @@ class _Batch:
         self.rows = [self.rows[i] for i in keep]
 
 
-def _positions(mask: torch.Tensor, prefixes: RowPrefixes | None, new: int) -> torch.Tensor:
-    """Positions of the last `new` tokens: counted over real tokens only, after the row's prefix."""
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
-    if prefixes is not None and "self" in prefixes.valid:
-        pos = pos + prefixes.valid["self"].sum(-1, keepdim=True)
-    return pos
-
-
 def prefill_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
     """Split prompts (by index) into prefill batches: sorted by length, cut where the padding saved
     outweighs the fixed cost of one more forward pass (`overhead_tokens`, in padded-token units).
@@ -509,8 +501,8 @@ class Batcher:
 
     def _forward(self, ids, mask, prefixes, cache):
         kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
-        out = forward_with_prefix(self.model, prefixes, input_ids=ids, attention_mask=mask,
-                                  position_ids=_positions(mask, prefixes, ids.shape[1]), cache=cache,
+        # positions come from the mask (padding skipped) plus each row's prefix length
+        out = forward_with_prefix(self.model, prefixes, input_ids=ids, attention_mask=mask, cache=cache,
                                   use_cache=True, **kwargs)
         return out.logits[:, -1], out.cache
 
