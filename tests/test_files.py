@@ -118,10 +118,20 @@ def test_save_is_atomic_and_failed_save_keeps_old_file(tmp_path, monkeypatch):
 def test_nan_prefix_is_refused(tmp_path):
     model = tiny("llama")
     prefix = random_prefix(model, 2, seed=0)
+    good = pt.save_prefix(prefix, tmp_path / "good.safetensors", model=model)
     prefix.kv["self"][0, 0, 0, 0, 0] = float("nan")
-    path = pt.save_prefix(prefix, tmp_path / "nan.safetensors", model=model)
+    with pytest.raises(pt.PrefixFileError, match="NaN"):  # never written ...
+        pt.save_prefix(prefix, tmp_path / "nan.safetensors", model=model)
+    assert not (tmp_path / "nan.safetensors").exists()
+    # ... and a NaN file made by other means is refused on load
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    save_file({"prefix.self": prefix.kv["self"].contiguous()}, str(tmp_path / "nan.safetensors"), metadata=meta)
     with pytest.raises(pt.PrefixFileError, match="NaN"):
-        pt.load_prefix(path, model)
+        pt.load_prefix(tmp_path / "nan.safetensors", model)
 
 
 def test_peft_export_gives_equal_logits_in_peft(tmp_path):

@@ -63,7 +63,7 @@ def test_training_learns_and_changes_only_the_prefix(tmp_path):
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
     model, tok = tiny("llama"), tiny_tokenizer("llama")
     pm = pt.PrefixModel(model, pt.PrefixConfig(length=2, reparam="flat"))
-    import prefixtune.engine as engine_module
+    import prefixtune.methods.base as engine_module
 
     real = engine_module.target_loss
     calls = {"n": 0}

@@ -34,19 +34,30 @@ class Batch:
                      self.n_target_tokens)
 
 
-def prompt_ids(tokenizer, source: str, is_encoder_decoder: bool, max_source_len: int) -> list[int]:
-    """What the model reads before generating: the same at training and decoding time."""
+def prompt_ids(tokenizer, source: str, is_encoder_decoder: bool, max_source_len: int,
+               template: list | None = None) -> list[int]:
+    """What the model reads before generating: the same at training and decoding time.
+
+    `template` (soft-prompt methods) lays virtual tokens (negative ids) around the source ids,
+    before the separator (decoder-only) or the encoder's end-of-sequence token.
+    """
+    from .engine import lay_out
+
     if is_encoder_decoder:
-        return tokenizer(source, truncation=True, max_length=max_source_len)["input_ids"]
-    ids = tokenizer(source, add_special_tokens=False)["input_ids"][:max_source_len]
+        ids = tokenizer(source, truncation=True, max_length=max_source_len)["input_ids"]
+        if not template:
+            return ids
+        eos = [ids[-1]] if ids and ids[-1] == tokenizer.eos_token_id else []
+        return lay_out(template, ids[:len(ids) - len(eos)]) + eos
+    ids = lay_out(template, tokenizer(source, add_special_tokens=False)["input_ids"][:max_source_len])
     if source.endswith(SEPARATOR):  # e.g. a chat template that already ends its prompt with a newline
         return ids
     return ids + tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
 
 
 def encode(tokenizer, source: str, target: str, is_encoder_decoder: bool,
-           max_source_len: int = 512, max_target_len: int = 128) -> Encoded:
-    prompt = prompt_ids(tokenizer, source, is_encoder_decoder, max_source_len)
+           max_source_len: int = 512, max_target_len: int = 128, template: list | None = None) -> Encoded:
+    prompt = prompt_ids(tokenizer, source, is_encoder_decoder, max_source_len, template)
     if is_encoder_decoder:
         target_ids = tokenizer(target, truncation=True, max_length=max_target_len)["input_ids"]  # ends with eos
         return Encoded(prompt, target_ids)
@@ -87,9 +98,13 @@ def collate(items: list[Encoded], pad_id: int, is_encoder_decoder: bool) -> Batc
     return Batch(ids, mask, labels, n_target)
 
 
-def prompt_batch(tokenizer, sources: list[str], is_encoder_decoder: bool, max_source_len: int = 512):
-    """Prompts for generation: left-padded for decoder-only models, right-padded for encoders."""
-    prompts = [prompt_ids(tokenizer, s, is_encoder_decoder, max_source_len) for s in sources]
+def prompt_batch(tokenizer, sources: list[str], is_encoder_decoder: bool, max_source_len: int = 512,
+                 templates: list | None = None):
+    """Prompts for generation: left-padded for decoder-only models, right-padded for encoders.
+
+    `templates[i]`: row i's soft-prompt template (None: plain source)."""
+    templates = templates or [None] * len(sources)
+    prompts = [prompt_ids(tokenizer, s, is_encoder_decoder, max_source_len, t) for s, t in zip(sources, templates)]
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)

@@ -23,8 +23,26 @@ def _check(ok: bool, cls: str, name: str, message: str) -> None:
         raise ConfigError(f"{cls}.{name}: {message}")
 
 
+class MethodConfig:
+    """Base of every method's config dataclass: JSON round trip, unknown fields refused by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass
-class PrefixConfig:
+class PrefixConfig(MethodConfig):
     """How the prefix is shaped, parametrized and initialized (paper §4, §4.3, §7.4)."""
 
     length: int = field(default=10, metadata={"help": "Number of virtual prefix tokens per attention layer."})
@@ -53,10 +71,14 @@ class PrefixConfig:
         metadata={"help": "Which attention kinds get a prefix: subset of the model's kinds ('self' for decoder-only; "
                   "'encoder', 'decoder', 'cross' for encoder-decoder). None: all of them."},
     )
-    method: str = field(default="prefix", metadata={"help": "Name recorded in saved files (prefix, infix, ...)."})
+    method: str = field(default="prefix", metadata={"help": "Method name recorded in saved files (set by the method).",
+                                                     "cli": False})
 
     def __post_init__(self) -> None:
-        c = "PrefixConfig"
+        c = type(self).__name__
+        _check(self.method == type(self).__dataclass_fields__["method"].default, c, "method",
+               f"is {self.method!r}, but {c} configures method {type(self).__dataclass_fields__['method'].default!r}; "
+               "use that method's own config class (prefixtune.methods.get_method(name).config_class)")
         _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
         _check(self.reparam in REPARAMS, c, "reparam", f"must be one of {REPARAMS}, got {self.reparam!r}")
         _check(isinstance(self.mlp_hidden, int) and self.mlp_hidden >= 1, c, "mlp_hidden", f"must be >= 1, got {self.mlp_hidden!r}")
@@ -69,26 +91,3 @@ class PrefixConfig:
         if self.kinds is not None:
             self.kinds = tuple(self.kinds)
             _check(len(self.kinds) > 0, c, "kinds", "must name at least one attention kind, or be None for all")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PrefixConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"PrefixConfig: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-
-def help_text(cls: type) -> str:
-    """One line per field with its default and help text (used by the CLI and the docs)."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else "(required)"
-        lines.append(f"{f.name} = {default!r}: {f.metadata.get('help', '')}")
-    return "\n".join(lines)

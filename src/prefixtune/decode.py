@@ -35,23 +35,42 @@ class DecodeConfig:
             raise ConfigError("DecodeConfig: num_beams, max_new_tokens and batch_size must be >= 1")
 
 
-DECODE_DEFAULTS = {"xsum": dict(num_beams=6, length_penalty=0.8, max_new_tokens=60, max_source_len=512)}
-
-
 def _stop_ids(tokenizer, stop_at_newline: bool) -> list[int]:
+    from .models import NEWLINE_TOKENS
+
     ids = [tokenizer.eos_token_id]
     if stop_at_newline:
-        ids += [i for t, i in tokenizer.get_vocab().items() if t in ("\n", "Ċ", "<0x0A>")]
+        ids += [i for t, i in tokenizer.get_vocab().items() if t in NEWLINE_TOKENS]
     return sorted(set(i for i in ids if i is not None))
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, sources: list[str], prefix: MergedPrefix | None, cfg: DecodeConfig,
+def generate_texts(model, tokenizer, sources: list[str], prefix, cfg: DecodeConfig,
                    format_source: Callable[[str], str] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """One output string per source, generated in batches with `prefix` (None = the bare model)."""
+                   progress: Callable[[int, int], None] | None = None,
+                   on_output: Callable[[int, str], None] | None = None) -> list[str]:
+    """One output string per source, generated in batches.
+
+    `prefix`: None (the bare model), a soft artifact (prefix, infix, prompt, P-tuning: `MergedPrefix`),
+    a list of soft artifacts (an ensemble: their next-token log-probabilities are averaged), or a
+    weight artifact (fine-tuning, adapters, LoRA: applied to the model first).
+    `on_output(i, text)` is called as each output is ready (so a caller can write it at once).
+    """
+    from .methods.weights import WeightArtifact
+
+    if isinstance(prefix, WeightArtifact):
+        from .methods import attach
+
+        attached = attach(model, prefix, tokenizer=tokenizer)
+        try:
+            return generate_texts(model, tokenizer, sources, None, cfg, format_source, progress, on_output)
+        finally:
+            attached.detach()
+    ensemble = list(prefix) if isinstance(prefix, (list, tuple)) else None
+    if ensemble is not None and len(ensemble) == 1:
+        prefix, ensemble = ensemble[0], None
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-    rows = RowPrefixes.per_row([prefix], device=model.device, dtype=model.dtype) if prefix is not None else None
+    rows = RowPrefixes.per_row([prefix], device=model.device, dtype=model.dtype) if prefix is not None and ensemble is None else None
     stops = _stop_ids(tokenizer, cfg.stop_at_newline)
     # long sources first: similar lengths share a batch
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
@@ -59,7 +78,6 @@ def generate_texts(model, tokenizer, sources: list[str], prefix: MergedPrefix | 
     by_index: dict[int, str] = {}
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
-        ids, mask = prompt_batch(tokenizer, [texts[i] for i in idx], is_enc_dec, cfg.max_source_len)
         kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                       length_penalty=cfg.length_penalty, do_sample=cfg.do_sample, eos_token_id=stops,
                       pad_token_id=tokenizer.pad_token_id)
@@ -67,15 +85,25 @@ def generate_texts(model, tokenizer, sources: list[str], prefix: MergedPrefix | 
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
         if cfg.num_beams > 1:
             kwargs["early_stopping"] = True
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        if rows is None:
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        if ensemble is not None:
+            from .ensemble import generate_ensemble
+
+            new = generate_ensemble(model, tokenizer, [texts[i] for i in idx], ensemble, cfg, stops)
         else:
-            out = generate_with_prefix(model, rows, ids, mask, **kwargs)
-        new = out if is_enc_dec else out[:, ids.shape[1]:]
+            template = prefix.template if prefix is not None else None
+            ids, mask = prompt_batch(tokenizer, [texts[i] for i in idx], is_enc_dec, cfg.max_source_len,
+                                     templates=[template] * len(idx))
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            if rows is None:
+                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            else:
+                out = generate_with_prefix(model, rows, ids, mask, **kwargs)
+            new = out if is_enc_dec else out[:, ids.shape[1]:]
         for i, seq in zip(idx, new):
-            text = tokenizer.decode(seq, skip_special_tokens=True)
+            text = tokenizer.decode(seq[seq >= 0], skip_special_tokens=True)
             by_index[i] = clean_output(text, cfg.stop_at_newline)
+            if on_output is not None:
+                on_output(i, by_index[i])
         if progress:
             progress(min(start + cfg.batch_size, len(order)), len(order))
     return [by_index[i] for i in range(len(sources))]
@@ -96,7 +124,10 @@ def write_predictions(path: str | Path, items, outputs: list[str]) -> None:
 
 
 def decode_config_for(dataset: str, **overrides) -> DecodeConfig:
+    """The dataset recipe's decoding settings (paper §5.3), with any non-None override applied."""
+    from .recipes import decode_settings
+
     base = asdict(DecodeConfig())
-    base.update(DECODE_DEFAULTS.get(dataset, {}))
+    base.update(decode_settings(dataset))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return DecodeConfig(**base)

@@ -29,9 +29,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-from .config import PrefixConfig
-from .models import Arch, arch_of, attention_modules, fingerprint, freeze, model_name
-from .prefix import MergedPrefix, Prefix, check_compatible, save_prefix
+from .models import Arch, arch_of, attention_modules, model_name
+from .prefix import MergedPrefix, check_compatible
 
 SUPPORTED = ("sdpa", "eager")
 
@@ -41,25 +40,37 @@ SUPPORTED = ("sdpa", "eager")
 
 @dataclass
 class RowPrefixes:
-    """The prefixes of one batch, one per row, left-padded to a common length per kind.
+    """What conditions each row of one batch: per-layer key/values and/or soft input embeddings.
 
-    kv[kind]:    (layers, 2, rows, kv_heads, max_len, head_dim)
-    valid[kind]: (rows, max_len) bool, True where the row has a real prefix slot
-    rows == 1 means one prefix shared by every row of the batch (and its beams).
+    kv[kind]:    (layers, 2, rows, kv_heads, max_len, head_dim), rows left-padded to a common length
+    valid[kind]: (rows, max_len) bool, True where the row has a real slot
+    soft:        (rows, max_virtual, hidden) or None: row r's virtual token k (written as input id -(k+1))
+                 is embedded as soft[r, k] (prompt tuning, P-tuning)
+    infix:       (rows,) bool or None: True where the row's 'self' key/values are an infix, visible only
+                 from the row's insertion point on (`insert_at`, given per call), instead of a prefix
+    rows == 1 means one conditioning shared by every row of the batch (and its beams).
     """
 
     kv: dict[str, torch.Tensor]
     valid: dict[str, torch.Tensor]
+    soft: torch.Tensor | None = None
+    infix: torch.Tensor | None = None
 
     @classmethod
-    def shared(cls, kv: dict[str, torch.Tensor]) -> "RowPrefixes":
-        """One prefix for every row (e.g. the trainable prefix during training)."""
+    def shared(cls, kv: dict[str, torch.Tensor], soft: torch.Tensor | None = None, infix: bool = False) -> "RowPrefixes":
+        """One conditioning for every row (e.g. the trainable one during training).
+
+        kv[kind]: (layers, 2, kv_heads, length, head_dim); soft: (virtual, hidden).
+        """
+        device = next(iter(kv.values())).device if kv else (soft.device if soft is not None else None)
         return cls(kv={k: v.unsqueeze(2) for k, v in kv.items()},
-                   valid={k: torch.ones(1, v.shape[3], dtype=torch.bool, device=v.device) for k, v in kv.items()})
+                   valid={k: torch.ones(1, v.shape[3], dtype=torch.bool, device=v.device) for k, v in kv.items()},
+                   soft=None if soft is None else soft.unsqueeze(0),
+                   infix=torch.tensor([infix], device=device) if infix else None)
 
     @classmethod
     def per_row(cls, prefixes: list[MergedPrefix | None], device=None, dtype=None) -> "RowPrefixes":
-        """Row i uses prefixes[i] (None: no prefix for that row)."""
+        """Row i uses prefixes[i] (None: nothing for that row). Any mix of prefix, infix and soft prompts."""
         kinds = sorted({k for p in prefixes if p is not None for k in p.kv})
         kv, valid = {}, {}
         for kind in kinds:
@@ -75,7 +86,18 @@ class RowPrefixes:
                 t[:, :, row, :, max_len - n:] = p.kv[kind].to(device=t.device, dtype=t.dtype)  # left-padded
                 m[row, max_len - n:] = True
             kv[kind], valid[kind] = t, m
-        return cls(kv=kv, valid=valid)
+        soft = None
+        with_embeds = [p for p in prefixes if p is not None and p.embeds is not None]
+        if with_embeds:
+            width, hidden = max(p.embeds.shape[0] for p in with_embeds), with_embeds[0].embeds.shape[1]
+            soft = torch.zeros(len(prefixes), width, hidden, dtype=dtype or with_embeds[0].embeds.dtype, device=device)
+            for row, p in enumerate(prefixes):
+                if p is not None and p.embeds is not None:
+                    soft[row, :p.embeds.shape[0]] = p.embeds.to(device=soft.device, dtype=soft.dtype)
+        infix = None
+        if any(p is not None and p.is_infix for p in prefixes):
+            infix = torch.tensor([p is not None and p.is_infix for p in prefixes], device=device)
+        return cls(kv=kv, valid=valid, soft=soft, infix=infix)
 
     def lengths(self, kind: str, rows: int) -> torch.Tensor:
         n = self.valid[kind].sum(-1)
@@ -84,12 +106,17 @@ class RowPrefixes:
     def layer(self, kind: str, layer: int, rows: int):
         """(keys, values, valid) for one layer, repeated to `rows` (beam search multiplies rows)."""
         k, v, m = self.kv[kind][layer, 0], self.kv[kind][layer, 1], self.valid[kind]
-        n = k.shape[0]
-        if n != rows:
-            if rows % n:
-                raise ValueError(f"batch of {rows} rows cannot use prefixes for {n} rows")
-            k, v, m = (x.repeat_interleave(rows // n, dim=0) for x in (k, v, m))
-        return k, v, m
+        return (*(_repeat_rows(x, rows) for x in (k, v, m)),)
+
+
+def _repeat_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-row tensors to `rows` rows: one shared row is expanded, beams repeat each row in place."""
+    n = x.shape[0]
+    if n == rows:
+        return x
+    if rows % n:
+        raise ValueError(f"batch of {rows} rows cannot use conditioning for {n} rows")
+    return x.repeat_interleave(rows // n, dim=0)
 
 
 @dataclass
@@ -97,6 +124,7 @@ class _Active:
     layout: "PrefixLayout"
     rows: RowPrefixes | None
     capture: dict | None = None  # (kind, layer) -> (keys, values) when recording activations
+    insert_at: torch.Tensor | None = None  # (rows,) where each infix row's infix sits (token index)
     hits: int = 0
     # Work shared by the layers of one forward (masks, bias columns) and by the steps of one
     # generate call (prefixes repeated for beams), so it is done once, not once per layer and step.
@@ -143,7 +171,8 @@ def _prefix_mask_and_bias(layout, kind, module, kwargs, base, attention_mask, bi
     want_float = float_mask or (attention_mask is None and base == "eager")
     real = _real_mask(attention_mask, module, kwargs, q_len, k_len, query.dtype, want_float)
     real = real.to(query.device).expand(rows, real.shape[1], q_len, k_len)
-    cols = valid.to(query.device)[:, None, None, :].expand(rows, real.shape[1], q_len, p_len)
+    # valid: (rows, P), or (rows, q_len, P) when visibility depends on the query (infix rows)
+    cols = valid.to(query.device).view(rows, 1, -1, p_len).expand(rows, real.shape[1], q_len, p_len)
     if want_float:
         cols = torch.zeros((), dtype=real.dtype, device=query.device).masked_fill(~cols, torch.finfo(real.dtype).min)
     mask = torch.cat([cols, real], dim=-1)                                      # (rows, 1|heads, q_len, P + k_len)
@@ -153,6 +182,43 @@ def _prefix_mask_and_bias(layout, kind, module, kwargs, base, attention_mask, bi
     left_pads = allowed[:, 0, -1, :].int().argmax(-1)                           # first key the last query sees
     p_bias = layout.prefix_bias(kind, q_len, k_len, p_len, left_pads, bias)
     return mask, torch.cat([p_bias, bias.expand(rows, -1, -1, -1)], dim=-1)
+
+
+def _infix_visibility(active: _Active, valid: torch.Tensor, rows: int, q_len: int) -> torch.Tensor:
+    """(rows, q_len, P): an infix row's slots are seen only by queries at or after its insertion point.
+
+    Queries are located by their position ids (recorded by the hook `use_prefix` installs): a token
+    at index i >= insert_at has position i + L, so "after the infix" is position >= insert_at + L.
+    """
+    positions = active.memo.get("position_ids")
+    if positions is None or active.insert_at is None:
+        raise RuntimeError("an infix needs position ids and insertion points; call forward_with_prefix / "
+                           "generate_with_prefix (with insert_at) rather than the model directly")
+    positions = _repeat_rows(positions, rows)
+    insert_at = _repeat_rows(active.insert_at, rows).to(positions.device)
+    infix = _repeat_rows(active.rows.infix, rows).to(positions.device)
+    length = valid.sum(-1)                                                      # (rows,)
+    after = positions[:, -q_len:] >= (insert_at + length)[:, None]              # (rows, q_len)
+    seen = torch.where(infix[:, None], after, torch.ones_like(after))
+    return valid[:, None, :] & seen[:, :, None].to(valid.device)
+
+
+def _rotate_infix_keys(active: _Active, module, p_key: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rotary models: move an infix's keys from positions 0.. to insert_at.. (where text would stand).
+
+    Rotations compose (R(a)R(b) = R(a+b)), so keys made at positions 0..L-1 become keys at
+    insert_at..insert_at+L-1 by one extra rotation of insert_at.
+    """
+    rotary = active.layout.rotary
+    if rotary is None:  # absolute (learned) positions: activations carry their positions already
+        return p_key
+    insert_at = _repeat_rows(active.insert_at, rows).to(p_key.device)
+    infix = _repeat_rows(active.rows.infix, rows).to(p_key.device)
+    shift = insert_at[:, None].expand(rows, p_key.shape[2])                     # (rows, P)
+    cos, sin = rotary(p_key, shift)                                             # (rows, P, head_dim)
+    apply = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    rotated = apply(p_key, p_key, cos.to(p_key.dtype), sin.to(p_key.dtype))[1]
+    return torch.where(infix[:, None, None, None], rotated, p_key)
 
 
 def _prefixed_attention(base: str):
@@ -170,17 +236,23 @@ def _prefixed_attention(base: str):
         active.hits += 1
         rows, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
         kv_key = ("kv", kind, layer, rows, key.dtype)
+        infix = active.rows.infix is not None and kind == "self"
         if kv_key not in active.memo:
             p_key, p_value, valid = active.rows.layer(kind, layer, rows)       # (rows, kv_heads, P, head_dim), (rows, P)
+            if infix:
+                p_key = _rotate_infix_keys(active, module, p_key, rows)
             active.memo[kv_key] = (p_key.to(key.dtype), p_value.to(value.dtype), valid)
         p_key, p_value, valid = active.memo[kv_key]
         bias = kwargs.get("position_bias")
         mask_key = ("mask", kind, rows, q_len, k_len)
         hit = active.memo.get(mask_key)
-        if hit is None or hit[0] is not attention_mask or hit[1] is not bias:
+        positions = active.memo.get("position_ids") if infix else None      # infix masks depend on them
+        if hit is None or hit[0] is not attention_mask or hit[1] is not bias or hit[4] is not positions:
+            if infix:
+                valid = _infix_visibility(active, valid, rows, q_len)          # (rows, q_len, P)
             mask, new_bias = _prefix_mask_and_bias(active.layout, kind, module, kwargs, base, attention_mask, bias,
                                                    valid, query, k_len)
-            hit = active.memo[mask_key] = (attention_mask, bias, mask, new_bias)
+            hit = active.memo[mask_key] = (attention_mask, bias, mask, new_bias, positions)
         mask = hit[2]
         if bias is not None:
             kwargs["position_bias"] = hit[3]
@@ -212,6 +284,8 @@ class PrefixLayout:
     hidden_size: int
     is_encoder_decoder: bool
     bias_modules: dict[str, nn.Module] = field(default_factory=dict)
+    rotary: nn.Module | None = None               # the model's rotary embedding (None: no rotary positions)
+    embeddings: nn.Module | None = None           # the input embedding (soft prompts live in its output space)
 
     def prefix_bias(self, kind: str, q_len: int, k_len: int, p_len: int, left_pads: torch.Tensor,
                     bias: torch.Tensor) -> torch.Tensor:
@@ -226,26 +300,23 @@ class PrefixLayout:
         q_pos = torch.arange(k_len - q_len, k_len, device=bias.device)[None, :] - left_pads[:, None].to(bias.device)
         p_pos = torch.arange(-p_len, 0, device=bias.device)                     # left-padded prefix slots
         relative = p_pos[None, None, :] - q_pos[:, :, None]                      # (rows, q_len, p_len)
-        buckets = source._relative_position_bucket(
-            relative, bidirectional=not source.is_decoder,
-            num_buckets=source.relative_attention_num_buckets, max_distance=source.relative_attention_max_distance)
-        values = getattr(source, self.arch.relative_bias)(buckets)              # (rows, q_len, p_len, heads)
+        values = self.arch.relative_bias(source, relative)                      # (rows, q_len, p_len, heads)
         return values.permute(0, 3, 1, 2).to(bias.dtype)
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, PrefixLayout]" = weakref.WeakKeyDictionary()
 
 
-def layout_of(model) -> PrefixLayout:
-    """Prepare `model` for prefixes (once) and describe its attention modules."""
+def describe(model) -> PrefixLayout:
+    """Describe `model`'s attention modules and prefix shapes. A pure query: changes nothing."""
     impl = model.config._attn_implementation
-    layout = _LAYOUTS.get(model)
-    if layout is not None and impl.startswith("prefixtune_"):
-        return layout
     base = impl.removeprefix("prefixtune_")
     if base not in SUPPORTED:
         raise ValueError(f"attention implementation {impl!r} is not supported by prefixtune; use one of "
                          f"{SUPPORTED} (load the model with attn_implementation='sdpa' or 'eager')")
+    layout = _LAYOUTS.get(model)
+    if layout is not None:
+        return layout
     arch = arch_of(model)
     found = attention_modules(model)
     modules = {m: (kind, i) for kind, ms in found.items() for i, m in enumerate(ms)}
@@ -255,12 +326,24 @@ def layout_of(model) -> PrefixLayout:
         for kind, ms in found.items():
             if getattr(ms[0], "has_relative_attention_bias", False):
                 bias_modules[kind] = ms[0]
+    rotary = getattr(model.base_model, arch.rotary, None) if arch.rotary else None
     layout = PrefixLayout(arch=arch, modules=modules, shapes=shapes, hidden_size=arch.hidden_size(model.config),
                           is_encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)),
-                          bias_modules=bias_modules)
-    if impl != f"prefixtune_{base}":
-        model.set_attn_implementation(f"prefixtune_{base}")
+                          bias_modules=bias_modules, rotary=rotary, embeddings=model.get_input_embeddings())
     _LAYOUTS[model] = layout
+    return layout
+
+
+def layout_of(model) -> PrefixLayout:
+    """Attach: switch `model` to prefixtune's attention functions (once), then describe it.
+
+    Without an active conditioning the wrapped functions call the stock ones, so the model
+    computes exactly what it did before.
+    """
+    layout = describe(model)
+    impl = model.config._attn_implementation
+    if not impl.startswith("prefixtune_"):
+        model.set_attn_implementation(f"prefixtune_{impl}")
     return layout
 
 
@@ -273,50 +356,104 @@ def use_prefix(model, rows: RowPrefixes | None, capture: dict | None = None):
             if kind not in layout.shapes:
                 raise ValueError(f"prefix has a {kind!r} part but {model_name(model)} has kinds {sorted(layout.shapes)}")
     state = _Active(layout=layout, rows=rows, capture=capture)
+    hook = None
+    if rows is not None and rows.infix is not None:
+        # an infix is seen only from its insertion point on: record each forward's position ids
+        def record_positions(_module, _args, kwargs):
+            state.memo["position_ids"] = kwargs.get("position_ids")
+
+        hook = model.base_model.register_forward_pre_hook(record_positions, with_kwargs=True)
     token = _ACTIVE.set(state)
     try:
         yield state
     finally:
         _ACTIVE.reset(token)
+        if hook is not None:
+            hook.remove()
     if rows is not None and rows.kv and state.hits == 0:
         # Guard against the silent failure mode of other libraries: a prefix that never reached attention.
         raise RuntimeError("the prefix was not applied to any attention layer; was the attention implementation "
                            f"changed after prefixtune attached? (now {model.config._attn_implementation!r})")
 
 
-def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, input_ids, attention_mask, cache=None):
+def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, shape, attention_mask, cache=None,
+                  insert_at: torch.Tensor | None = None):
     """Decoder-only models: real tokens' positions, counted over unpadded tokens, after each row's prefix.
 
+    An infix row shifts only the tokens at or after its insertion point (they stand after the infix).
     Returns None where the model's own default is already right (encoder-decoder models, or no
     prefix and no mask).
     """
     has_prefix = rows is not None and "self" in rows.kv
-    if layout.is_encoder_decoder or not layout.arch.shift_positions or input_ids is None:
+    if layout.is_encoder_decoder or not layout.arch.shift_positions or shape is None:
         return None
     if attention_mask is None and not has_prefix:
         return None
-    batch, seq = input_ids.shape[:2]
+    batch, seq = shape[:2]
+    device = attention_mask.device if attention_mask is not None else None
     if attention_mask is None:
         past = cache.get_seq_length() if cache is not None else 0
-        pos = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
+        pos = torch.arange(past, past + seq, device=device).expand(batch, seq)
     else:
         # the mask may cover cached tokens too (a decode step): keep the positions of the new ones
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
     if has_prefix:
-        pos = pos + rows.lengths("self", batch).to(pos.device)[:, None]
+        length = rows.lengths("self", batch).to(pos.device)[:, None]         # (batch, 1)
+        if rows.infix is not None:
+            infix = _repeat_rows(rows.infix, batch).to(pos.device)[:, None]
+            after = pos >= _repeat_rows(insert_at, batch).to(pos.device)[:, None]
+            length = torch.where(infix & ~after, torch.zeros_like(length), length)
+        pos = pos + length
     return pos
 
 
-def forward_with_prefix(model, rows: RowPrefixes | None, input_ids=None, attention_mask=None, run=None, **kwargs):
-    """`model(...)` with one prefix per row (or one shared prefix).
+def _soft_embeds(model, rows: RowPrefixes | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Input embeddings with each virtual token (id -(k+1)) replaced by its row's soft vector k."""
+    virtual = input_ids < 0
+    if not bool(virtual.any()):
+        return None
+    if rows is None or rows.soft is None:
+        raise ValueError("input ids hold virtual tokens (negative ids) but no soft prompt is active for them")
+    embeds = model.get_input_embeddings()(input_ids.clamp(min=0))                # (batch, seq, hidden)
+    soft = _repeat_rows(rows.soft, input_ids.shape[0]).to(embeds.dtype)          # (batch, virtual, hidden)
+    row, col = virtual.nonzero(as_tuple=True)
+    slot = -input_ids[row, col] - 1
+    if int(slot.max()) >= soft.shape[1]:
+        raise ValueError(f"virtual token {int(slot.max())} has no soft vector (the soft prompt has {soft.shape[1]})")
+    return embeds.index_put((row, col), soft[row, slot])
+
+
+def _check_infix(rows: RowPrefixes | None, insert_at) -> None:
+    if rows is not None and rows.infix is not None and insert_at is None:
+        raise ValueError("an infix needs insert_at: each row's token index where the infix stands")
+
+
+def forward_with_prefix(model, rows: RowPrefixes | None, input_ids=None, attention_mask=None, run=None,
+                        insert_at: torch.Tensor | None = None, **kwargs):
+    """`model(...)` with per-row conditioning (prefix, infix, soft prompt) or one shared one.
 
     `run`: call this module instead of `model` (e.g. `model.base_model` for hidden states only).
+    `insert_at`: (rows,) token index where an infix row's infix stands (infix rows only).
+    Input ids may hold virtual tokens (-1, -2, ...) that take the row's soft prompt vectors.
     """
+    _check_infix(rows, insert_at)
     with use_prefix(model, rows) as state:
-        pos = _position_ids(state.layout, rows, input_ids, attention_mask, kwargs.get("cache"))
+        state.insert_at = insert_at
+        shape = input_ids.shape if input_ids is not None else getattr(kwargs.get("inputs_embeds"), "shape", None)
+        pos = _position_ids(state.layout, rows, shape, attention_mask, kwargs.get("cache"), insert_at)
         if pos is not None and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = pos
+        embeds = _soft_embeds(model, rows, input_ids) if input_ids is not None else None
+        if embeds is not None:
+            return (run or model)(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return (run or model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def infix_points(labels: torch.Tensor) -> torch.Tensor:
+    """Decoder-only training rows: the infix stands before the last prompt token (the one that
+    predicts the first target token), as text written between source and separator would."""
+    has_target = labels != -100
+    return (has_target.int().argmax(-1) - 1).clamp(min=0)                     # (rows,)
 
 
 def target_loss(model, rows: RowPrefixes | None, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -328,8 +465,9 @@ def target_loss(model, rows: RowPrefixes | None, input_ids, attention_mask, labe
     if layout_of(model).is_encoder_decoder:
         return forward_with_prefix(model, rows, input_ids=input_ids, attention_mask=attention_mask,
                                    labels=labels, use_cache=False).loss
+    insert_at = infix_points(labels) if rows is not None and rows.infix is not None else None
     hidden = forward_with_prefix(model, rows, input_ids=input_ids, attention_mask=attention_mask,
-                                 run=model.base_model, use_cache=False).last_hidden_state
+                                 run=model.base_model, use_cache=False, insert_at=insert_at).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100                                                      # position t predicts token t+1
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])                # (n_targets, vocab)
@@ -338,23 +476,80 @@ def target_loss(model, rows: RowPrefixes | None, input_ids, attention_mask, labe
 
 @torch.no_grad()
 def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_mask=None, **kwargs):
-    """`model.generate(...)` (greedy, sampling, beams) with one prefix per row or a shared prefix."""
+    """`model.generate(...)` (greedy, sampling, beams) with per-row conditioning or a shared one.
+
+    Decoder-only models return the prompt ids followed by the new tokens, as `generate()` does,
+    also when the prompt holds virtual tokens (their negative ids are returned as given).
+    An infix row's infix stands before its last prompt token.
+    """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    layout = layout_of(model)
+    insert_at = None
+    if rows is not None and rows.infix is not None:
+        if layout.is_encoder_decoder:
+            raise ValueError("an infix stands between source and target of a decoder-only model; for an "
+                             "encoder-decoder model use a decoder prefix (method 'prefix')")
+        insert_at = (attention_mask.long().sum(-1) - 1).clamp(min=0)
     with use_prefix(model, rows) as state:
-        pos = _position_ids(state.layout, rows, input_ids, attention_mask)
+        state.insert_at = insert_at
+        pos = _position_ids(layout, rows, input_ids.shape, attention_mask, insert_at=insert_at)
         if pos is not None:
             kwargs["position_ids"] = pos
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        embeds = _soft_embeds(model, rows, input_ids)
+        if embeds is None:
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        return out if layout.is_encoder_decoder else torch.cat([input_ids, out], dim=1)
+
+
+def lay_out(template: list | None, source_ids: list[int]) -> list[int]:
+    """A row's ids under a soft-prompt template: [["v", n] | ["t", ids] | ["s"], ...] -> ids where
+    the k-th virtual token is written -(k+1) and ["s"] stands for the source ids."""
+    if not template:
+        return list(source_ids)
+    out, k = [], 0
+    for seg in template:
+        if seg[0] == "v":
+            out += [-(k + i + 1) for i in range(seg[1])]
+            k += seg[1]
+        elif seg[0] == "t":
+            out += list(seg[1])
+        else:
+            out += list(source_ids)
+    return out
+
+
+def _relay(prefixes, input_ids, attention_mask, pad_id: int, is_encoder_decoder: bool):
+    """Put each soft-prompt row's virtual tokens where its template says, then re-pad the batch
+    (left for decoder-only models, right for encoders). Each row's unpadded ids are its source."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows = [lay_out(p.template if p is not None else None, ids[m.bool()].tolist())
+            for p, ids, m in zip(prefixes, input_ids, attention_mask)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        cols = slice(0, len(row)) if is_encoder_decoder else slice(width - len(row), width)
+        ids[r, cols] = torch.tensor(row, dtype=ids.dtype)
+        mask[r, cols] = 1
+    return ids, mask
 
 
 def generate_mixed(model, prefixes: list[MergedPrefix | None], input_ids, attention_mask=None, **kwargs):
-    """Generate for a batch whose row i uses prefixes[i]: different prefixes share one batch."""
+    """Generate for a batch whose row i uses prefixes[i]: any mix of prefix, infix and soft-prompt
+    artifacts (and None) shares one batch. Soft-prompt rows get their virtual tokens laid out by
+    their template around the row's ids; decoder-only models return the re-laid prompt + new tokens."""
     if len(prefixes) != input_ids.shape[0]:
         raise ValueError(f"got {len(prefixes)} prefixes for a batch of {input_ids.shape[0]} rows")
     for i, p in enumerate(prefixes):
         if p is not None:
             check_compatible(p, model, source=f"prefixes[{i}]")
+    if any(p is not None and p.embeds is not None for p in prefixes):
+        pad = kwargs.get("pad_token_id", model.generation_config.pad_token_id)
+        input_ids, attention_mask = _relay(prefixes, input_ids, attention_mask, 0 if pad is None else pad,
+                                           describe(model).is_encoder_decoder)
     rows = RowPrefixes.per_row(prefixes, device=input_ids.device, dtype=model.dtype)
     return generate_with_prefix(model, rows, input_ids, attention_mask, **kwargs)
 
@@ -386,69 +581,10 @@ def activations_of_text(model, tokenizer, text: str, length: int) -> dict[str, t
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# The user-facing module
+def __getattr__(name):
+    # PrefixModel and trainable_state moved to prefixtune.methods; kept importable from here for users
+    if name in ("PrefixModel", "trainable_state"):
+        from . import methods
 
-
-class PrefixModel(nn.Module):
-    """A frozen base model plus one trainable prefix: only `self.prefix` has trainable parameters."""
-
-    def __init__(self, model, config: PrefixConfig | None = None, tokenizer=None, prefix: MergedPrefix | None = None):
-        super().__init__()
-        self.model = freeze(model)
-        self.layout = layout_of(model)
-        if prefix is not None:
-            check_compatible(prefix, model)
-            config = config or PrefixConfig(length=prefix.length, reparam="flat", method=prefix.meta.get("method", "prefix"))
-        self.config = config or PrefixConfig()
-        kinds = self.config.kinds or tuple(self.layout.shapes)
-        unknown = set(kinds) - set(self.layout.shapes)
-        if unknown:
-            raise ValueError(f"PrefixConfig.kinds names {sorted(unknown)}, but {model_name(model)} has "
-                             f"{sorted(self.layout.shapes)}")
-        shapes = {k: self.layout.shapes[k] for k in kinds}
-        self.prefix = Prefix(shapes, self.config, self.layout.hidden_size).to(model.device)
-        if prefix is not None:
-            if prefix.length != self.config.length:
-                raise ValueError(f"prefix has length {prefix.length}, config says {self.config.length}")
-            self.prefix.set_values({k: prefix.kv[k] for k in shapes})
-        elif self.config.init == "text":
-            if tokenizer is None:
-                raise ValueError("PrefixConfig.init_text needs the tokenizer: PrefixModel(model, cfg, tokenizer=tok)")
-            acts = activations_of_text(model, tokenizer, self.config.init_text, self.config.length)
-            self.prefix.set_values({k: acts[k] for k in shapes})
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.eval()  # the frozen LM stays deterministic (no dropout); only the prefix learns
-        return self
-
-    def rows(self) -> RowPrefixes:
-        dtype = self.model.dtype
-        return RowPrefixes.shared({k: v.to(dtype) for k, v in self.prefix().items()})
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, loss_on_targets: bool = False, **kwargs):
-        """HF-style output; with `loss_on_targets=True` just the target-token loss (the fast training path)."""
-        if loss_on_targets:
-            return target_loss(self.model, self.rows(), input_ids, attention_mask, labels)
-        return forward_with_prefix(self.model, self.rows(), input_ids=input_ids, attention_mask=attention_mask,
-                                   labels=labels, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        return generate_with_prefix(self.model, self.rows(), input_ids, attention_mask, **kwargs)
-
-    def merge(self) -> MergedPrefix:
-        return self.prefix.merge(base_model=model_name(self.model), fingerprint=fingerprint(self.model))
-
-    def save(self, path) -> None:
-        save_prefix(self.merge(), path, model=self.model)
-
-
-def trainable_state(module: nn.Module) -> dict[str, nn.Parameter]:
-    """THE definition of what is trained and saved in checkpoints: the prefix parameters, nothing else."""
-    if isinstance(module, PrefixModel):
-        return {f"prefix.{n}": p for n, p in module.prefix.named_parameters()}
-    raise TypeError(f"no trainable-state rule for {type(module).__name__}")
-
-
+        return getattr(methods, name)
+    raise AttributeError(name)

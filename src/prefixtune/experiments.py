@@ -13,13 +13,9 @@ from typing import Callable
 
 import torch
 
-from .config import PrefixConfig
 from .decode import DecodeConfig, generate_texts, write_predictions
-from .engine import PrefixModel
-from .prefix import MergedPrefix, atomic_write_bytes, load_prefix
-from .train import PAPER_DEFAULTS, TrainConfig, train
-
-METRIC_TASK = {"e2e": "e2e", "webnlg": "webnlg", "dart": "dart", "xsum": "xsum", "jsonl": "generic"}
+from .prefix import atomic_write_bytes
+from .train import TrainConfig, TrainingError, train
 
 
 @dataclass
@@ -65,50 +61,96 @@ def plan_data(plan: DataPlan):
     return train_pairs, dev_pairs, eval_items
 
 
-def paper_configs(dataset: str, **overrides) -> tuple[PrefixConfig, TrainConfig]:
-    """The paper's per-dataset settings, with any non-None override applied."""
-    d = dict(PAPER_DEFAULTS.get(dataset, {}))
-    prefix_keys = {"prefix_length": "length", "mlp_hidden": "mlp_hidden", "reparam": "reparam",
-                   "init_text": "init_text", "method": "method"}
-    prefix_args, train_args = {}, {}
-    for key, value in {**d, **{k: v for k, v in overrides.items() if v is not None}}.items():
-        if key in prefix_keys:
-            prefix_args[prefix_keys[key]] = value
-        else:
-            train_args[key] = value
-    return PrefixConfig(**prefix_args), TrainConfig(**train_args)
+def paper_configs(dataset: str, method: str = "prefix", **overrides):
+    """(method config, TrainConfig): the dataset recipe for `method`, with any non-None override applied."""
+    from .recipes import configs_for
+
+    return configs_for(dataset, method, **overrides)
 
 
-def run_training(model_name: str, plan: DataPlan, prefix_cfg: PrefixConfig, train_cfg: TrainConfig, out: str | Path,
-                 resume: bool = False, print_fn: Callable[[str], None] = print, model_and_tokenizer=None) -> dict:
-    from .models import load_model
+def check_output_folder(out: str | Path, resume: bool = False, artifact_name: str | None = None) -> Path:
+    """Refuse an output location that cannot be used, before anything expensive runs."""
+    import os
 
     out = Path(out)
-    model, tok = model_and_tokenizer or load_model(model_name)
-    torch.manual_seed(train_cfg.seed)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out {out}: cannot write in {parent}")
+    if (out / "checkpoint.safetensors").exists() and not resume:
+        raise TrainingError(f"{out / 'checkpoint.safetensors'} exists: pass --resume to continue that run, or "
+                            "choose a new --out folder")
+    return out
+
+
+def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainConfig, out: str | Path,
+                 resume: bool = False, print_fn: Callable[[str], None] = print, model_and_tokenizer=None,
+                 progress=None) -> dict:
+    """Load data, then the model; train `method_cfg.method` on it. Data and the output folder are checked
+    before the model is loaded, and run.json is written only for a run that goes ahead."""
+    from .methods import get_method
+    from .models import load_model
+
+    method_cls = get_method(method_cfg.method)
+    out = check_output_folder(out, resume)
     train_pairs, dev_pairs, eval_items = plan_data(plan)
     print_fn(f"data: {len(train_pairs)} training pairs, {len(dev_pairs)} dev pairs, {len(eval_items)} evaluation sources")
-    pm = PrefixModel(model, prefix_cfg, tokenizer=tok)
-    run_info = {"model": model_name, "data": asdict(plan), "prefix": prefix_cfg.to_dict(), "train": asdict(train_cfg)}
+    if not train_pairs:
+        raise TrainingError("no training examples")
+    model, tok = model_and_tokenizer or load_model(model_name)
+    torch.manual_seed(train_cfg.seed)
+    method = method_cls(model, method_cfg, tokenizer=tok)
+    if resume and (out / "checkpoint.safetensors").exists():
+        from .train import check_resumable
+
+        check_resumable(out / "checkpoint.safetensors", method, train_cfg)
+    run_info = {"model": model_name, "method": method.name, "data": asdict(plan), "method_config": method_cfg.to_dict(),
+                "train": asdict(train_cfg), "trainable_params": method.num_trainable()}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=2).encode())
-    result = train(pm, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
-                   extra_meta={"base_model": model_name, "dataset": plan.dataset})
-    return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items}
+    if not (resume and (out / "run.json").exists()):
+        atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=2).encode())
+    print_fn(f"method {method.name}: {method.num_trainable():,} trainable parameters "
+             f"({100 * method.num_trainable() / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
+    result = train(method, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
+                   extra_meta={"base_model": model_name, "dataset": plan.dataset}, progress=progress)
+    return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items, "method": method}
 
 
-def evaluate(model, tokenizer, prefix: MergedPrefix | None, items, task: str, decode_cfg: DecodeConfig,
+def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfig,
              out_dir: str | Path | None = None, format_source=None, progress=None, model_based: bool = False) -> dict:
     """Generate for every evaluation item and score with the task's official metrics.
 
+    `prefix`: any artifact (soft or weight), a list of soft artifacts (ensemble), or None.
+    Predictions are appended to out_dir/predictions.partial.jsonl as they are made (a crash keeps
+    them), then written whole to predictions.jsonl with metrics.json.
     `model_based`: also BERTScore when its package and weights are available (else a note says why not).
     """
     from .metrics import score
     from .metrics.model_based import model_based_scores
 
+    partial = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out {out_dir} is a file, not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = open(out_dir / "predictions.partial.jsonl", "w", encoding="utf-8")
+
+    def on_output(i: int, text: str) -> None:
+        if partial is not None:
+            it = items[i]
+            partial.write(json.dumps({"index": i, "source": it.source, "output": text,
+                                      "references": list(it.references)}, ensure_ascii=False) + "\n")
+            partial.flush()
+
     started = time.time()
-    outputs = generate_texts(model, tokenizer, [it.source for it in items], prefix, decode_cfg,
-                             format_source=format_source, progress=progress)
+    try:
+        outputs = generate_texts(model, tokenizer, [it.source for it in items], prefix, decode_cfg,
+                                 format_source=format_source, progress=progress, on_output=on_output)
+    finally:
+        if partial is not None:
+            partial.close()
     seconds = time.time() - started
     refs = [list(it.references) for it in items]
     scores = score(task, outputs, refs)
@@ -121,21 +163,39 @@ def evaluate(model, tokenizer, prefix: MergedPrefix | None, items, task: str, de
             if idx:
                 result[f"scores_{name}"] = score(task, [outputs[i] for i in idx], [list(items[i].references) for i in idx])
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         write_predictions(out_dir / "predictions.jsonl", items, outputs)
         atomic_write_bytes(out_dir / "metrics.json", json.dumps(result, indent=2).encode())
+        (out_dir / "predictions.partial.jsonl").unlink(missing_ok=True)
     result["outputs"] = outputs
     return result
 
 
-def load_run_prefix(path: str | Path, model_name: str | None = None):
-    """Load a prefix file and the base model it names (or `model_name`)."""
+def artifact_base_model(path: str | Path) -> str | None:
+    """The base model an artifact file names (header only; the file is checked fully when loaded)."""
+    from .prefix import read_metadata
+
+    return read_metadata(path).get("base_model")
+
+
+def load_run_artifact(paths, model_name: str | None = None):
+    """Load artifact file(s) and the base model they name (or `model_name`). Several files: an ensemble,
+    all for the same base model. Returns (artifact or list, model, tokenizer)."""
+    from .methods import load_artifact
     from .models import load_model
 
-    meta_only = load_prefix(path)
-    name = model_name or meta_only.meta.get("base_model")
-    if not name:
-        raise ValueError(f"{path} does not name its base model; pass --model")
-    model, tok = load_model(name)
-    return load_prefix(path, model), model, tok
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    names = {artifact_base_model(p) for p in paths}
+    if model_name is None:
+        if None in names:
+            raise ValueError(f"{paths[0]} does not name its base model; pass --model")
+        if len(names) > 1:
+            raise ValueError(f"the files name different base models {sorted(names)}; an ensemble needs one")
+        model_name = names.pop()
+    model, tok = load_model(model_name)
+    loaded = [load_artifact(p, model) for p in paths]
+    return (loaded[0] if len(loaded) == 1 else loaded), model, tok
+
+
+def load_run_prefix(path: str | Path, model_name: str | None = None):
+    """Kept for earlier callers: load_run_artifact for one file."""
+    return load_run_artifact(path, model_name)

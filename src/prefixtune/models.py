@@ -28,6 +28,18 @@ KNOWN_MODELS = {
 }
 
 
+# How tokenizers write a newline as one token (byte-level BPE, SentencePiece byte fallback, plain).
+NEWLINE_TOKENS = ("\n", "Ċ", "<0x0A>")
+
+
+def _t5_relative_bias(module, relative: torch.Tensor) -> torch.Tensor:
+    """T5's learned relative position bias for (..., q, k) relative positions -> (..., q, k, heads)."""
+    buckets = module._relative_position_bucket(
+        relative, bidirectional=not module.is_decoder, num_buckets=module.relative_attention_num_buckets,
+        max_distance=module.relative_attention_max_distance)
+    return module.relative_attention_bias(buckets)
+
+
 @dataclass(frozen=True)
 class Arch:
     """Where the attention modules of one architecture are and how big their keys/values are."""
@@ -40,9 +52,14 @@ class Arch:
     # True when real tokens' position ids must start after the prefix (absolute/rotary positions
     # fed through `position_ids`); False where the model has no such input (T5, BART encoder).
     shift_positions: bool = True
-    # Name of the attribute holding a T5-style relative position bias table, if any.
-    relative_bias: str | None = None
+    # T5-style relative position bias: (attention module, relative positions) -> bias values, if any.
+    relative_bias: Callable | None = None
     hidden_size: Callable[[object], int] = field(default=lambda c: c.hidden_size)
+    # Attribute of the base model holding its rotary embedding (absent attribute: no rotary positions).
+    rotary: str | None = "rotary_emb"
+    # Whether an infix ([x; INFIX; y], decoder-only) is exact here: needs positions that are rotary
+    # (shifted by one extra rotation) or absolute ones fed through position_ids.
+    infix: bool = True
 
 
 def _llama_kv(c, kind):
@@ -71,7 +88,7 @@ ARCHITECTURES: dict[str, Arch] = {
         },
         kv_shape=lambda c, kind: (c.num_heads, c.d_kv),
         shift_positions=False,
-        relative_bias="relative_attention_bias",
+        relative_bias=_t5_relative_bias,
         hidden_size=lambda c: c.d_model,
     ),
     "bart": Arch(

@@ -100,24 +100,47 @@ class Prefix(nn.Module):
 
 @dataclass
 class MergedPrefix:
-    """A finished prefix: kind -> (layers, 2, kv_heads, length, head_dim), plus metadata."""
+    """A finished soft artifact: what is saved, served and mixed per row in batches.
+
+    kv[kind]: (layers, 2, kv_heads, length, head_dim) key/values at every layer (prefix, infix,
+              deep prompts), placed before the input, or between source and target when
+              meta["insert"] == "target" (infix);
+    embeds:   (virtual, hidden) soft input embeddings (prompt tuning, P-tuning), placed where
+              meta["template"] says (see engine.lay_out).
+    """
 
     kv: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
+    embeds: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
-        return next(iter(self.kv.values())).shape[3]
+        """Virtual tokens: key/value slots per layer, or soft embeddings."""
+        if self.kv:
+            return next(iter(self.kv.values())).shape[3]
+        return 0 if self.embeds is None else self.embeds.shape[0]
 
     @property
     def shapes(self) -> Shapes:
         return {k: (v.shape[0], v.shape[2], v.shape[4]) for k, v in self.kv.items()}
 
+    @property
+    def is_infix(self) -> bool:
+        return self.meta.get("insert") == "target"
+
+    @property
+    def template(self) -> list | None:
+        """Where the soft embeddings go: [["v", n] | ["t", token ids] | ["s"], ...]; None: all before the source."""
+        if self.embeds is None:
+            return None
+        return self.meta.get("template") or [["v", self.embeds.shape[0]], ["s"]]
+
     def num_values(self) -> int:
-        return sum(v.numel() for v in self.kv.values())
+        return sum(v.numel() for v in self.kv.values()) + (0 if self.embeds is None else self.embeds.numel())
 
     def to(self, *args, **kwargs) -> "MergedPrefix":
-        return MergedPrefix({k: v.to(*args, **kwargs) for k, v in self.kv.items()}, dict(self.meta))
+        return MergedPrefix({k: v.to(*args, **kwargs) for k, v in self.kv.items()}, dict(self.meta),
+                            None if self.embeds is None else self.embeds.to(*args, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +179,11 @@ def save_prefix(prefix: MergedPrefix, path: str | Path, model=None) -> Path:
         meta["fingerprint"] = fingerprint(model)
     meta.update(format=FORMAT, length=prefix.length, shapes={k: list(s) for k, s in prefix.shapes.items()},
                 library_version=__version__, saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if not all(torch.isfinite(v).all() for v in [*prefix.kv.values(), *([prefix.embeds] if prefix.embeds is not None else [])]):
+        raise PrefixFileError(f"{path}: refusing to write NaN or inf values (training diverged?)")
     tensors = {f"prefix.{k}": v.detach().float().contiguous().cpu() for k, v in prefix.kv.items()}
+    if prefix.embeds is not None:
+        tensors["embeds"] = prefix.embeds.detach().float().contiguous().cpu()
     str_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     atomic_write_bytes(path, save(tensors, metadata=str_meta))
     return Path(path)
@@ -187,7 +214,37 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-def _decode_meta(meta: dict[str, str]) -> dict:
+def read_metadata(path: str | Path) -> dict:
+    """The decoded metadata of a safetensors file, from its header only (no tensors are read).
+
+    Refuses pickles and damaged files with a message naming the file."""
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrefixFileError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(_PICKLE_MAGIC):
+            raise PrefixFileError(f"{path}: this is a pickle / torch.save file; prefixtune loads only safetensors "
+                                  "files (pickles can run arbitrary code)")
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or n > path.stat().st_size - 8:
+            raise PrefixFileError(f"{path}: not a safetensors file, or truncated (header length does not fit the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PrefixFileError(f"{path}: damaged safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise PrefixFileError(f"{path}: damaged safetensors header")
+    return decode_meta(header.get("__metadata__") or {})
+
+
+def read_format(path: str | Path) -> str | None:
+    return read_metadata(path).get("format")
+
+
+def decode_meta(meta: dict[str, str]) -> dict:
     out = {}
     for k, v in meta.items():
         try:
@@ -201,12 +258,22 @@ def load_prefix(path: str | Path, model=None, check_fingerprint: bool = True) ->
     """Load a prefix file; with `model`, refuse it unless it was made for that base model and shape."""
     path = Path(path)
     tensors, raw_meta = read_safetensors(path)
-    meta = _decode_meta(raw_meta)
+    meta = decode_meta(raw_meta)
     if meta.get("format") != FORMAT:
         raise PrefixFileError(f"{path}: not a prefixtune prefix file (format={meta.get('format')!r}, expected {FORMAT!r})")
     kv = {k.removeprefix("prefix."): v for k, v in tensors.items() if k.startswith("prefix.")}
-    if not kv:
+    embeds = tensors.get("embeds")
+    unknown = sorted(set(tensors) - {f"prefix.{k}" for k in kv} - {"embeds"})
+    if unknown:
+        raise PrefixFileError(f"{path}: holds tensors this format does not define: {unknown}")
+    if not kv and embeds is None:
         raise PrefixFileError(f"{path}: holds no prefix tensors")
+    if embeds is not None:
+        if embeds.ndim != 2 or (not kv and embeds.shape[0] != meta.get("length")):
+            raise PrefixFileError(f"{path}: tensor 'embeds' has shape {tuple(embeds.shape)}; expected "
+                                  f"(virtual tokens, hidden size) with {meta.get('length')} virtual tokens")
+        if not torch.isfinite(embeds).all():
+            raise PrefixFileError(f"{path}: tensor 'embeds' holds NaN or inf values")
     for kind, v in kv.items():
         want = meta.get("shapes", {}).get(kind)
         if v.ndim != 5 or v.shape[1] != 2 or want is None or [v.shape[0], v.shape[2], v.shape[4]] != list(want) \
@@ -215,7 +282,7 @@ def load_prefix(path: str | Path, model=None, check_fingerprint: bool = True) ->
                                   f"metadata (shapes={meta.get('shapes')}, length={meta.get('length')})")
         if not torch.isfinite(v).all():
             raise PrefixFileError(f"{path}: tensor {kind!r} holds NaN or inf values")
-    prefix = MergedPrefix(kv=kv, meta=meta)
+    prefix = MergedPrefix(kv=kv, meta=meta, embeds=embeds)
     if model is not None:
         check_compatible(prefix, model, source=str(path), check_fingerprint=check_fingerprint)
     return prefix
@@ -223,10 +290,16 @@ def load_prefix(path: str | Path, model=None, check_fingerprint: bool = True) ->
 
 def check_compatible(prefix: MergedPrefix, model, source: str = "prefix", check_fingerprint: bool = True) -> None:
     """Raise PrefixFileError unless `prefix` fits `model` (shapes, and the base-model fingerprint)."""
-    from .engine import layout_of
+    from .engine import describe
     from .models import fingerprint, model_name
 
-    layout = layout_of(model)
+    layout = describe(model)
+    if prefix.embeds is not None and prefix.embeds.shape[1] != layout.embeddings.embedding_dim:
+        raise PrefixFileError(f"{source}: soft prompt vectors have width {prefix.embeds.shape[1]} but "
+                              f"{model_name(model)} embeds tokens in {layout.embeddings.embedding_dim}")
+    if prefix.is_infix and (layout.is_encoder_decoder or not layout.arch.infix):
+        raise PrefixFileError(f"{source}: is an infix, which needs a decoder-only model with rotary or absolute "
+                              f"positions; {model_name(model)} is not one")
     for kind, shape in prefix.shapes.items():
         if kind not in layout.shapes:
             raise PrefixFileError(f"{source}: has a {kind!r} prefix but {model_name(model)} has attention kinds "
@@ -243,8 +316,4 @@ def check_compatible(prefix: MergedPrefix, model, source: str = "prefix", check_
                 f"loaded model {model_name(model)!r} has fingerprint {got}; a prefix only works on its own base model")
 
 
-def prefix_size_report(prefix: MergedPrefix, model) -> str:
-    n = prefix.num_values()
-    total = sum(p.numel() for p in model.parameters())
-    return f"{n:,} values = {100 * n / total:.3f}% of {total:,} model parameters"
 

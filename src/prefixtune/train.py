@@ -1,13 +1,15 @@
-"""The training loop: one plain loop for every prefix method, readable top to bottom.
+"""The training loop: one plain loop for every method, readable top to bottom.
 
-data pairs -> encode -> length-bucketed batches -> frozen LM with prefix -> loss on target tokens
+data pairs -> method.encode -> length-bucketed batches -> method.loss (frozen LM + the method)
 -> AdamW + linear warm-up/decay + clipping (+ gradient accumulation) -> checkpoints, dev loss,
-best prefix. Runs unchanged under `accelerate launch` (Accelerate is a no-op on one CPU).
+best artifact. Runs unchanged under `accelerate launch` (Accelerate is a no-op on one CPU).
+The loop knows only the method protocol (`methods.base.Method`): what trains (`trainable()`),
+the loss, and what is saved (`export()`).
 
 A checkpoint is ONE safetensors file written atomically: trainable parameters (MLP included),
-optimizer moments, best prefix so far, and the loop state (step, epoch, position in the epoch,
-scheduler, RNG) as JSON metadata. A run killed at any moment resumes from the last checkpoint to
-the same final prefix as an uninterrupted run.
+optimizer moments, best artifact so far, and the loop state (step, epoch, position in the epoch,
+scheduler, RNG, the settings) as JSON metadata. A run killed at any moment resumes from the last
+checkpoint to the same final artifact as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -21,18 +23,14 @@ from typing import Callable
 
 import torch
 
-from .batching import Encoded, collate, encode, length_bucketed_batches
-from .config import ConfigError, PrefixConfig
-from .engine import PrefixModel, target_loss, trainable_state
-from .prefix import MergedPrefix, atomic_write_bytes, read_safetensors, save_prefix
+from .batching import Encoded
+from .config import ConfigError
+from .methods import Method, get_method, save_artifact
+from .methods.weights import WeightArtifact
+from .prefix import MergedPrefix, atomic_write_bytes, read_safetensors
 
-# Paper §5.2 hyperparameters for prefix-tuning, per dataset (lr, epochs, batch size, prefix length).
-PAPER_DEFAULTS = {
-    "e2e": dict(lr=8e-5, epochs=5, batch_size=10, prefix_length=5),
-    "webnlg": dict(lr=5e-5, epochs=5, batch_size=5, prefix_length=5),
-    "dart": dict(lr=5e-5, epochs=10, batch_size=5, prefix_length=10),
-    "xsum": dict(lr=5e-5, epochs=30, batch_size=14, prefix_length=100, mlp_hidden=800),
-}
+# Settings a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "time_budget_s")
 
 
 class TrainingError(RuntimeError):
@@ -41,7 +39,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """How to train. Defaults are generic; `PAPER_DEFAULTS` holds the paper's per-dataset values."""
+    """How to train. Defaults are generic; `recipes.RECIPES` holds the paper's per-dataset, per-method values."""
 
     lr: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
     epochs: int = field(default=5, metadata={"help": "Passes over the training data."})
@@ -52,7 +50,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
     seed: int = field(default=0, metadata={"help": "Seeds data order and initialization."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
-    time_budget_s: float | None = field(default=None, metadata={"help": "Stop training after this many seconds."})
+    time_budget_s: float | None = field(default=None, metadata={
+        "help": "Opt-in: stop training after this many seconds (the result then depends on the machine's speed)."})
     checkpoint_every: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps."})
     eval_every: int | None = field(default=None, metadata={"help": "Dev loss every N steps (default: each epoch)."})
     patience: int | None = field(default=None, metadata={"help": "Early stop after N dev evaluations without improvement."})
@@ -64,11 +63,24 @@ class TrainConfig:
                                                 "optimizer and loss stay float32); ~2x faster on CPUs with AVX512-BF16."})
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "dev_max_examples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "dev_max_examples",
+                     "max_source_len", "max_target_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "time_budget_s"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"TrainConfig.{name}: must be a finite number, got {value}")
         if not self.lr > 0:
             raise ConfigError(f"TrainConfig.lr: must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"TrainConfig.time_budget_s: must be > 0 (or unset), got {self.time_budget_s}")
 
 
 @dataclass
@@ -92,21 +104,20 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _encode_all(tokenizer, pairs, is_enc_dec: bool, cfg: TrainConfig) -> list[Encoded]:
-    return [encode(tokenizer, p.source, p.target, is_enc_dec, cfg.max_source_len, cfg.max_target_len) for p in pairs]
+def _encode_all(method: Method, tokenizer, pairs, cfg: TrainConfig) -> list[Encoded]:
+    return [method.encode(tokenizer, p.source, p.target, cfg.max_source_len, cfg.max_target_len) for p in pairs]
 
 
 @torch.no_grad()
-def dev_loss(pm: PrefixModel, encoded: list[Encoded], pad_id: int, batch_size: int) -> float:
-    """Mean target-token loss over the dev pairs (token-weighted)."""
+def dev_loss(method: Method, encoded: list[Encoded], pad_id: int, batch_size: int) -> float:
+    """Mean loss over the dev pairs (weighted by target tokens, or by rows for classification)."""
     total, count = 0.0, 0
-    is_enc_dec = pm.layout.is_encoder_decoder
-    rows = pm.rows()
     for start in range(0, len(encoded), batch_size):
-        b = collate(encoded[start:start + batch_size], pad_id, is_enc_dec).to(pm.model.device)
-        loss = target_loss(pm.model, rows, b.input_ids, b.attention_mask, b.labels)
-        total += loss.item() * b.n_target_tokens
-        count += b.n_target_tokens
+        b = method.collate(encoded[start:start + batch_size], pad_id).to(method.model.device)
+        loss = method.loss(b)
+        weight = b.n_target_tokens or b.input_ids.shape[0]
+        total += loss.item() * weight
+        count += weight
     return total / max(1, count)
 
 
@@ -114,12 +125,29 @@ def dev_loss(pm: PrefixModel, encoded: list[Encoded], pad_id: int, batch_size: i
 # Checkpoints
 
 
-def save_checkpoint(path: Path, pm: PrefixModel, optimizer, scheduler, state: LoopState,
-                    best: MergedPrefix | None, extra: dict) -> None:
+def _artifact_tensors(artifact) -> dict[str, torch.Tensor]:
+    if isinstance(artifact, MergedPrefix):
+        out = {f"prefix.{k}": v for k, v in artifact.kv.items()}
+        if artifact.embeds is not None:
+            out["embeds"] = artifact.embeds
+        return out
+    return dict(artifact.tensors)
+
+
+def _artifact_from(tensors: dict[str, torch.Tensor], soft: bool, meta: dict):
+    if not soft:
+        return WeightArtifact(tensors, meta)
+    kv = {k.removeprefix("prefix."): v for k, v in tensors.items() if k.startswith("prefix.")}
+    return MergedPrefix(kv=kv, meta=meta, embeds=tensors.get("embeds"))
+
+
+def save_checkpoint(path: Path, method: Method, optimizer, scheduler, state: LoopState, best, extra: dict,
+                    cfg: TrainConfig) -> None:
     from safetensors.torch import save
 
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in trainable_state(pm).items()}
-    names = {id(p): n for n, p in trainable_state(pm).items()}
+    params = method.trainable()
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+    names = {id(p): n for n, p in params.items()}
     opt_state = optimizer.state_dict()
     index_to_name = {}
     for group, group_state in zip(optimizer.param_groups, opt_state["param_groups"]):
@@ -129,28 +157,46 @@ def save_checkpoint(path: Path, pm: PrefixModel, optimizer, scheduler, state: Lo
         for key, value in st.items():
             tensors[f"optim.{index_to_name[idx]}.{key}"] = torch.as_tensor(value).contiguous()
     if best is not None:
-        tensors.update({f"best.{k}": v.contiguous() for k, v in best.kv.items()})
+        tensors.update({f"best.{k}": v.contiguous() for k, v in _artifact_tensors(best).items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
-        "format": "prefixtune.checkpoint/1",
+        "format": "prefixtune.checkpoint/2",
         "state": json.dumps(asdict(state)),
         "scheduler": json.dumps(scheduler.state_dict()),
         "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]),
-        "prefix_config": pm.config.to_json(),
+        "method": method.name,
+        "method_config": method.config.to_json(),
+        "train_config": json.dumps(asdict(cfg)),
+        "best_meta": json.dumps({"soft": isinstance(best, MergedPrefix), "meta": best.meta if best else {}}),
         "extra": json.dumps(extra),
     }
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_checkpoint(path: Path, pm: PrefixModel, optimizer, scheduler) -> tuple[LoopState, MergedPrefix | None, dict]:
+def check_resumable(path: Path, method: Method, cfg: TrainConfig) -> None:
+    """Refuse to resume with other settings than the checkpoint's, naming each difference."""
+    _, meta = read_safetensors(path)
+    if meta.get("format") != "prefixtune.checkpoint/2":
+        raise TrainingError(f"{path}: not a prefixtune training checkpoint (or one of an older version: "
+                            "start a new output folder)")
+    diffs = []
+    if meta["method"] != method.name:
+        diffs.append(f"method {meta['method']!r} -> {method.name!r}")
+    saved_cfg = get_method(meta["method"]).config_class.from_dict(json.loads(meta["method_config"]))
+    if saved_cfg != method.config:
+        a, b = saved_cfg.to_dict(), method.config.to_dict()
+        diffs += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    saved_train, now = json.loads(meta["train_config"]), asdict(cfg)
+    diffs += [f"{k} {saved_train.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
+              if k not in RESUMABLE_CHANGES and saved_train.get(k) != now.get(k)]
+    if diffs:
+        raise TrainingError(f"{path}: this run was trained with other settings; resuming would mix them: "
+                            f"{'; '.join(diffs)}. Resume with the same settings or start a new output folder")
+
+
+def load_checkpoint(path: Path, method: Method, optimizer, scheduler):
     tensors, meta = read_safetensors(path)
-    if meta.get("format") != "prefixtune.checkpoint/1":
-        raise TrainingError(f"{path}: not a prefixtune training checkpoint")
-    saved_cfg = PrefixConfig.from_dict(json.loads(meta["prefix_config"]))
-    if saved_cfg != pm.config:
-        raise TrainingError(f"{path}: checkpoint was made with {saved_cfg}, this run asks for {pm.config}; "
-                            "resume with the same settings or start a new output folder")
-    params = trainable_state(pm)
+    params = method.trainable()
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
@@ -170,47 +216,58 @@ def load_checkpoint(path: Path, pm: PrefixModel, optimizer, scheduler) -> tuple[
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(json.loads(meta["scheduler"]))
     torch.set_rng_state(tensors["rng.torch"])
-    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-    best_prefix = MergedPrefix(kv=best, meta={}) if best else None
-    return LoopState(**json.loads(meta["state"])), best_prefix, json.loads(meta.get("extra", "{}"))
+    best_tensors = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    best_meta = json.loads(meta["best_meta"])
+    best = _artifact_from(best_tensors, best_meta["soft"], best_meta["meta"]) if best_tensors else None
+    return LoopState(**json.loads(meta["state"])), best, json.loads(meta.get("extra", "{}"))
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, out_dir: str | Path,
-          resume: bool = False, print_fn: Callable[[str], None] = print, extra_meta: dict | None = None) -> dict:
-    """Train `pm`'s prefix; writes out_dir/{prefix.safetensors, checkpoint.safetensors, log.jsonl}."""
+def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, out_dir: str | Path,
+          resume: bool = False, print_fn: Callable[[str], None] = print, extra_meta: dict | None = None,
+          progress: Callable[[dict], None] | None = None) -> dict:
+    """Train `method`'s parameters; writes out_dir/{METHOD.safetensors, checkpoint.safetensors, log.jsonl}.
+
+    `progress(record)` is called after every optimizer step (step, total, loss, tokens/s, ETA).
+    """
     from accelerate import Accelerator
 
+    from .batching import length_bucketed_batches
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path, prefix_path = out / "checkpoint.safetensors", out / "log.jsonl", out / "prefix.safetensors"
+    ckpt_path, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
+    artifact_path = out / f"{method.name}.safetensors"
     if not train_pairs:
         raise TrainingError("no training examples")
     if ckpt_path.exists() and not resume:
         raise TrainingError(f"{ckpt_path} exists: pass --resume to continue that run, or choose a new --out folder")
+    if resume and ckpt_path.exists():
+        check_resumable(ckpt_path, method, cfg)
+    out.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    is_enc_dec = pm.layout.is_encoder_decoder
+    is_enc_dec = method.layout.is_encoder_decoder
     pad_id = tokenizer.pad_token_id
-    train_enc = _encode_all(tokenizer, train_pairs, is_enc_dec, cfg)
-    dev_enc = _encode_all(tokenizer, list(dev_pairs)[:cfg.dev_max_examples], is_enc_dec, cfg)
+    train_enc = _encode_all(method, tokenizer, train_pairs, cfg)
+    dev_enc = _encode_all(method, tokenizer, list(dev_pairs)[:cfg.dev_max_examples], cfg)
     lengths = [len(e.input_ids) + (len(e.labels) if is_enc_dec else 0) for e in train_enc]
     world = accelerator.num_processes
     n_batches = len(length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, 0)) // world * world
     steps_per_epoch = math.ceil(n_batches / world / cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
 
-    optimizer = torch.optim.AdamW(list(trainable_state(pm).values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(method.trainable().values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
     state, best = LoopState(), None
     meta = dict(extra_meta or {})
     if resume and ckpt_path.exists():
-        state, best, _ = load_checkpoint(ckpt_path, pm, optimizer, scheduler)
+        state, best, _ = load_checkpoint(ckpt_path, method, optimizer, scheduler)
         print_fn(f"resumed from {ckpt_path} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
-    model, optimizer = accelerator.prepare(pm, optimizer)  # DDP over several processes; identity on one CPU
+    model, optimizer = accelerator.prepare(method, optimizer)  # DDP over several processes; identity on one CPU
     rank = accelerator.process_index
     if world > 1:
         print_fn(f"{world} processes: each takes every {world}th batch; gradients are averaged")
@@ -219,19 +276,22 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
 
     def checkpoint():
         if accelerator.is_main_process:
-            save_checkpoint(ckpt_path, pm, optimizer, scheduler, state, best, meta)
+            save_checkpoint(ckpt_path, method, optimizer, scheduler, state, best, meta, cfg)
 
     def evaluate() -> bool:
-        """Dev loss; keeps the best prefix. Returns True when early stopping says stop."""
+        """Dev loss; keeps the best artifact. Returns True when early stopping says stop."""
         nonlocal best
         if not dev_enc:
             return False
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = dev_loss(pm, dev_enc, pad_id, cfg.batch_size)
+            loss = dev_loss(method, dev_enc, pad_id, cfg.batch_size)
+        if not math.isfinite(loss):
+            raise TrainingError(f"dev loss became {loss} at step {state.step}; the last good checkpoint is kept at "
+                                f"{ckpt_path}; try a lower --lr")
         improved = loss < state.best_dev_loss
         if improved:
             state.best_dev_loss, state.bad_evals = loss, 0
-            best = pm.prefix.merge()
+            best = method.export()
         else:
             state.bad_evals += 1
         print_fn(f"  dev loss {loss:.4f}{' (best)' if improved else ''} at step {state.step}")
@@ -248,7 +308,7 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
         for bi in range(state.batch_in_epoch, len(batches)):
             if bi % world != rank:  # each process takes its share of the batches
                 continue
-            batch = collate([train_enc[i] for i in batches[bi]], pad_id, is_enc_dec).to(accelerator.device)
+            batch = method.collate([train_enc[i] for i in batches[bi]], pad_id).to(accelerator.device)
             # through the (possibly DDP-wrapped) module, so gradients are averaged across processes
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
@@ -262,25 +322,36 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
             if (bi // world + 1) % cfg.grad_accum and bi + world < len(batches):
                 continue
             if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(list(trainable_state(pm).values()), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if not all(torch.isfinite(p).all() for p in params):
+                raise TrainingError(f"parameters became NaN or inf at step {state.step + 1}; the last good checkpoint "
+                                    f"is kept at {ckpt_path}; try a lower --lr")
             state.step += 1
             state.batch_in_epoch = bi + 1
             state.train_seconds = time.time() - started
+            record = {"step": state.step, "epoch": state.epoch, "loss": loss.item(),
+                      "lr": scheduler.get_last_lr()[0], "target_tokens": batch.n_target_tokens}
             if accelerator.is_main_process:
-                _append_log(log_path, {"step": state.step, "epoch": state.epoch, "loss": loss.item(),
-                                       "lr": scheduler.get_last_lr()[0], "target_tokens": batch.n_target_tokens})
+                _append_log(log_path, record)
+            eta = state.train_seconds / state.step * (total_steps - state.step)
+            if progress is not None:
+                progress({**record, "total": total_steps, "eta_s": eta,
+                          "tokens_per_s": batch.n_target_tokens / max(1e-9, time.time() - window_start)})
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 elapsed = time.time() - window_start
-                eta = state.train_seconds / state.step * (total_steps - state.step)
                 print_fn(f"step {state.step}/{total_steps} epoch {state.epoch + 1} loss {loss.item():.4f} "
                          f"{tokens_seen / max(elapsed, 1e-9):.0f} target tok/s ETA {eta:.0f}s")
                 tokens_seen, window_start = 0, time.time()
+            elif progress is not None:
+                window_start, tokens_seen = time.time(), 0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and evaluate():
                 stop = True
             out_of_time = cfg.time_budget_s is not None and state.train_seconds >= cfg.time_budget_s
+            if out_of_time:
+                print_fn(f"time budget of {cfg.time_budget_s:g} s reached at step {state.step}/{total_steps}")
             if state.step >= total_steps or out_of_time:
                 stop = True
             if stop and not cfg.eval_every:
@@ -297,12 +368,13 @@ def train(pm: PrefixModel, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, 
             checkpoint()
     if not cfg.eval_every and dev_enc and best is None:
         evaluate()
-    final = best if best is not None else pm.prefix.merge()
-    final.meta.update({"method": pm.config.method, "config": pm.config.to_dict(), "train": asdict(cfg), **meta})
+    final = best if best is not None else method.export()
+    final.meta.update({"train": asdict(cfg), **meta})
     if accelerator.is_main_process:
-        save_prefix(final, prefix_path, model=pm.model)
+        save_artifact(final, artifact_path, model=method.model)
     return {"steps": state.step, "best_dev_loss": state.best_dev_loss, "train_seconds": state.train_seconds,
-            "prefix_path": str(prefix_path), "prefix": final}
+            "artifact_path": str(artifact_path), "prefix_path": str(artifact_path), "artifact": final,
+            "prefix": final, "trainable_params": method.num_trainable()}
 
 
 def _quiet(_: str) -> None:
@@ -310,6 +382,8 @@ def _quiet(_: str) -> None:
 
 
 def _append_log(path: Path, record: dict) -> None:
-    record = {"time": round(time.time(), 3), **record}
+    """One JSON object per line; non-finite numbers become null (bare NaN is not JSON)."""
+    record = {"time": round(time.time(), 3),
+              **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")

@@ -1,0 +1,82 @@
+"""The method registry: `--method NAME` -> (config dataclass, module class).
+
+Every method implements `methods.base.Method`; the trainer, checkpoints, CLI, evaluation and the
+server know only that protocol. Adding a method: one new file with a `Method` subclass, and its
+class in `_REGISTERED` below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Method
+from .infix import InfixConfig, InfixModel
+from .prefix import PrefixModel
+from .prompt import PromptConfig, PromptModel
+from .ptuning import PTuningConfig, PTuningModel
+
+_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel]
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class to the registry (usable as a decorator by third-party methods)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    key = name.lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+def build(model, method: str = "prefix", tokenizer=None, config=None, **fields) -> Method:
+    """`build(model, "prompt", tok, length=20)`: the method's module around a frozen `model`."""
+    cls = get_method(method)
+    if config is None:
+        config = cls.config_class(**fields)
+    elif fields:
+        raise TypeError("give a config or fields, not both")
+    return cls(model, config, tokenizer=tokenizer)
+
+
+def trainable_state(module) -> dict:
+    """THE definition of what is trained and saved in checkpoints: delegated to the method."""
+    if isinstance(module, Method):
+        return module.trainable()
+    raise TypeError(f"no trainable-state rule for {type(module).__name__}: not a prefixtune method")
+
+
+def save_artifact(artifact, path: str | Path, model=None) -> Path:
+    """Save what a method exported (soft artifact or weight artifact) atomically, as safetensors."""
+    from ..prefix import MergedPrefix, save_prefix
+
+    if isinstance(artifact, MergedPrefix):
+        return save_prefix(artifact, path, model=model)
+    return artifact.save(path, model=model)
+
+
+def load_artifact(path: str | Path, model=None):
+    """Load any method's artifact file; with `model`, refuse one made for another base model."""
+    from ..prefix import load_prefix, read_format
+    from .weights import WEIGHTS_FORMAT, WeightArtifact
+
+    if read_format(path) == WEIGHTS_FORMAT:
+        return WeightArtifact.load(path, model)
+    return load_prefix(path, model)
+
+
+def attach(model, artifact, tokenizer=None) -> Method:
+    """A method module carrying a loaded artifact, ready to generate (weight methods: applied)."""
+    from ..prefix import MergedPrefix
+
+    if isinstance(artifact, MergedPrefix):
+        raise TypeError("soft artifacts need no attaching: pass them to generate_mixed / generate_texts")
+    return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer)
+
+
+__all__ = ["Method", "METHODS", "register", "get_method", "build", "trainable_state", "save_artifact",
+           "load_artifact", "attach", "PrefixModel", "InfixModel", "InfixConfig", "PromptModel", "PromptConfig",
+           "PTuningModel", "PTuningConfig"]

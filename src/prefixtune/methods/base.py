@@ -1,0 +1,108 @@
+"""The one extension point every method implements.
+
+A method is an `nn.Module` around a frozen base model that declares its own trainable parameters
+and knows how it enters the model. The trainer, checkpoints, dev loss, best-artifact tracking, the
+CLI, `evaluate`, `generate` and the server know only this protocol:
+
+    config_class   the method's config dataclass (validates itself; its fields are the CLI options)
+    trainable()    THE definition of what trains and what a checkpoint holds
+    conditioning() how it enters the model at run time, per batch row (soft methods: key/values at
+                   every layer at an insertion point, and/or soft embeddings at virtual-token slots);
+                   None for weight methods, whose changed or added weights are in the model itself
+    template       where virtual tokens stand around a source (soft-embedding methods), else None
+    encode/collate/loss   data -> batch -> scalar loss (defaults: generation with target-token loss)
+    export()       the artifact that is saved and served: a `MergedPrefix` (soft methods, mixable
+                   per row) or a `WeightArtifact` (weight methods)
+
+Adding a method is one new file with a subclass and one line in `methods/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..batching import Batch, Encoded, collate, encode
+from ..engine import RowPrefixes, forward_with_prefix, generate_with_prefix, layout_of, target_loss
+from ..models import fingerprint, freeze, model_name
+
+
+class Method(nn.Module):
+    """A parameter-efficient method on a frozen base model (see the module docstring)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    # Soft methods' artifacts share batches row by row with other soft artifacts; weight methods' cannot.
+    mixable: ClassVar[bool] = True
+    # One line for `prefixtune methods` and docs/methods.md.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, model, config=None, tokenizer=None):
+        super().__init__()
+        self.model = freeze(model)
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"method {self.name!r} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
+        self.layout = layout_of(model)
+        self.base_fingerprint = fingerprint(model)  # before training: weight methods change the weights
+
+    # -- what trains ---------------------------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """THE definition of what trains and what a checkpoint holds (default: this module's own
+        parameters outside the frozen base model)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("model.")}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable().values())
+
+    # -- how it enters the model -------------------------------------------------------------------
+    def conditioning(self) -> RowPrefixes | None:
+        return None
+
+    @property
+    def template(self) -> list | None:
+        return None
+
+    # -- data -> loss ------------------------------------------------------------------------------
+    def encode(self, tokenizer, source: str, target: str, max_source_len: int, max_target_len: int) -> Encoded:
+        return encode(tokenizer, source, target, self.layout.is_encoder_decoder, max_source_len, max_target_len,
+                      template=self.template)
+
+    def collate(self, items: list[Encoded], pad_id: int) -> Batch:
+        return collate(items, pad_id, self.layout.is_encoder_decoder)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return target_loss(self.model, self.conditioning(), batch.input_ids, batch.attention_mask, batch.labels)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # the base model stays in eval mode (no dropout), also for methods that train its weights:
+        # deterministic, so a resumed run is bit-identical to an uninterrupted one
+        self.model.eval()
+        return self
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, loss_on_targets: bool = False, **kwargs):
+        """HF-style output; with `loss_on_targets=True` just the training loss (the trainer's path)."""
+        if loss_on_targets:
+            return self.loss(Batch(input_ids, attention_mask, labels, 0))
+        return forward_with_prefix(self.model, self.conditioning(), input_ids=input_ids, attention_mask=attention_mask,
+                                   labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        return generate_with_prefix(self.model, self.conditioning(), input_ids, attention_mask, **kwargs)
+
+    # -- what is saved and served ------------------------------------------------------------------
+    def export(self):
+        raise NotImplementedError
+
+    def base_meta(self) -> dict:
+        return {"method": self.name, "config": self.config.to_dict(), "base_model": model_name(self.model),
+                "fingerprint": self.base_fingerprint}
+
+    def save(self, path) -> None:
+        from . import save_artifact
+
+        save_artifact(self.export(), path, model=self.model)

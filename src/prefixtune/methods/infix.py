@@ -1,0 +1,57 @@
+"""Infix-tuning (paper §7.3): z = [x; INFIX; y], trainable activations at every layer between
+source and target, also during generation.
+
+The infix is seen only by the tokens after it: the last prompt token (which predicts the first
+target token) and the target. Those tokens' positions continue after the infix; on rotary models
+the infix keys are rotated to where text written there would stand, so an infix made from text T
+equals T written before the prompt's last token (T seeing only itself). Decoder-only models only:
+in an encoder-decoder model the decoder prefix already sits between source and target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import PrefixConfig
+from ..engine import RowPrefixes
+from ..prefix import MergedPrefix
+from .prefix import PrefixModel
+
+
+@dataclass
+class InfixConfig(PrefixConfig):
+    """An infix is shaped, parametrized and initialized like a prefix (paper §7.3)."""
+
+    method: str = field(default="infix", metadata={"help": "Method name recorded in saved files.", "cli": False})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kinds not in (None, ("self",)):
+            from ..config import ConfigError
+
+            raise ConfigError("InfixConfig.kinds: an infix lives in decoder-only self-attention ('self') only")
+
+
+class InfixModel(PrefixModel):
+    name = "infix"
+    config_class = InfixConfig
+    summary = "key/value activations at every layer between source and target ([x; INFIX; y])"
+
+    def __init__(self, model, config: InfixConfig | None = None, tokenizer=None, prefix: MergedPrefix | None = None):
+        from ..engine import describe
+
+        layout = describe(model)
+        if layout.is_encoder_decoder or not layout.arch.infix:
+            raise ValueError(f"an infix needs a decoder-only model whose positions are rotary or absolute; "
+                             f"{type(model).__name__} is not one (use method 'prefix': for encoder-decoder models "
+                             "the decoder prefix already stands between source and target)")
+        super().__init__(model, config, tokenizer, prefix)
+
+    def conditioning(self) -> RowPrefixes:
+        dtype = self.model.dtype
+        return RowPrefixes.shared({k: v.to(dtype) for k, v in self.prefix().items()}, infix=True)
+
+    def export(self) -> MergedPrefix:
+        merged = super().export()
+        merged.meta["insert"] = "target"
+        return merged

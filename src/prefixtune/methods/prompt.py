@@ -1,0 +1,95 @@
+"""Prompt tuning (Lester et al. 2021; the paper's §7.2 "EMB-k"): trainable vectors at the input
+embedding layer only, in front of the source (for T5: in front of the encoder input).
+
+Initialized randomly, from embeddings of tokens sampled from the vocabulary, or from a text's
+token embeddings (then a prompt made from text T is T written before the input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, MethodConfig, _check
+from ..engine import RowPrefixes
+from ..prefix import MergedPrefix
+from .base import Method
+
+PROMPT_INITS = ("random", "vocab", "text")
+
+
+@dataclass
+class PromptConfig(MethodConfig):
+    """Soft prompt at the input embeddings (Lester et al. 2021; paper §7.2 EMB-k)."""
+
+    length: int = field(default=10, metadata={"help": "Number of virtual tokens (soft embedding vectors)."})
+    init: Literal["random", "vocab", "text"] | None = field(
+        default=None,
+        metadata={"help": "'random' (normal, init_std), 'vocab' (embeddings of tokens sampled from the first 5,000 "
+                  "ids), or 'text' (init_text's token embeddings, cycled or cut to length). None: 'text' when "
+                  "init_text is set, else 'vocab'."},
+    )
+    init_text: str | None = field(default=None, metadata={"help": "Text whose token embeddings start the prompt."})
+    init_std: float = field(default=0.02, metadata={"help": "Standard deviation of the random initialization."})
+    method: str = field(default="prompt", metadata={"help": "Method name recorded in saved files.", "cli": False})
+
+    def __post_init__(self):
+        c = type(self).__name__
+        _check(self.method == "prompt", c, "method", f"is {self.method!r}; PromptConfig configures 'prompt'")
+        _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
+        if self.init is None:
+            self.init = "text" if self.init_text else "vocab"
+        _check(self.init in PROMPT_INITS, c, "init", f"must be one of {PROMPT_INITS}, got {self.init!r}")
+        _check(self.init != "text" or bool(self.init_text), c, "init_text", "init='text' needs a non-empty init_text")
+        _check(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
+
+
+def initial_embeddings(model, tokenizer, length: int, init: str, init_text: str | None, std: float) -> torch.Tensor:
+    """(length, hidden) starting vectors in the input-embedding space (after any embedding scale)."""
+    embed = model.get_input_embeddings()
+    hidden = embed.embedding_dim
+    if init == "random":
+        return torch.randn(length, hidden) * std
+    if init == "vocab":
+        ids = torch.randint(0, min(5000, embed.num_embeddings), (length,))
+    else:
+        if tokenizer is None:
+            raise ValueError("init_text needs the tokenizer: pass tokenizer=tok")
+        text_ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
+        if not text_ids:
+            raise ValueError(f"init text {init_text!r} has no tokens")
+        ids = torch.tensor((text_ids * (length // len(text_ids) + 1))[:length])
+    with torch.no_grad():
+        return embed(ids.to(model.device)).float().cpu()
+
+
+class PromptModel(Method):
+    name = "prompt"
+    config_class = PromptConfig
+    summary = "soft input embeddings in front of the source (embedding layer only)"
+
+    def __init__(self, model, config: PromptConfig | None = None, tokenizer=None):
+        super().__init__(model, config, tokenizer)
+        cfg = self.config
+        start = initial_embeddings(model, tokenizer, cfg.length, cfg.init, cfg.init_text, cfg.init_std)
+        self.embeds = nn.Parameter(start.to(model.device))                    # (length, hidden)
+
+    @property
+    def template(self) -> list:
+        return [["v", self.config.length], ["s"]]
+
+    def soft_vectors(self) -> torch.Tensor:
+        return self.embeds
+
+    def conditioning(self) -> RowPrefixes:
+        return RowPrefixes.shared({}, soft=self.soft_vectors().to(self.model.dtype))
+
+    def export(self) -> MergedPrefix:
+        meta = {**self.base_meta(), "template": self.template}
+        return MergedPrefix(kv={}, meta=meta, embeds=self.soft_vectors().detach().float().cpu().clone())
+
+
+__all__ = ["PromptConfig", "PromptModel", "ConfigError"]
