@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from .cli_options import fields_of, options, split_values, with_options
+from .progress import decoding_progress, progress_print, training_progress
 
 app = typer.Typer(help="Prefix-tuning for frozen Hugging Face LMs: train, generate, evaluate, score, serve.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -22,94 +26,145 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
+def _method_fields():
+    from .methods import METHODS
+    from .train import TrainConfig
+
+    labels = {cls.config_class: name for name, cls in METHODS.items()}
+    labels[TrainConfig] = "train"
+    classes = [TrainConfig] + list(dict.fromkeys(cls.config_class for cls in METHODS.values()))
+    return fields_of(*classes), (lambda c: labels.get(c, c.__name__))
+
+
+_FIELDS, _LABEL = _method_fields()
+
+
 def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder or Hub id of the frozen base model."),
-    dataset: str = typer.Option(..., help="e2e, webnlg, dart, xsum, or jsonl (with --path)."),
-    out: Path = typer.Option(..., help="Output folder: prefix.safetensors, checkpoint.safetensors, log.jsonl."),
+    dataset: str = typer.Option(..., help="e2e, webnlg, dart, xsum, boolq, or jsonl (with --path)."),
+    out: Path = typer.Option(..., help="Output folder: METHOD.safetensors, checkpoint.safetensors, log.jsonl, run.json."),
+    method: str = typer.Option("prefix", help="Method: see `prefixtune methods`."),
     data_dir: Optional[str] = typer.Option(None, help="Folder with the data (else $PREFIXTUNE_DATA or the cache)."),
     path: Optional[str] = typer.Option(None, help="The JSONL file, for --dataset jsonl."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: str = typer.Option("dev", help="Split to take dev loss / evaluation sources from."),
     train_size: Optional[int] = typer.Option(None, help="Low-data: sample this many pairs (grouped by source)."),
-    method: str = typer.Option("prefix", help="Method (prefix-tuning; recorded in the file)."),
-    prefix_length: Optional[int] = typer.Option(None, help="Prefix length (paper default per dataset)."),
-    reparam: Optional[str] = typer.Option(None, help="mlp or flat."),
-    mlp_hidden: Optional[int] = typer.Option(None, help="Hidden width of the reparametrization MLP."),
-    init_text: Optional[str] = typer.Option(None, help="Initialize the prefix from these words' activations."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (paper default per dataset)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (paper default per dataset)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (paper default per dataset)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
-    time_budget: Optional[float] = typer.Option(None, help="Stop training after this many seconds."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    eval_every: Optional[int] = typer.Option(None, help="Dev loss every N steps (default: each epoch)."),
-    patience: Optional[int] = typer.Option(None, help="Early stopping patience in dev evaluations."),
-    bf16: bool = typer.Option(False, help="bfloat16 autocast for the frozen LM (about 2x faster on recent CPUs/GPUs)."),
-    seed: int = typer.Option(0, help="Seed for sampling, data order and initialization."),
-    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors."),
+    exclude_categories: Optional[str] = typer.Option(None, help="WebNLG: categories kept out of training "
+                                                     "(comma-separated), e.g. to study unseen categories."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (same settings only)."),
+    **options,
 ):
-    """Train a prefix on a frozen LM."""
-    from .experiments import DataPlan, paper_configs, run_training
+    """Train any method (prefix, infix, prompt, ptuning, ... see `prefixtune methods`) on a frozen LM.
 
-    if method != "prefix":
-        _fail(f"--method {method!r} is not available yet; methods: prefix")
-    prefix_cfg, train_cfg = paper_configs(
-        dataset, prefix_length=prefix_length, reparam=reparam, mlp_hidden=mlp_hidden, init_text=init_text,
-        method=method, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
-        max_steps=max_steps, time_budget_s=time_budget, checkpoint_every=checkpoint_every, eval_every=eval_every,
-        patience=patience, seed=seed, bf16=bf16 or None)
+    Options marked (name) belong to that method's config, (train) to training. Defaults come from the
+    dataset's recipe (the paper's values for prefix-tuning)."""
+    from .experiments import DataPlan, run_training
+    from .methods import get_method
+    from .models import check_model_name
+    from .recipes import configs_for
+
+    cls = get_method(method)
+    given = split_values(options, _FIELDS)
+    allowed = {f.name for f in dataclasses.fields(cls.config_class)} | {f.name for f in dataclasses.fields(_train_config())}
+    for name in given:
+        if name not in allowed:
+            owners = ", ".join(_LABEL(c) for c in _FIELDS[name]["owners"])
+            _fail(f"--{name.replace('_', '-')} is not an option of method {cls.name!r} (it belongs to {owners})")
+    method_cfg, train_cfg = configs_for(dataset, cls.name, **given)
+    check_model_name(model)
     plan = DataPlan(dataset=dataset, data_dir=data_dir, train_split=train_split, eval_split=eval_split,
-                    train_size=train_size, seed=seed, path=path)
-    result = run_training(model, plan, prefix_cfg, train_cfg, out, resume=resume)
-    typer.echo(f"saved {result['prefix_path']} after {result['steps']} steps (best dev loss {result['best_dev_loss']:.4f})")
+                    train_size=train_size, seed=train_cfg.seed, path=path,
+                    exclude_categories=tuple(c.strip() for c in exclude_categories.split(",")) if exclude_categories else None)
+    with training_progress() as progress:
+        result = run_training(model, plan, method_cfg, train_cfg, out, resume=resume, progress=progress,
+                              print_fn=progress_print)
+    typer.echo(f"saved {result['artifact_path']} after {result['steps']} steps (best dev loss "
+               f"{result['best_dev_loss']:.4f}; {result['trainable_params']:,} trainable parameters)")
+
+
+def _train_config():
+    from .train import TrainConfig
+
+    return TrainConfig
+
+
+app.command()(with_options(train, options(_FIELDS, _LABEL)))
+
+
+@app.command()
+def methods():
+    """List the methods, what each trains, and its options."""
+    from .methods import METHODS
+
+    for name, cls in METHODS.items():
+        opts = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls.config_class) if f.metadata.get("cli", True)]
+        typer.echo(f"{name:<11} {cls.summary}\n{'':<11} options: {' '.join(opts) or '(none)'}"
+                   f"{'' if cls.mixable else '  [changes weights: not mixable per row, not served]'}")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        _fail(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as UTF-8")
+    except OSError as e:
+        _fail(f"{path}: cannot read ({e.strerror})")
 
 
 @app.command()
 def generate(
-    prefix: Optional[Path] = typer.Option(None, help="Prefix file (none: the bare model)."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the one the prefix file names)."),
+    prefix: list[Path] = typer.Option([], "--prefix", "--artifact", help="Artifact file of any method (none: the "
+                                      "bare model). Repeat for an ensemble of soft prompts/prefixes."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one the artifact file names)."),
     input: list[str] = typer.Option([], "--input", help="Source text; repeat for several."),
-    input_file: Optional[Path] = typer.Option(None, help="File with one source per line."),
-    num_beams: int = typer.Option(5, help="Beam width (1 = greedy)."),
+    input_file: Optional[Path] = typer.Option(None, help="File with one source per line (UTF-8)."),
+    num_beams: int = typer.Option(5, help="Beam width (1 = greedy; ensembles decode greedily or by sampling)."),
     max_new_tokens: int = typer.Option(60, help="Most new tokens per output."),
     do_sample: bool = typer.Option(False, help="Sample instead of beam search."),
     temperature: float = typer.Option(1.0, help="Sampling temperature."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
 ):
-    """Generate outputs for sources with a trained prefix."""
+    """Generate outputs for sources with a trained artifact (or an ensemble of them)."""
     from .decode import DecodeConfig, generate_texts
-    from .experiments import load_run_prefix
-    from .models import load_model
+    from .experiments import artifact_base_model, load_run_artifact
+    from .models import check_model_name, load_model
 
     sources = list(input)
     if input_file:
-        sources += [line.rstrip("\n") for line in input_file.read_text().splitlines() if line.strip()]
+        sources += _read_lines(input_file)
     if not sources:
         _fail("give --input TEXT or --input-file FILE")
-    if prefix is not None:
-        loaded, base, tok = load_run_prefix(prefix, model)
+    if len(prefix) > 1 and num_beams > 1 and not do_sample:
+        num_beams = 1  # an ensemble decodes greedily
+    cfg = DecodeConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                       temperature=temperature, top_p=top_p)
+    if prefix:
+        for p in prefix:
+            if model is None and not artifact_base_model(p):
+                _fail(f"{p} does not name its base model; pass --model")
+        check_model_name(model or artifact_base_model(prefix[0]))
+        loaded, base, tok = load_run_artifact(prefix, model)
     else:
         if not model:
             _fail("give --prefix or --model")
+        check_model_name(model)
         (base, tok), loaded = load_model(model), None
-    cfg = DecodeConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       temperature=temperature, top_p=top_p)
-    for text in generate_texts(base, tok, sources, loaded, cfg):
+    with decoding_progress(len(sources)) as progress:
+        texts = generate_texts(base, tok, sources, loaded, cfg, progress=progress)
+    for text in texts:
         typer.echo(text)
 
 
 @app.command()
 def evaluate(
-    prefix: Path = typer.Option(..., help="Prefix file to evaluate."),
+    prefix: list[Path] = typer.Option(..., "--prefix", "--artifact", help="Artifact file to evaluate (any method); "
+                                      "repeat for an ensemble."),
     dataset: str = typer.Option(..., help="e2e, webnlg, dart, xsum, or jsonl."),
     out: Path = typer.Option(..., help="Folder for metrics.json and predictions.jsonl."),
     split: str = typer.Option("dev", help="Split to evaluate on."),
     data_dir: Optional[str] = typer.Option(None, help="Folder with the data."),
     path: Optional[str] = typer.Option(None, help="The JSONL file, for --dataset jsonl."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the one the prefix file names)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one the artifact file names)."),
     train_size: Optional[int] = typer.Option(None, help="For low-data runs trained on this split: the same --train-size "
                                              "and --seed exclude the trained sources (default: read from run.json)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the low-data sample."),
@@ -120,10 +175,15 @@ def evaluate(
 ):
     """Generate for every evaluation source and score with the official metrics."""
     from .decode import decode_config_for
-    from .experiments import METRIC_TASK, DataPlan, evaluate as run_eval, load_run_prefix, plan_data
+    from .experiments import DataPlan, artifact_base_model, evaluate as run_eval, load_run_artifact, plan_data
     from .metrics import format_table
+    from .models import check_model_name
+    from .recipes import recipe_for
 
-    run_json = prefix.parent / "run.json"
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file, not a folder")
+    task = recipe_for(dataset).metric
+    run_json = prefix[0].parent / "run.json"
     run = json.loads(run_json.read_text()) if run_json.exists() else {}
     trained = run.get("data", {})
     same_split = trained.get("dataset") == dataset and trained.get("train_split") == split
@@ -140,9 +200,16 @@ def evaluate(
 
         items = load_dataset(dataset, split, data_dir=data_dir, **({"path": path} if path else {})).eval_items()
         items = items[:eval_size] if eval_size else items
-    loaded, base, tok = load_run_prefix(prefix, model)
+    for p in prefix:
+        if model is None and not artifact_base_model(p):
+            _fail(f"{p} does not name its base model; pass --model")
+    check_model_name(model or artifact_base_model(prefix[0]))
+    loaded, base, tok = load_run_artifact(prefix, model)
     cfg = decode_config_for(dataset, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    result = run_eval(base, tok, loaded, items, METRIC_TASK.get(dataset, "generic"), cfg, out, model_based=model_based)
+    if isinstance(loaded, list) and not cfg.do_sample:
+        cfg.num_beams = 1  # an ensemble decodes greedily
+    with decoding_progress(len(items)) as progress:
+        result = run_eval(base, tok, loaded, items, task, cfg, out, model_based=model_based, progress=progress)
     typer.echo(f"{dataset} {split}: {len(items)} sources, beam {cfg.num_beams}, {result['decode_seconds']} s")
     typer.echo(format_table(result["scores"]))
     for note in result["notes"]:
@@ -174,7 +241,9 @@ def score(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     data_dir: Optional[str] = typer.Option(None, help="Folder with e2e/ (default: ../shared/data if present, else download)."),
-    minutes: float = typer.Option(8.0, help="Training time budget in minutes."),
+    steps: int = typer.Option(400, help="Training steps (fixed: the result does not depend on the machine's speed)."),
+    time_budget: Optional[float] = typer.Option(None, help="Opt-in: stop training after this many minutes (the "
+                                                "result then depends on the machine's speed)."),
     train_size: int = typer.Option(200, help="Training pairs sampled from E2E."),
     eval_size: int = typer.Option(60, help="Evaluation MRs (never trained on)."),
     num_beams: int = typer.Option(1, help="Beam width for both systems (1 = greedy)."),
@@ -184,7 +253,7 @@ def demo(
 
     if data_dir is None and Path("../shared/data/e2e").exists():
         data_dir = "../shared/data"
-    run_demo(out=out, data_dir=data_dir, minutes=minutes, train_size=train_size, eval_size=eval_size,
+    run_demo(out=out, data_dir=data_dir, steps=steps, minutes=time_budget, train_size=train_size, eval_size=eval_size,
              num_beams=num_beams)
 
 
@@ -281,6 +350,9 @@ def prefixes_rm(
 @keys_app.command("add")
 def keys_add(owner: str = typer.Argument(...), store: Path = typer.Option(Path("prefixes.db"))):
     """Create an API key for OWNER; the key is the last word printed (only its hash is stored)."""
+    from .serve.store import check_owner
+
+    check_owner(owner)  # before the store is created or touched
     key = _store(store).add_key(owner)
     typer.echo(f"new key for {owner} (shown once): {key}")
 
@@ -300,20 +372,49 @@ def keys_list(owner: Optional[str] = typer.Option(None), store: Path = typer.Opt
         typer.echo(f"{k.key_id}  owner={k.owner}")
 
 
-def main() -> None:
-    """Entry point: user-facing errors print one clear line (exit 2) instead of a traceback."""
+def user_error_message(e: BaseException) -> str | None:
+    """One line for a user's mistake (bad name, path, data, settings, file); None for a bug."""
     from .config import ConfigError
     from .data import DataError, MissingDataError
     from .data.fetch import DownloadError
     from .prefix import PrefixFileError
     from .train import TrainingError
 
+    if isinstance(e, UnicodeDecodeError):
+        return f"input is not UTF-8 text (byte {e.start}); save it as UTF-8"
+    if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    if isinstance(e, (ConfigError, DataError, MissingDataError, DownloadError, PrefixFileError, TrainingError,
+                      ValueError, FileNotFoundError)):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    try:
+        from .serve.store import StoreError
+
+        if isinstance(e, StoreError):
+            return str(e)
+    except ImportError:
+        pass
+    return None
+
+
+def main() -> None:
+    """Entry point, the CLI's one error boundary: a user's mistake prints one `error: ...` line and
+    exits 2; only a bug shows a traceback."""
+    from .progress import on_terminal
+
+    if not on_terminal():  # logs and CI: no progress-bar noise from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         app()  # click's standalone mode handles usage errors and exits itself
     except KeyboardInterrupt:
         sys.exit(130)
-    except (ConfigError, DataError, MissingDataError, DownloadError, PrefixFileError, TrainingError) as e:
-        typer.echo(f"error: {e}", err=True)
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        message = user_error_message(e)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
         sys.exit(2)
 
 

@@ -35,14 +35,16 @@ def fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, minutes: float = 8.0, train_size: int = 200,
+def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: int = 400, minutes: float | None = None,
+             train_size: int = 200,
              eval_size: int = 60, seed: int = 0, num_beams: int = 1, model_name: str = "smollm2-135m",
              print_fn=print) -> dict:
     from .models import load_model
 
     out = Path(out)
     started = time.time()
-    print_fn(f"prefixtune demo: {model_name}, E2E low-data ({train_size} training pairs), training budget {minutes:g} min")
+    print_fn(f"prefixtune demo: {model_name}, E2E low-data ({train_size} training pairs), {steps} training steps"
+             + (f", time budget {minutes:g} min" if minutes else ""))
     model, tok = load_model(model_name)
     plan = DataPlan("e2e", data_dir=data_dir, train_split="dev", eval_split="dev", train_size=train_size, seed=seed,
                     eval_size=eval_size)
@@ -50,10 +52,11 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, minutes
 
     # The prefix starts from real words' activations (paper §7.4), and the learning rate is the
     # low-data one: 200 pairs give few steps, so the paper's full-data 8e-5 would barely move.
-    # 20 epochs = 400 steps, decayed linearly to 0; the time budget is a safety net on slow machines,
-    # and the prefix kept is the one with the best dev loss.
+    # A fixed number of steps (20 epochs of 20 batches = 400), decayed linearly to 0, so a slow
+    # machine gets the same result, later; the prefix kept is the one with the best dev loss.
     prefix_cfg = PrefixConfig(length=10, reparam="mlp", mlp_hidden=512, init_text="table-to-text: restaurant description")
-    train_cfg = TrainConfig(lr=1e-3, epochs=20, batch_size=10, warmup_steps=10, time_budget_s=minutes * 60,
+    train_cfg = TrainConfig(lr=1e-3, epochs=20, batch_size=10, warmup_steps=10, max_steps=steps,
+                            time_budget_s=minutes * 60 if minutes else None,
                             eval_every=40, checkpoint_every=40, dev_max_examples=60, seed=seed, log_every=10,
                             bf16=fast_bf16())
     resume = (out / "checkpoint.safetensors").exists()

@@ -166,7 +166,7 @@ def _real_mask(mask, module, kwargs, q_len: int, k_len: int, float_dtype, want_f
 
 def _prefix_mask_and_bias(layout, kind, module, kwargs, base, attention_mask, bias, valid, query, k_len):
     """The attention mask (and T5 position bias) over [prefix; real keys] for one attention kind."""
-    rows, q_len, p_len = query.shape[0], query.shape[2], valid.shape[1]
+    rows, q_len, p_len = query.shape[0], query.shape[2], valid.shape[-1]
     float_mask = attention_mask is not None and attention_mask.dtype.is_floating_point
     want_float = float_mask or (attention_mask is None and base == "eager")
     real = _real_mask(attention_mask, module, kwargs, q_len, k_len, query.dtype, want_float)

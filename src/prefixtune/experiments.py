@@ -5,6 +5,7 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ class DataPlan:
     dev_sources: int = field(default=30, metadata={"help": "Held-out sources used for the dev loss in low-data runs."})
     eval_size: int | None = field(default=None, metadata={"help": "Evaluate on at most this many sources."})
     path: str | None = field(default=None, metadata={"help": "File for the generic jsonl dataset."})
+    exclude_categories: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "WebNLG: categories kept out of training; evaluation marks them 'unseen' (paper §6.4)."})
 
 
 def plan_data(plan: DataPlan):
@@ -38,7 +41,14 @@ def plan_data(plan: DataPlan):
     from .data import load_dataset, low_data_split
 
     opts = {"path": plan.path} if plan.path else {}
-    train_ds = load_dataset(plan.dataset, plan.train_split, data_dir=plan.data_dir, download=True, **opts)
+    train_opts = dict(opts)
+    if plan.exclude_categories:
+        from .recipes import canonical
+
+        if canonical(plan.dataset) != "webnlg":
+            raise ValueError(f"exclude_categories needs a dataset with categories (webnlg), not {plan.dataset!r}")
+        train_opts["exclude_categories"] = list(plan.exclude_categories)
+    train_ds = load_dataset(plan.dataset, plan.train_split, data_dir=plan.data_dir, download=True, **train_opts)
     if plan.train_split == plan.eval_split:
         if plan.train_size is None:
             raise ValueError(f"training and evaluating on the same split ({plan.train_split!r}) needs --train-size, so "
@@ -56,6 +66,13 @@ def plan_data(plan: DataPlan):
         eval_ds = load_dataset(plan.dataset, plan.eval_split, data_dir=plan.data_dir, download=True, **opts)
         dev_pairs = eval_ds.examples
         eval_items = eval_ds.eval_items()
+    if plan.exclude_categories:
+        # "seen" now means: a category trained on (dev pairs of held-out categories stay out of the dev loss too)
+        held = set(plan.exclude_categories)
+        eval_items = [dataclasses.replace(it, meta={**(it.meta or {}), "seen": (it.meta or {}).get("category") not in held})
+                      for it in eval_items]
+        unseen_sources = {it.source for it in eval_items if not it.meta["seen"]}
+        dev_pairs = [e for e in dev_pairs if e.source not in unseen_sources]
     if plan.eval_size is not None:
         eval_items = eval_items[:plan.eval_size]
     return train_pairs, dev_pairs, eval_items
@@ -98,6 +115,10 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     print_fn(f"data: {len(train_pairs)} training pairs, {len(dev_pairs)} dev pairs, {len(eval_items)} evaluation sources")
     if not train_pairs:
         raise TrainingError("no training examples")
+    try:  # the output folder exists before a minute is spent loading the model
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"--out {out}: cannot create it ({e.strerror})") from None
     model, tok = model_and_tokenizer or load_model(model_name)
     torch.manual_seed(train_cfg.seed)
     method = method_cls(model, method_cfg, tokenizer=tok)

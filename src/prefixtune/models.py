@@ -156,6 +156,48 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
     return spec["hub_id"], {}
 
 
+class ModelNotFound(ValueError):
+    """The model name is no short name, no local model folder, and not found on the Hub."""
+
+
+def check_model_name(name_or_path: str, timeout: float = 5.0) -> None:
+    """Fail fast (before data loading and a minute of model loading) on a model that cannot be had."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if name_or_path.lower() in KNOWN_MODELS:
+        return
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not local.is_dir() or not ((local / "config.json").exists() or any(local.glob("*.gguf"))):
+            raise ModelNotFound(f"model {name_or_path!r}: {local} is not a model folder (no config.json)")
+        return
+    if os.path.sep in name_or_path.strip("/") and name_or_path.startswith((".", "/", "~")):
+        raise ModelNotFound(f"model folder {name_or_path!r} does not exist")
+    try:  # a Hub id: already in the local Hugging Face cache?
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return
+    except Exception:
+        pass
+    known = ", ".join(sorted(KNOWN_MODELS))
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelNotFound(f"model {name_or_path!r} is not a short name ({known}), a local folder, or in the "
+                            "Hugging Face cache, and HF_HUB_OFFLINE=1")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{endpoint}/api/models/{name_or_path}", timeout=timeout) as r:
+            json.load(r)
+    except urllib.error.HTTPError as e:
+        raise ModelNotFound(f"model {name_or_path!r}: not a short name ({known}) or a local folder, and the Hub "
+                            f"answers {e.code} for it") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ModelNotFound(f"model {name_or_path!r}: not a short name ({known}) or a local folder, and the Hub "
+                            f"cannot be reached to look it up ({getattr(e, 'reason', e)})") from e
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """Load a frozen base model and its tokenizer.
 

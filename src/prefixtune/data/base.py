@@ -116,6 +116,17 @@ class Dataset:
         )
 
 
+def read_text(path: str | Path, encoding: str = "utf-8") -> str:
+    """A data file's text; bytes that are not `encoding` are a DataError naming the file and line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"not {encoding.upper().replace('-SIG', '')} text (byte {raw[e.start:e.start + 1]!r} at offset "
+                        f"{e.start}); save the file as UTF-8", path, line=line) from None
+
+
 class MissingDataError(FileNotFoundError):
     """A data file is not in the data folder.
 

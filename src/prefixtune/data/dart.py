@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import DataError, Dataset, Example, locate
+from .base import DataError, Dataset, Example, locate, read_text
 from .fetch import Resource
 from .webnlg import linearize_triples
 
@@ -68,8 +68,7 @@ def read_json(path: str | Path) -> list[tuple[list[tuple[str, str, str]], list[t
     Errors name the file and the entry (0-based index in the list).
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON: {e.msg}", path, line=e.lineno) from None
     if not isinstance(data, list):

@@ -25,10 +25,11 @@ References are kept as written: tokenized in src1 files, raw in the CSV files.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
-from .base import DataError, Dataset, Example, locate
+from .base import DataError, Dataset, Example, locate, read_text
 from .fetch import Resource
 
 NAME = "e2e"
@@ -78,6 +79,8 @@ def load(root: Path, split: str, *, file_format: str | None = None) -> Dataset:
         examples, fmt = read_csv(path), "csv"
     else:
         examples, fmt = read_src1(path), "src1"
+    if not examples:
+        raise DataError("holds no MR/reference pairs (empty file?)", path)
     return Dataset(NAME, split, examples, info={"files": [str(path)], "format": fmt})
 
 
@@ -87,27 +90,27 @@ def load(root: Path, split: str, *, file_format: str | None = None) -> Dataset:
 def read_src1(path: str | Path) -> list[Example]:
     """Read a ``MR||reference`` file; blank lines are skipped."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("||")
-            if len(parts) != 2:
-                raise DataError(
-                    f"expected one 'MR||reference' pair, found {len(parts) - 1} '||' separators",
-                    path,
-                    line=lineno,
-                )
-            mr, ref = parts
-            ref = ref.strip()
-            if not ref:
-                raise DataError("empty reference", path, line=lineno)
-            try:
-                source = normalize_src1_mr(mr)
-            except ValueError as e:
-                raise DataError(str(e), path, line=lineno) from None
-            examples.append(Example(source, ref))
+    # decoded whole, so a non-UTF-8 byte is reported with its line
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("||")
+        if len(parts) != 2:
+            raise DataError(
+                f"expected one 'MR||reference' pair, found {len(parts) - 1} '||' separators",
+                path,
+                line=lineno,
+            )
+        mr, ref = parts
+        ref = ref.strip()
+        if not ref:
+            raise DataError("empty reference", path, line=lineno)
+        try:
+            source = normalize_src1_mr(mr)
+        except ValueError as e:
+            raise DataError(str(e), path, line=lineno) from None
+        examples.append(Example(source, ref))
     return examples
 
 
@@ -131,7 +134,7 @@ _SLOT = re.compile(r"\s*([^\[\],]+?)\s*\[([^\]]*)\]\s*")
 def read_csv(path: str | Path) -> list[Example]:
     """Read an official E2E CSV file (columns ``mr`` and ``ref``, any others ignored)."""
     examples = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_text(path, "utf-8-sig"), newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None)

@@ -20,33 +20,37 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import DataError, Dataset, Example
+from .base import DataError, Dataset, Example, read_text
 
 NAME = "jsonl"
 
 
-def load(root: Path | None, split: str, *, path: str | Path) -> Dataset:
+def load(root: Path | None, split: str, *, path: str | Path | None = None) -> Dataset:
     """Load the JSONL file at ``path``; ``split`` only names the result."""
+    if path is None:
+        raise DataError("the jsonl dataset needs the file: give --path FILE.jsonl (path=...)")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"JSONL data file not found: {path}")
     examples, meta = read_jsonl(path)
+    if not examples:
+        raise DataError("holds no examples (empty file?)", path)
     return Dataset(NAME, split, examples, meta=meta, info={"files": [str(path)]})
 
 
 def json_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a line that is not a JSON object is a DataError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON: {e.msg}", path, line=lineno) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"expected a JSON object, found {type(obj).__name__}", path, line=lineno)
-            yield lineno, obj
+    # decoded whole, so a non-UTF-8 byte is reported with its line
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg}", path, line=lineno) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, found {type(obj).__name__}", path, line=lineno)
+        yield lineno, obj
 
 
 def read_jsonl(path: str | Path) -> tuple[list[Example], dict[str, dict]]:

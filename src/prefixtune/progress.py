@@ -1,0 +1,67 @@
+"""Progress for long commands: a tqdm bar (steps, ETA, tokens/s, latest loss) on a terminal, plain
+log lines otherwise (CI, files), so logs stay greppable and terminals stay readable."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+_BAR = None  # the bar being shown, so log lines print above it instead of through it
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def progress_print(line: str) -> None:
+    if _BAR is not None:
+        _BAR.write(line)
+    else:
+        print(line, flush=True)
+
+
+@contextlib.contextmanager
+def training_progress():
+    """Yields `progress(record)` for `train()` (None when not on a terminal)."""
+    global _BAR
+    if not on_terminal():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
+    _BAR = bar
+
+    def progress(record: dict) -> None:
+        bar.total = record["total"]
+        bar.n = record["step"]
+        bar.set_postfix_str(f"loss {record['loss']:.4f} · {record['tokens_per_s']:.0f} tok/s", refresh=False)
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        _BAR = None
+        bar.close()
+
+
+@contextlib.contextmanager
+def decoding_progress(total: int, label: str = "generating"):
+    """Yields `progress(done, total)` for `generate_texts` (None when not on a terminal)."""
+    global _BAR
+    if not on_terminal():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="src", desc=label, dynamic_ncols=True, file=sys.stderr)
+    _BAR = bar
+
+    def progress(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        _BAR = None
+        bar.close()
