@@ -163,27 +163,32 @@ def save_prefix(prefix: MergedPrefix, path: str | Path, model=None) -> Path:
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file, refusing pickles and damaged files with a message naming the file."""
-    from safetensors import safe_open
+    """Read a safetensors file, refusing pickles and damaged files with a message naming the file.
 
+    The whole file is read into memory and parsed from there (never memory-mapped), so the tensors
+    own their memory: changing or truncating the file afterwards cannot alter or crash them."""
     path = Path(path)
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(_PICKLE_MAGIC):
-        raise PrefixFileError(f"{path}: this is a pickle / torch.save file; prefixtune loads only safetensors "
+    return parse_safetensors(path.read_bytes(), str(path))
+
+
+def parse_safetensors(data: bytes, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`read_safetensors` for file contents already in memory; `label` names the file in errors."""
+    from safetensors.torch import load
+
+    if data.startswith(_PICKLE_MAGIC):
+        raise PrefixFileError(f"{label}: this is a pickle / torch.save file; prefixtune loads only safetensors "
                               "files (pickles can run arbitrary code)")
-    if len(head) < 8 or int.from_bytes(head[:8], "little") > path.stat().st_size - 8:
-        raise PrefixFileError(f"{path}: not a safetensors file, or truncated (header length does not fit the file)")
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if header_len < 0 or header_len > len(data) - 8:
+        raise PrefixFileError(f"{label}: not a safetensors file, or truncated (header length does not fit the file)")
     try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        # load() copies out of `data`; clone() so each tensor owns plain, writable memory
+        tensors = {k: v.clone() for k, v in load(data).items()}
     except Exception as e:  # safetensors raises several error types for damaged files
-        raise PrefixFileError(f"{path}: damaged or not a safetensors file ({e})") from e
+        raise PrefixFileError(f"{label}: damaged or not a safetensors file ({e})") from e
     return tensors, meta
 
 
@@ -200,24 +205,38 @@ def _decode_meta(meta: dict[str, str]) -> dict:
 def load_prefix(path: str | Path, model=None, check_fingerprint: bool = True) -> MergedPrefix:
     """Load a prefix file; with `model`, refuse it unless it was made for that base model and shape."""
     path = Path(path)
-    tensors, raw_meta = read_safetensors(path)
+    if not path.is_file():
+        raise PrefixFileError(f"{path}: no such file")
+    return parse_prefix(path.read_bytes(), str(path), model, check_fingerprint)
+
+
+def parse_prefix(data: bytes, label: str, model=None, check_fingerprint: bool = True) -> MergedPrefix:
+    """`load_prefix` for file contents already in memory (what was hashed is what is parsed)."""
+    tensors, raw_meta = parse_safetensors(data, label)
     meta = _decode_meta(raw_meta)
     if meta.get("format") != FORMAT:
-        raise PrefixFileError(f"{path}: not a prefixtune prefix file (format={meta.get('format')!r}, expected {FORMAT!r})")
-    kv = {k.removeprefix("prefix."): v for k, v in tensors.items() if k.startswith("prefix.")}
-    if not kv:
-        raise PrefixFileError(f"{path}: holds no prefix tensors")
+        raise PrefixFileError(f"{label}: not a prefixtune prefix file (format={meta.get('format')!r}, expected {FORMAT!r})")
+    shapes = meta.get("shapes") if isinstance(meta.get("shapes"), dict) else {}
+    # the format defines exactly one tensor per kind its metadata lists: anything else is refused,
+    # so a file cannot carry (and a store cannot keep) data nobody reads
+    unknown = sorted(set(tensors) - {f"prefix.{kind}" for kind in shapes})
+    if unknown:
+        raise PrefixFileError(f"{label}: holds tensors the prefix format does not define: {unknown} "
+                              f"(expected only prefix.<kind> for kinds {sorted(shapes)})")
+    kv = {k.removeprefix("prefix."): v for k, v in tensors.items()}
+    if not kv or set(kv) != set(shapes):
+        raise PrefixFileError(f"{label}: holds prefix tensors {sorted(kv)} but its metadata lists kinds {sorted(shapes)}")
     for kind, v in kv.items():
-        want = meta.get("shapes", {}).get(kind)
+        want = shapes.get(kind)
         if v.ndim != 5 or v.shape[1] != 2 or want is None or [v.shape[0], v.shape[2], v.shape[4]] != list(want) \
                 or v.shape[3] != meta.get("length"):
-            raise PrefixFileError(f"{path}: tensor {kind!r} has shape {tuple(v.shape)}, which does not match its "
+            raise PrefixFileError(f"{label}: tensor {kind!r} has shape {tuple(v.shape)}, which does not match its "
                                   f"metadata (shapes={meta.get('shapes')}, length={meta.get('length')})")
         if not torch.isfinite(v).all():
-            raise PrefixFileError(f"{path}: tensor {kind!r} holds NaN or inf values")
+            raise PrefixFileError(f"{label}: tensor {kind!r} holds NaN or inf values")
     prefix = MergedPrefix(kv=kv, meta=meta)
     if model is not None:
-        check_compatible(prefix, model, source=str(path), check_fingerprint=check_fingerprint)
+        check_compatible(prefix, model, source=label, check_fingerprint=check_fingerprint)
     return prefix
 
 
