@@ -26,9 +26,9 @@ import os
 import re
 import secrets
 import sqlite3
+import tempfile
 import threading
 import time
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
