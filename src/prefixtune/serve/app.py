@@ -84,8 +84,10 @@ class ServerState:
             raise _not_found(name) from None
         except (PrefixIntegrityError, PrefixFileError) as e:  # details (paths) go to the log, not the client
             log.error("refusing to serve prefix %r: %s", name, e)
-            raise ApiError(500, f"prefix {name!r} cannot be served: its stored file is missing or changed since it "
-                                "was added (the server log has the details)", "prefix_integrity_error") from None
+            why = ("is missing or changed since it was added" if isinstance(e, PrefixIntegrityError) else
+                   "is not a prefix file this server accepts (e.g. stored by an older version)")
+            raise ApiError(500, f"prefix {name!r} cannot be served: its stored file {why} (the server log has the "
+                                "details)", "prefix_integrity_error") from None
 
 
 UPLOAD_SLACK_BYTES = 64 * 1024  # multipart boundaries and the name/public fields around the file
