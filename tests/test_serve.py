@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import random
 import threading
@@ -277,10 +278,24 @@ def test_metrics_and_health(server):
     assert 'prefixtune_http_requests_total{route="/v1/completions",status="200"}' in text
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (the server runs in it), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+RSS_GROWTH_BOUND = 150 * 2**20  # measured ~20-40 MB; the bound leaves room for allocator noise, not for a leak
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc (Linux)")
 def test_load_overflow_hot_add_remove(world, tmp_path):
-    """500 requests from 20 clients over 8 prefixes with a small queue: every accepted answer is exact,
-    the overflow gets 429, and a prefix added and removed meanwhile answers 404 once removed."""
-    server, store = start_server(world, tmp_path, max_batch_size=8, max_queue=4, batch_window_ms=2, retry_after_s=1)
+    """The load test: 500 requests from 20 clients over 8 prefixes, a small queue and a small work
+    budget, one client uploading and deleting a prefix meanwhile. Every accepted answer equals that
+    request alone, the overflow gets 429, a removed prefix answers 404, the running batch never
+    exceeds its token-slot budget, and the process's RSS grows by less than RSS_GROWTH_BOUND."""
+    budget = 240  # slots: about 5 rows of these requests, so both the queue and the budget turn work away
+    server, store = start_server(world, tmp_path, max_batch_size=8, max_queue=4, batch_window_ms=2, retry_after_s=1,
+                                 max_batch_tokens=budget)
     owner_key = store.add_key("alice")
     names = [f"p{i}" for i in range(8)]
     for name in names:
@@ -334,12 +349,30 @@ def test_load_overflow_hot_add_remove(world, tmp_path):
                     failures.append(("served after remove", r.status_code, r.text))
                 rounds += 1
 
+    batcher = server.app.state.prefixtune.batcher
+    samples = {"rss": [], "slots": []}
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            samples["rss"].append(rss_bytes())
+            samples["slots"].append(batcher.batch_slots)
+            time.sleep(0.01)
+
+    for _ in range(3):  # warm up: first batches allocate what every later one reuses
+        with client(server, owner_key) as c:
+            assert complete(c, "p0", PROMPTS[3], max_tokens=8).status_code == 200
+    baseline = rss_bytes()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     admin = threading.Thread(target=hot_admin)
     admin.start()
     with ThreadPoolExecutor(20) as pool:
         list(pool.map(load_client, range(20)))
     stop_hot.set()
     admin.join(30)
+    sampling.set()
+    sampler.join()
     with client(server, owner_key) as c:
         health = c.get("/health")
     server.stop()
@@ -347,7 +380,11 @@ def test_load_overflow_hot_add_remove(world, tmp_path):
     assert sum(counts.values()) == 500
     assert counts["ok"] > 50 and counts["429"] > 0, counts
     assert health.status_code == 200 and health.json()["queue_depth"] == 0
-    print("load test:", counts)
+    growth = max(samples["rss"]) - baseline
+    print(f"load test: {counts}; RSS {baseline / 2**20:.0f} MB before, peak +{growth / 2**20:.1f} MB; "
+          f"batch slots peak {max(samples['slots'])} of {budget}; largest batch {batcher.largest_batch}")
+    assert max(samples["slots"]) <= budget
+    assert growth < RSS_GROWTH_BOUND, f"RSS grew {growth / 2**20:.0f} MB under load"
 
 
 def test_timeout_gives_504_and_graceful_shutdown_finishes_accepted_requests(world, tmp_path):

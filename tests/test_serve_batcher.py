@@ -225,3 +225,41 @@ def test_rows_with_and_without_prefixes_join_each_other(setup, first):
     assert got[0].token_ids == alone(model, tok, first_prefix, "hello", 25)
     for (pre, prompt), c, n in zip(zip(others, PROMPTS), got[1:], (3, 7, 11)):
         assert c.token_ids == alone(model, tok, pre, prompt, n)
+
+
+def test_work_budget_bounds_the_batch_and_the_queue(setup):
+    """max_batch_tokens: a row that can never fit is refused for good (ValueError: 400), work that
+    does not fit the queue now is QueueFull (429), and the running batch never outgrows the budget:
+    two 160-slot rows under a 200-slot budget run one after the other, each equal to running alone."""
+    model, tok, prefixes = setup
+    batcher = Batcher(model, tok, config(max_batch_tokens=200, max_prompt_tokens=40, batch_window_ms=0)).start()
+    try:
+        def request(prompt: str, max_tokens: int, prefix=None):
+            return GenerationRequest(tok(prompt)["input_ids"], prefix,
+                                     SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+        with pytest.raises(ValueError, match="max_prompt_tokens"):
+            batcher.submit(request("x" * 41, 1))
+        with pytest.raises(ValueError, match=r"needs 201 token slots.*max_batch_tokens"):
+            batcher.submit(request("hello", 191, prefixes[1]))  # 5 prefix + 5 prompt + 191
+        with pytest.raises(ValueError, match="needs 210 token slots"):  # each fits, all three cannot
+            batcher.submit_all([request("hello", 65) for _ in range(3)])
+        seen = []
+        first = batcher.submit(request("hello", 155))  # 160 slots
+        deadline = time.monotonic() + 10
+        while batcher.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        second = batcher.submit(request("xy", 158, prefixes[0]))  # 2 + 2 + 158 = 162: waits in the queue
+        with pytest.raises(QueueFull, match="busy"):
+            batcher.submit(request("Z", 100))  # 101 more waiting slots would pass 200
+        while not second.future.done():
+            seen.append(batcher.batch_slots)
+            time.sleep(0.002)
+        for handle, prefix, prompt, n in ((first, None, "hello", 155), (second, prefixes[0], "xy", 158)):
+            got = handle.result().token_ids  # ignore_eos: the reference (cut at EOS) is where they must agree
+            want = alone(model, tok, prefix, prompt, n)
+            assert len(got) == n and got[:len(want)] == want
+        assert max(seen) <= 200 and batcher.largest_batch == 1
+        assert batcher.queue_depth == 0 and batcher._queued_slots == 0
+    finally:
+        batcher.stop()

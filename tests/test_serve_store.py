@@ -184,3 +184,110 @@ def test_a_load_racing_with_a_remove_is_not_found_not_corrupt(model, files, tmp_
     PrefixStore(tmp_path / "p.db").remove("x", "alice")  # a second store object: no listener in this one
     with pytest.raises(PrefixNotFound):
         PrefixCache(store).get(record)
+
+
+def test_loaded_prefix_owns_its_memory(model, files, tmp_path):
+    """A loaded prefix is parsed from the bytes that were hashed (no mmap): truncating or rewriting
+    the file afterwards changes nothing in memory and cannot crash the process."""
+    store = PrefixStore(tmp_path / "p.db", model=model)
+    record = store.add("a", "alice", files["f1"])
+    loaded = store.load(record)
+    want = {k: v.clone() for k, v in pt.load_prefix(files["f1"]).kv.items()}
+    with open(record.file, "r+b") as f:
+        f.truncate(0)  # what `truncate -s 0` does; with an mmap, reading the tensors would be a bus error
+    assert all(torch.equal(loaded.kv[k], want[k]) for k in want)
+    with pytest.raises(PrefixIntegrityError, match=r"0 bytes now, sha256 differs"):
+        store.load(record)
+    record.file.write_bytes(files["f2"].read_bytes())  # another valid prefix, swapped in place
+    with pytest.raises(PrefixIntegrityError, match="changed since it was added"):
+        store.load(record)
+
+
+def test_unknown_tensors_are_refused_and_a_wrong_base_model_is_corrected(model, files, tmp_path):
+    from safetensors.torch import load, save
+
+    from prefixtune.models import model_name
+    from prefixtune.prefix import parse_safetensors
+
+    store = PrefixStore(tmp_path / "p.db", model=model)
+    tensors, meta = parse_safetensors(files["f1"].read_bytes(), "f1")
+    extra = save({**tensors, "payload": torch.zeros(1000)}, metadata=meta)
+    with pytest.raises(PrefixFileError, match=r"tensors the prefix format does not define: \['payload'\]"):
+        store.add_bytes("extra", "alice", extra, label="extra.safetensors")
+    missing = save({}, metadata=meta)  # metadata lists a kind the file does not hold
+    with pytest.raises(PrefixFileError, match="metadata lists kinds"):
+        store.add_bytes("missing", "alice", missing)
+    assert list(store.files_dir.iterdir()) == []  # refused files are never written
+    # the right fingerprint, but metadata claiming another base model: listed under the true one
+    liar = save(tensors, metadata={**meta, "base_model": "gpt2-xl"})
+    assert load(liar).keys() == tensors.keys()
+    notes: list[str] = []
+    record = store.add_bytes("liar", "alice", liar, notes=notes)
+    assert record.base_model == model_name(model) != "gpt2-xl"
+    assert len(notes) == 1 and "gpt2-xl" in notes[0] and model_name(model) in notes[0]
+
+
+def test_store_is_private_to_its_user(model, files, tmp_path):
+    store = PrefixStore(tmp_path / "p.db", model=model)
+    record = store.add("a", "alice", files["f1"])
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(store.path) == 0o600 and mode(store.files_dir) == 0o700 and mode(record.file) == 0o600
+    for suffix in ("-wal", "-shm"):
+        wal = store.path.with_name(store.path.name + suffix)
+        assert not wal.exists() or mode(wal) == 0o600
+    store.path.chmod(0o644)  # a store made by an older version is tightened on open
+    store.files_dir.chmod(0o755)
+    PrefixStore(store.path, model=model)
+    assert mode(store.path) == 0o600 and mode(store.files_dir) == 0o700
+
+
+KILLED_WRITER = """
+import os, sys, time
+from prefixtune.serve import store as st
+store = st.PrefixStore(sys.argv[1])
+def stuck(*args):  # killed after the temp file is written, before it is renamed into place
+    print("written", flush=True)
+    time.sleep(60)
+st.os.replace = stuck
+store.add("x", "alice", sys.argv[2])
+"""
+
+
+def test_kill_9_during_an_add_leaves_nothing_after_reopening(model, files, tmp_path, caplog):
+    """A real kill -9 of a process mid-add leaves a temp file; a crash between rename and insert
+    leaves a file with no row. Reopening removes both (and says so), but keeps a temp file that a
+    live writer still holds, and every indexed file."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    db = tmp_path / "p.db"
+    store = PrefixStore(db, model=model)
+    kept = store.add("kept", "alice", files["f0"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db), str(files["f1"])], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "written"
+    finally:
+        writer.kill()  # SIGKILL
+        writer.wait()
+    stale = [f for f in store.files_dir.iterdir() if f.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].stat().st_size == files["f1"].stat().st_size
+    unindexed = store.files_dir / "0123456789abcdef0123456789abcdef.safetensors"
+    unindexed.write_bytes(files["f2"].read_bytes())
+    live = store.files_dir / ".add-live.tmp"  # a writer in this process still holds it
+    fd = os.open(live, os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with caplog.at_level("WARNING", logger="prefixtune.serve"):
+            reopened = PrefixStore(db, model=model)
+    finally:
+        os.close(fd)
+    assert sorted(reopened.removed_orphans) == sorted([stale[0], unindexed])
+    assert sorted(f.name for f in store.files_dir.iterdir()) == sorted([kept.file.name, live.name])
+    for f in (stale[0], unindexed):
+        assert any(f.name in r.getMessage() and "orphan" in r.getMessage() for r in caplog.records)
+    assert torch.equal(reopened.load(reopened.get("kept", "alice")).kv["self"], pt.load_prefix(files["f0"]).kv["self"])
+    assert PrefixStore(db, model=model).removed_orphans == [live]  # no writer holds it any more

@@ -269,12 +269,15 @@ def serve(
     request_timeout: float = typer.Option(120.0, help="Seconds before a request gets 504."),
     prefix_cache_size: int = typer.Option(64, help="Loaded prefixes kept in memory (LRU)."),
     threads: Optional[int] = typer.Option(None, help="torch threads for the model worker (default: all cores)."),
+    max_batch_tokens: int = typer.Option(16384, help="Work/KV budget in token slots (docs/serving.md#guarantees)."),
+    max_prompt_tokens: int = typer.Option(4096, help="Longest prompt in tokens; longer gets 400."),
 ):
     """Serve completions for many users' prefixes from one frozen model (OpenAI-style HTTP API)."""
     from .serve import ServeConfig, run_server
 
     config = ServeConfig(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                         request_timeout_s=request_timeout, prefix_cache_size=prefix_cache_size, torch_threads=threads)
+                         request_timeout_s=request_timeout, prefix_cache_size=prefix_cache_size, torch_threads=threads,
+                         max_batch_tokens=max_batch_tokens, max_prompt_tokens=max_prompt_tokens)
     run_server(model, str(store), host=host, port=port, config=config)
 
 

@@ -146,7 +146,10 @@ class MergedPrefix:
 # ---------------------------------------------------------------------------------------------
 # Files: one safetensors file, merged tensors only, metadata as strings.
 
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip
+def _looks_like_pickle(head: bytes) -> bool:
+    """A torch.save zip, or a pickle (protocol 2+ starts with 0x80). A safetensors file starts with its
+    header length, whose low byte may be 0x80 too, but its header (byte 8 on) is JSON: '{'."""
+    return head.startswith(b"PK\x03\x04") or (head.startswith(b"\x80") and head[8:9] != b"{")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -190,27 +193,32 @@ def save_prefix(prefix: MergedPrefix, path: str | Path, model=None) -> Path:
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file, refusing pickles and damaged files with a message naming the file."""
-    from safetensors import safe_open
+    """Read a safetensors file, refusing pickles and damaged files with a message naming the file.
 
+    The whole file is read into memory and parsed from there (never memory-mapped), so the tensors
+    own their memory: changing or truncating the file afterwards cannot alter or crash them."""
     path = Path(path)
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(_PICKLE_MAGIC):
-        raise PrefixFileError(f"{path}: this is a pickle / torch.save file; prefixtune loads only safetensors "
+    return parse_safetensors(path.read_bytes(), str(path))
+
+
+def parse_safetensors(data: bytes, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`read_safetensors` for file contents already in memory; `label` names the file in errors."""
+    from safetensors.torch import load
+
+    if _looks_like_pickle(data[:9]):
+        raise PrefixFileError(f"{label}: this is a pickle / torch.save file; prefixtune loads only safetensors "
                               "files (pickles can run arbitrary code)")
-    if len(head) < 8 or int.from_bytes(head[:8], "little") > path.stat().st_size - 8:
-        raise PrefixFileError(f"{path}: not a safetensors file, or truncated (header length does not fit the file)")
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if header_len < 0 or header_len > len(data) - 8:
+        raise PrefixFileError(f"{label}: not a safetensors file, or truncated (header length does not fit the file)")
     try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        # load() copies out of `data`; clone() so each tensor owns plain, writable memory
+        tensors = {k: v.clone() for k, v in load(data).items()}
     except Exception as e:  # safetensors raises several error types for damaged files
-        raise PrefixFileError(f"{path}: damaged or not a safetensors file ({e})") from e
+        raise PrefixFileError(f"{label}: damaged or not a safetensors file ({e})") from e
     return tensors, meta
 
 
@@ -224,11 +232,12 @@ def read_metadata(path: str | Path) -> dict:
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+        if _looks_like_pickle(head):
             raise PrefixFileError(f"{path}: this is a pickle / torch.save file; prefixtune loads only safetensors "
                                   "files (pickles can run arbitrary code)")
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
+        f.seek(8)
         if n < 2 or n > path.stat().st_size - 8:
             raise PrefixFileError(f"{path}: not a safetensors file, or truncated (header length does not fit the file)")
         try:
@@ -257,34 +266,48 @@ def decode_meta(meta: dict[str, str]) -> dict:
 def load_prefix(path: str | Path, model=None, check_fingerprint: bool = True) -> MergedPrefix:
     """Load a prefix file; with `model`, refuse it unless it was made for that base model and shape."""
     path = Path(path)
-    tensors, raw_meta = read_safetensors(path)
+    if not path.is_file():
+        raise PrefixFileError(f"{path}: no such file")
+    return parse_prefix(path.read_bytes(), str(path), model, check_fingerprint)
+
+
+def parse_prefix(data: bytes, label: str, model=None, check_fingerprint: bool = True) -> MergedPrefix:
+    """`load_prefix` for file contents already in memory (what was hashed is what is parsed)."""
+    tensors, raw_meta = parse_safetensors(data, label)
     meta = decode_meta(raw_meta)
+    if meta.get("format") == "prefixtune.weights/1":
+        raise PrefixFileError(f"{label}: holds the weights of method {meta.get('method')!r}, which change the model "
+                              "itself: it cannot be used as a per-request prefix (load it with load_artifact)")
     if meta.get("format") != FORMAT:
-        raise PrefixFileError(f"{path}: not a prefixtune prefix file (format={meta.get('format')!r}, expected {FORMAT!r})")
+        raise PrefixFileError(f"{label}: not a prefixtune prefix file (format={meta.get('format')!r}, expected {FORMAT!r})")
+    shapes = meta.get("shapes") if isinstance(meta.get("shapes"), dict) else {}
+    # the format defines one tensor per kind its metadata lists, and 'embeds' for soft prompts:
+    # anything else is refused, so a file cannot carry (and a store cannot keep) data nobody reads
+    unknown = sorted(set(tensors) - {f"prefix.{kind}" for kind in shapes} - {"embeds"})
+    if unknown:
+        raise PrefixFileError(f"{label}: holds tensors the prefix format does not define: {unknown} "
+                              f"(expected only prefix.<kind> for kinds {sorted(shapes)}, and 'embeds')")
     kv = {k.removeprefix("prefix."): v for k, v in tensors.items() if k.startswith("prefix.")}
     embeds = tensors.get("embeds")
-    unknown = sorted(set(tensors) - {f"prefix.{k}" for k in kv} - {"embeds"})
-    if unknown:
-        raise PrefixFileError(f"{path}: holds tensors this format does not define: {unknown}")
-    if not kv and embeds is None:
-        raise PrefixFileError(f"{path}: holds no prefix tensors")
+    if set(kv) != set(shapes) or (not kv and embeds is None):
+        raise PrefixFileError(f"{label}: holds prefix tensors {sorted(kv)} but its metadata lists kinds {sorted(shapes)}")
     if embeds is not None:
         if embeds.ndim != 2 or (not kv and embeds.shape[0] != meta.get("length")):
-            raise PrefixFileError(f"{path}: tensor 'embeds' has shape {tuple(embeds.shape)}; expected "
+            raise PrefixFileError(f"{label}: tensor 'embeds' has shape {tuple(embeds.shape)}; expected "
                                   f"(virtual tokens, hidden size) with {meta.get('length')} virtual tokens")
         if not torch.isfinite(embeds).all():
-            raise PrefixFileError(f"{path}: tensor 'embeds' holds NaN or inf values")
+            raise PrefixFileError(f"{label}: tensor 'embeds' holds NaN or inf values")
     for kind, v in kv.items():
-        want = meta.get("shapes", {}).get(kind)
+        want = shapes.get(kind)
         if v.ndim != 5 or v.shape[1] != 2 or want is None or [v.shape[0], v.shape[2], v.shape[4]] != list(want) \
                 or v.shape[3] != meta.get("length"):
-            raise PrefixFileError(f"{path}: tensor {kind!r} has shape {tuple(v.shape)}, which does not match its "
+            raise PrefixFileError(f"{label}: tensor {kind!r} has shape {tuple(v.shape)}, which does not match its "
                                   f"metadata (shapes={meta.get('shapes')}, length={meta.get('length')})")
         if not torch.isfinite(v).all():
-            raise PrefixFileError(f"{path}: tensor {kind!r} holds NaN or inf values")
+            raise PrefixFileError(f"{label}: tensor {kind!r} holds NaN or inf values")
     prefix = MergedPrefix(kv=kv, meta=meta, embeds=embeds)
     if model is not None:
-        check_compatible(prefix, model, source=str(path), check_fingerprint=check_fingerprint)
+        check_compatible(prefix, model, source=label, check_fingerprint=check_fingerprint)
     return prefix
 
 

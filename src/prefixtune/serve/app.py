@@ -6,7 +6,8 @@
 Routes: POST /v1/completions, GET /v1/models, POST /v1/prefixes, GET|DELETE /v1/prefixes/{name},
 GET /health, GET /metrics. Every /v1 route needs `Authorization: Bearer KEY`; a key belongs to an
 owner, who sees their own prefixes plus public ones. Another owner's private prefix answers 404,
-exactly like a name nobody uses.
+exactly like a name nobody uses. The key and the body's size are checked before the body is read
+(`RequestGuard`); a completion whose client leaves or times out is cancelled in the batcher.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..models import fingerprint, model_name
 from ..prefix import PrefixFileError
@@ -81,8 +84,79 @@ class ServerState:
             raise _not_found(name) from None
         except (PrefixIntegrityError, PrefixFileError) as e:  # details (paths) go to the log, not the client
             log.error("refusing to serve prefix %r: %s", name, e)
-            raise ApiError(500, f"prefix {name!r} cannot be served: its stored file is missing or changed since it "
-                                "was added (the server log has the details)", "prefix_integrity_error") from None
+            why = ("is missing or changed since it was added" if isinstance(e, PrefixIntegrityError) else
+                   "is not a prefix file this server accepts (e.g. stored by an older version)")
+            raise ApiError(500, f"prefix {name!r} cannot be served: its stored file {why} (the server log has the "
+                                "details)", "prefix_integrity_error") from None
+
+
+UPLOAD_SLACK_BYTES = 64 * 1024  # multipart boundaries and the name/public fields around the file
+
+
+class RequestGuard:
+    """ASGI middleware for /v1 routes, run before any byte of the body is read: a missing or
+    unknown API key gets 401 and a declared Content-Length over the route's cap gets 413 at once;
+    a body that grows past its cap while being read (chunked uploads) gets 413 too."""
+
+    def __init__(self, app, state: "ServerState"):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        config = self.state.config
+        headers = Headers(scope=scope)
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/prefixes":
+            cap, what = int(config.max_upload_mb * 2**20) + UPLOAD_SLACK_BYTES, f"{config.max_upload_mb} MB upload"
+        else:
+            cap, what = config.max_request_kb * 1024, f"{config.max_request_kb} KB request"
+        try:
+            who = await authenticate(self.state.store, headers.get("authorization", ""))
+            declared = headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > cap):
+                raise ApiError(413, f"the body ({declared} bytes) is larger than this server's limit of a {what}",
+                               "request_too_large")
+        except ApiError as e:  # answered without reading the body
+            await _error_response(e)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["owner"] = who
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap:  # handled by the app's handler: a JSON 413
+                    raise StarletteHTTPException(413, f"the body is larger than this server's limit of a {what}")
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+async def authenticate(store: PrefixStore, header: str) -> str:
+    """The owner of the `Authorization: Bearer KEY` header, else ApiError 401."""
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                       "authentication_error", {"WWW-Authenticate": "Bearer"})
+    who = await run_in_threadpool(store.owner_of, key.strip())
+    if who is None:
+        raise ApiError(401, "invalid API key", "authentication_error", {"WWW-Authenticate": "Bearer"})
+    return who
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.status), status_code=e.status, headers=e.headers)
+
+
+def _form_bool(value, field: str) -> bool:
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ApiError(400, f"invalid request: {field}: expected true or false, got {str(value)[:40]!r}")
 
 
 def _describe(record: PrefixRecord) -> dict:
@@ -126,6 +200,7 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
                   description="Many users' prefixes served from one frozen model.")
     app.state.prefixtune = state
     _install_error_handlers(app)
+    app.add_middleware(RequestGuard, state=state)  # added first: inside count_requests, so its answers count
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -135,15 +210,8 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
         return response
 
     async def owner(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
-                           "authentication_error", {"WWW-Authenticate": "Bearer"})
-        who = await run_in_threadpool(store.owner_of, key.strip())
-        if who is None:
-            raise ApiError(401, "invalid API key", "authentication_error", {"WWW-Authenticate": "Bearer"})
-        return who
+        who = request.scope.get("state", {}).get("owner")  # RequestGuard checked the key before the body
+        return who if who is not None else await authenticate(store, request.headers.get("authorization", ""))
 
     @app.get("/health")
     async def health():
@@ -172,25 +240,44 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
                 "base_model": record.base_model}
 
     @app.post("/v1/prefixes", status_code=201)
-    async def upload_prefix(name: str = Form(..., description="Name to call the prefix by."),
-                            file: UploadFile = File(..., description="A prefixtune .safetensors prefix file."),
-                            public: bool = Form(False, description="Let every key holder use it."),
-                            who: str = Depends(owner)):
-        if name == state.model_id:
-            raise ApiError(400, f"{name!r} is the base model's name; pick another prefix name")
-        limit = int(config.max_upload_mb * 2**20)
-        data = await file.read(limit + 1)
-        if len(data) > limit:
-            raise ApiError(413, f"file larger than the limit of {config.max_upload_mb} MB")
+    async def upload_prefix(request: Request, who: str = Depends(owner)):
+        """multipart/form-data: name (the prefix's name), file (a .safetensors prefix file), public
+        (true/false). Parsed here, after the key check, as a stream: the file is spooled to a temp
+        file, and the body is capped (RequestGuard)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "invalid request: send multipart/form-data with fields name, file and public")
+        parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=2,
+                                 max_part_size=64 * 1024)
         try:
-            record = await run_in_threadpool(store.add_bytes, name, who, data, public, file.filename or "uploaded file")
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise ApiError(400, f"invalid request: {e.message}") from None
+        try:
+            name, file = form.get("name"), form.get("file")
+            if not isinstance(name, str):
+                raise ApiError(400, "invalid request: name: Field required")
+            if not isinstance(file, UploadFile):
+                raise ApiError(400, "invalid request: file: Field required (a file part)")
+            public = _form_bool(form.get("public", "false"), "public")
+            if name == state.model_id:
+                raise ApiError(400, f"{name!r} is the base model's name; pick another prefix name")
+            limit = int(config.max_upload_mb * 2**20)
+            data = await file.read(limit + 1)
+            if len(data) > limit:
+                raise ApiError(413, f"file larger than the limit of {config.max_upload_mb} MB", "request_too_large")
+        finally:
+            await form.close()  # removes the spooled temp file
+        notes: list[str] = []
+        try:
+            record = await run_in_threadpool(store.add_bytes, name, who, data, public, file.filename or "uploaded file",
+                                             notes)
         except PrefixExists as e:
             raise ApiError(409, str(e), "conflict_error") from None
         except (PrefixFileError, InvalidName) as e:
             raise ApiError(400, str(e), "invalid_prefix_file" if isinstance(e, PrefixFileError) else
                            "invalid_request_error") from None
         log.info("owner %s added prefix %r (%s bytes, public=%s)", who, name, record.size_bytes, record.public)
-        return {**_describe(record), "object": "prefix"}
+        return {**_describe(record), "object": "prefix", "base_model": record.base_model, "warnings": notes}
 
     @app.delete("/v1/prefixes/{name}")
     async def delete_prefix(name: str, who: str = Depends(owner)):
@@ -204,7 +291,7 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
         return {"id": record.name, "object": "prefix", "deleted": True}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, who: str = Depends(owner)):
+    async def completions(body: CompletionRequest, request: Request, who: str = Depends(owner)):
         arrived = time.monotonic()
         prompts = body.prompts
         if len(prompts) > config.max_prompts_per_request:
@@ -222,7 +309,7 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
             return _stream(state, body, prompt_ids, prefix, params, meta, arrived)
         requests = [GenerationRequest(ids, prefix, p) for ids, p in zip(prompt_ids, params)]
         handles = _submit(state, requests)
-        results = await _wait_all(state, handles, arrived, body.model)
+        results = await _wait_all(state, handles, arrived, body.model, request)
         metrics.request_latency.observe(time.monotonic() - arrived)
         return completion_body(**meta, choices=[choice(i, c.text, c.finish_reason) for i, c in enumerate(results)],
                                usage=usage(sum(c.prompt_tokens for c in results),
@@ -260,19 +347,46 @@ def _worker_error(e: BaseException, model: str) -> ApiError:
     return ApiError(500, f"generation failed: {e}", "server_error")
 
 
-async def _wait_all(state: ServerState, handles: list[RequestHandle], arrived: float, model: str) -> list[Completion]:
+async def _wait_all(state: ServerState, handles: list[RequestHandle], arrived: float, model: str,
+                    request: Request) -> list[Completion]:
+    """The completions, unless the request times out (504) or its client leaves first: either way
+    its rows are cancelled and leave the batch at the next step."""
     left = state.config.request_timeout_s - (time.monotonic() - arrived)
+    results = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)), left)
-    except (TimeoutError, asyncio.TimeoutError):
-        raise ApiError(504, f"the request did not finish within {state.config.request_timeout_s} s",
-                       "timeout_error") from None
-    except Exception as e:  # raised by the worker: a removed prefix, shutdown, a failed batch
-        raise _worker_error(e, model) from None
+        done, _ = await asyncio.wait({results, gone}, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED)
+        if results in done:
+            try:
+                return results.result()
+            except Exception as e:  # raised by the worker: a removed prefix, shutdown, a failed batch
+                raise _worker_error(e, model) from None
+        reason = "disconnect" if gone in done else "timeout"
+        _cancel(state, handles, reason)
+        if reason == "disconnect":  # nobody reads this answer; the status shows in logs and metrics
+            raise ApiError(499, "the client closed the connection", "client_closed_request")
+        raise ApiError(504, f"the request did not finish within {state.config.request_timeout_s} s", "timeout_error")
     finally:
-        for h in handles:  # a timed-out or failed request frees its rows at the next step
+        gone.cancel()
+        results.cancel()
+        for h in handles:  # a failed request frees its rows at the next step
             if not h.future.done():
                 h.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already, so that is the next message)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _cancel(state: ServerState, handles: list[RequestHandle], reason: str) -> None:
+    live = [h for h in handles if not h.future.done()]
+    for h in live:
+        h.cancel()
+    if live:
+        state.metrics.cancelled.inc(len(live), reason)
+        log.info("cancelled %d unfinished prompt(s): %s", len(live), reason)
 
 
 def _stream(state: ServerState, body: CompletionRequest, prompt_ids, prefix, params, meta, arrived) -> StreamingResponse:
@@ -297,11 +411,13 @@ def _stream(state: ServerState, body: CompletionRequest, prompt_ids, prefix, par
     async def event_source():
         remaining, prompt_tokens, completion_tokens = len(handles), 0, 0
         deadline = arrived + state.config.request_timeout_s
+        why = "disconnect"  # unless the loop below ends otherwise
         try:
             while remaining:
                 try:
                     kind, index, value = await asyncio.wait_for(events.get(), deadline - time.monotonic())
                 except (TimeoutError, asyncio.TimeoutError):
+                    why = "timeout"
                     yield sse(error_body(f"the request did not finish within {state.config.request_timeout_s} s",
                                          "timeout_error", 504))
                     break
@@ -311,6 +427,7 @@ def _stream(state: ServerState, body: CompletionRequest, prompt_ids, prefix, par
                 remaining -= 1
                 if value.exception() is not None:
                     err = _worker_error(value.exception(), body.model)
+                    why = "error"
                     yield sse(error_body(err.message, err.type, err.status))
                     break
                 result: Completion = value.result()
@@ -322,10 +439,8 @@ def _stream(state: ServerState, body: CompletionRequest, prompt_ids, prefix, par
                 if include_usage:
                     yield sse(completion_body(**meta, choices=[], usage=usage(prompt_tokens, completion_tokens)))
             yield sse("[DONE]")
-        finally:  # the client left, or an error ended the stream: free the rows
-            for h in handles:
-                if not h.future.done():
-                    h.cancel()
+        finally:  # the client left, the request timed out, or an error ended the stream: free the rows
+            _cancel(state, handles, why)
 
     return StreamingResponse(event_source(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -334,7 +449,7 @@ def _stream(state: ServerState, body: CompletionRequest, prompt_ids, prefix, par
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse(error_body(e.message, e.type, e.status), status_code=e.status, headers=e.headers)
+        return _error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):

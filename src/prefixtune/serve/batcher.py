@@ -8,6 +8,9 @@ One worker thread owns the model and loops:
   3. rows that are done (EOS, a stop string, max_tokens, cancelled) leave via index_select.
 Other threads only `submit()` and wait on futures, so the model never runs twice at once.
 
+Work is bounded by `max_batch_tokens` token slots (see `Slots`): the running batch is admitted only
+while its cache can never outgrow the budget, and the queue holds at most one more budget of work.
+
 A row's output equals running it alone: padding is masked, positions are counted from the mask
 (plus the row's prefix length), and a row's prefix is visible to that row only.
 """
@@ -77,11 +80,35 @@ class Completion:
     completion_tokens: int        # tokens generated, the EOS token included
 
 
+@dataclass(frozen=True)
+class Slots:
+    """How many token slots a set of rows may fill in the shared, left-padded KV cache: every row is
+    padded to the longest prefix and to the longest prompt + max_tokens among them."""
+
+    rows: int = 0
+    prefix: int = 0   # longest prefix
+    span: int = 0     # longest prompt + max_tokens
+
+    @property
+    def total(self) -> int:
+        return self.rows * (self.prefix + self.span)
+
+    def plus(self, request: GenerationRequest) -> "Slots":
+        prefix = _merged(request.prefix)
+        return Slots(self.rows + 1, max(self.prefix, prefix.length if prefix is not None else 0),
+                     max(self.span, len(request.prompt_ids) + request.params.max_tokens))
+
+
+def row_slots(request: GenerationRequest) -> int:
+    return Slots().plus(request).total
+
+
 class RequestHandle:
     """What `submit` returns: the future of a Completion, timestamps, and `cancel()`."""
 
     def __init__(self, request: GenerationRequest):
         self.request = request
+        self.slots = row_slots(request)
         self.future: concurrent.futures.Future[Completion] = concurrent.futures.Future()
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
@@ -303,6 +330,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._pending: deque[RequestHandle] = deque()
         self._batch: _Batch | None = None
+        self._queued_slots = 0  # sum of row_slots over self._pending
         self._stopping = False
         self._abort = False
         self._thread: threading.Thread | None = None
@@ -310,6 +338,7 @@ class Batcher:
         self.largest_batch = 0  # most rows ever decoded together
         self.metrics.queue_depth.fn = lambda: self.queue_depth
         self.metrics.running.fn = lambda: self.running
+        self.metrics.batch_slots.fn = lambda: self.batch_slots
 
     # -- the caller's side ---------------------------------------------------------------------
 
@@ -321,6 +350,19 @@ class Batcher:
     def running(self) -> int:
         batch = self._batch
         return len(batch) if batch is not None else 0
+
+    @property
+    def batch_slots(self) -> int:
+        """Token slots the running batch may fill (never above max_batch_tokens)."""
+        batch = self._batch
+        return self._slots_of(batch.rows).total if batch is not None else 0
+
+    @staticmethod
+    def _slots_of(rows) -> Slots:
+        slots = Slots()
+        for row in rows:
+            slots = slots.plus(row.request)
+        return slots
 
     @property
     def alive(self) -> bool:
@@ -342,6 +384,9 @@ class Batcher:
         """Raise ValueError when the request cannot run on this model."""
         if not request.prompt_ids:
             raise ValueError("the prompt has no tokens")
+        if len(request.prompt_ids) > self.config.max_prompt_tokens:
+            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; this server takes at most "
+                             f"{self.config.max_prompt_tokens} (max_prompt_tokens)")
         prefix = _merged(request.prefix)
         if prefix is not None:
             # shapes only: the store checked the base-model fingerprint when the file was added
@@ -363,13 +408,23 @@ class Batcher:
         for r in requests:
             self.check(r)
         handles = [RequestHandle(r) for r in requests]
+        budget = self.config.max_batch_tokens
+        need = sum(h.slots for h in handles)
+        if need > budget:  # could never be queued: refuse for good, not "retry later"
+            raise ValueError(f"this request needs {need} token slots (prefix + prompt + max_tokens, summed over its "
+                             f"prompts); this server's work budget is {budget} (max_batch_tokens): lower max_tokens, "
+                             "shorten the prompts or send fewer per request")
         with self._cond:
             if self._stopping or not self.alive:
                 raise ShuttingDown("the server is shutting down" if self._stopping else "the model worker is not running")
             if len(self._pending) + len(handles) > self.config.max_queue:
                 raise QueueFull(f"too many requests waiting ({len(self._pending)} queued, bound {self.config.max_queue}); "
                                 "retry later", retry_after=self.config.retry_after_s)
+            if self._queued_slots + need > budget:
+                raise QueueFull(f"the server is busy (work waiting: {self._queued_slots} of {budget} token slots, this "
+                                f"request needs {need}); retry later", retry_after=self.config.retry_after_s)
             self._pending.extend(handles)
+            self._queued_slots += need
             self._cond.notify_all()
         return handles
 
@@ -415,6 +470,7 @@ class Batcher:
                    ShuttingDown("the server shut down before this request finished"))
         self._batch = None
         self._pending.clear()
+        self._queued_slots = 0
 
     def _next_admissions(self) -> list[RequestHandle] | None:
         """Requests to add to the batch now ([] to just decode); None when the worker should exit."""
@@ -434,8 +490,26 @@ class Batcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            room = self.config.max_batch_size - self.running
-            return [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            return self._take_admissible()
+
+    def _take_admissible(self) -> list[RequestHandle]:
+        """Pop queued requests, first come first served, while the batch stays within its row and
+        token-slot budgets (the head of the queue always fits an empty batch: submit checked it)."""
+        for h in [h for h in self._pending if h.cancelled]:  # a client that left frees its place now
+            self._pending.remove(h)
+            self._queued_slots -= h.slots
+            self._fail([h], RequestCancelled("cancelled before it started"))
+        slots = self._slots_of(self._batch.rows) if self._batch is not None else Slots()
+        taken = []
+        while self._pending and slots.rows < self.config.max_batch_size:
+            grown = slots.plus(self._pending[0].request)
+            if grown.total > self.config.max_batch_tokens and slots.rows > 0:
+                break
+            slots = grown
+            h = self._pending.popleft()
+            self._queued_slots -= h.slots
+            taken.append(h)
+        return taken
 
     def _fail(self, handles, error: Exception) -> None:
         for h in handles:

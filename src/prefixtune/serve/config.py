@@ -39,6 +39,18 @@ class ServeConfig:
     max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
     max_prompts_per_request: int = field(default=32, metadata={
         "help": "Most prompts in one request's prompt list."})
+    max_prompt_tokens: int = field(default=4096, metadata={
+        "help": "Most tokens in one prompt; a longer prompt gets 400. Bounds one prefill's work and its "
+                "attention memory (which grows with the square of the prompt)."})
+    max_batch_tokens: int = field(default=16384, metadata={
+        "help": "Work and KV-cache budget, in token slots. A row needs prefix + prompt + max_tokens slots; rows "
+                "share one left-padded cache, so the running batch is admitted only while rows x (longest "
+                "prefix + longest prompt+max_tokens) stays within it. The same budget bounds the work waiting "
+                "in the queue: a request that does not fit there now gets 429, one that could never fit "
+                "(its rows need more than the whole budget) gets 400. KV memory = this x layers x 2 x kv_heads "
+                "x head_dim x bytes per value (docs/serving.md)."})
+    max_request_kb: int = field(default=1024, metadata={
+        "help": "Largest body of a request other than an upload; a larger declared or sent body gets 413."})
     prefix_cache_size: int = field(default=64, metadata={
         "help": "Loaded prefixes kept in memory (least recently used are dropped first)."})
     max_upload_mb: float = field(default=64.0, metadata={"help": "Largest prefix file accepted by POST /v1/prefixes."})
@@ -61,6 +73,9 @@ class ServeConfig:
         check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
               "must be between 1 and max_tokens_limit")
         check(self.max_prompts_per_request >= 1, "max_prompts_per_request", "must be >= 1")
+        check(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        check(self.max_batch_tokens >= 2, "max_batch_tokens", "must be >= 2")
+        check(self.max_request_kb >= 1, "max_request_kb", "must be >= 1")
         check(self.prefix_cache_size >= 1, "prefix_cache_size", "must be >= 1")
         check(self.max_upload_mb > 0, "max_upload_mb", "must be > 0")
         check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or None")

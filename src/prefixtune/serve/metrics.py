@@ -157,6 +157,11 @@ class ServerMetrics:
         self.queue_depth = Gauge("prefixtune_queue_depth", "Requests waiting to join the running batch.")
         self.running = Gauge("prefixtune_running_requests", "Requests in the running batch.")
         self.cached_prefixes = Gauge("prefixtune_cached_prefixes", "Prefixes loaded in memory.")
+        self.batch_slots = Gauge("prefixtune_batch_token_slots",
+                                 "Token slots the running batch may fill (rows x longest row), of max_batch_tokens.")
+        self.cancelled = Counter("prefixtune_cancelled_requests_total",
+                                 "Prompts whose rows were dropped before finishing, by why (disconnect, timeout).",
+                                 labels=("reason",))
 
     def add_tokens(self, n: int) -> None:
         self.tokens.inc(n)
@@ -164,5 +169,5 @@ class ServerMetrics:
 
     def render(self) -> str:
         metrics = [self.queue_depth, self.running, self.batch_size, self.tokens, self.prompt_tokens,
-                   self.tokens_per_second, self.request_latency, self.requests, self.cached_prefixes]
+                   self.tokens_per_second, self.request_latency, self.requests, self.cached_prefixes, self.batch_slots, self.cancelled]
         return "\n".join(line for m in metrics for line in m.render()) + "\n"

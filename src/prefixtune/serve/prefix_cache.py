@@ -86,5 +86,10 @@ class PrefixCache:
         if entry is not None:
             entry.revoked = True
 
+    def clear(self) -> None:
+        """Drop every loaded copy (the next request reads its file again, sha256-checked)."""
+        with self._lock:
+            self._entries.clear()
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -7,14 +7,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields are ignored, as OpenAI clients send many."""
+    """POST /v1/completions. Unknown fields are ignored, as OpenAI clients send many.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types: "3" or true is not an integer, "yes" is not a boolean (no silent coercion);
+    an integer may stand for a float. Numbers out of range are 400, never an overflow later."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str = Field(description="A prefix name, or the served base model's name for no prefix.")
     prompt: str | list[str] = Field(description="One prompt, or a list of prompts (one choice each).")
@@ -24,7 +32,8 @@ class CompletionRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, description="A string or up to 8 strings that end the completion.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(default=None, description="Makes sampling repeatable (prompt i uses seed + i).")
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX,  # torch takes up to 2**64-1: seed + i fits
+                             description="Makes sampling repeatable (prompt i uses seed + i).")
     n: int = Field(default=1, description="Only 1 is supported.")
     echo: bool = Field(default=False, description="Not supported.")
     logprobs: int | None = Field(default=None, description="Not supported.")

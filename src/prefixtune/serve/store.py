@@ -10,15 +10,23 @@ Every method opens its own short-lived connection, so one store object is safe t
 threads, and several processes (the server and the CLI) may use the same file: WAL mode lets
 readers run while one writer writes. Files are copied into the store's folder with atomic writes
 under random names and are never modified afterwards.
+
+Crash safety: a file is written to a locked temp file, then renamed into place and indexed in one
+write transaction. Opening the store removes what a killed process left (unlocked temp files, files
+with no row) and says so in the log. The database is created 0600 and the files folder 0700.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
+import os
 import re
 import secrets
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -26,7 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..prefix import MergedPrefix, PrefixFileError, atomic_write_bytes, load_prefix
+from ..prefix import MergedPrefix, PrefixFileError, parse_prefix
+
+log = logging.getLogger("prefixtune.serve")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no '/': names are URL path segments
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -123,6 +133,21 @@ def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _held_by_a_writer(path: Path) -> bool:
+    """Whether a live process holds the lock on this temp file (a killed writer's lock is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # already renamed or removed by its writer
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidName(f"invalid prefix name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
@@ -151,7 +176,11 @@ class PrefixStore:
         self._on_remove: list[Callable[[PrefixRecord], None]] = []
         self._listeners_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+        # owner-only: the index holds key hashes and the files are users' prefixes
+        self.files_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.files_dir, 0o700)
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # SQLite gives -wal/-shm the same mode
+        os.chmod(self.path, 0o600)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
             db.executescript(_SCHEMA)
@@ -159,6 +188,10 @@ class PrefixStore:
             version = db.execute("SELECT value FROM store_meta WHERE key='schema_version'").fetchone()[0]
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: store schema version {version}, this prefixtune reads {SCHEMA_VERSION}")
+        for suffix in ("-wal", "-shm"):  # made by an older version, maybe with the umask's mode
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self.path}{suffix}", 0o600)
+        self.removed_orphans = self._remove_orphans()
 
     def __repr__(self) -> str:
         return f"PrefixStore({str(self.path)!r})"
@@ -188,6 +221,26 @@ class PrefixStore:
                 raise
             db.execute("COMMIT")
 
+    def _remove_orphans(self) -> list[Path]:
+        """Delete what an interrupted add or remove left: temp files no live writer holds, and files
+        no row names. Runs under the write lock, so no add can be between its rename and its insert."""
+        removed = []
+        with self._write() as db:
+            indexed = {r["file"] for r in db.execute("SELECT file FROM prefixes")}
+            for f in sorted(self.files_dir.iterdir()):
+                if f.name.endswith(".tmp"):
+                    if _held_by_a_writer(f):
+                        continue
+                elif not f.name.endswith(".safetensors") or f.name in indexed:
+                    continue
+                size = f.stat().st_size if f.exists() else 0
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    removed.append(f)
+                    log.warning("store %s: removed orphan %s (%d bytes) left by an interrupted add or remove",
+                                self.path, f.name, size)
+        return removed
+
     def _record(self, row: sqlite3.Row) -> PrefixRecord:
         return PrefixRecord(id=row["id"], name=row["name"], owner=row["owner"], public=bool(row["public"]),
                             fingerprint=row["fingerprint"], base_model=row["base_model"], method=row["method"],
@@ -196,31 +249,40 @@ class PrefixStore:
 
     # -- prefixes ------------------------------------------------------------------------------
 
-    def add(self, name: str, owner: str, source: str | Path, public: bool = False) -> PrefixRecord:
-        """Validate the file at `source`, copy it into the store and index it."""
+    def add(self, name: str, owner: str, source: str | Path, public: bool = False,
+            notes: list[str] | None = None) -> PrefixRecord:
+        """Validate the file at `source`, copy it into the store and index it. `notes` (if given)
+        receives what the store corrected (e.g. metadata naming another base model)."""
         source = Path(source)
         if not source.is_file():
             raise PrefixFileError(f"{source}: no such file")
         if source.stat().st_size > self.max_file_bytes:
             raise PrefixFileError(f"{source}: {source.stat().st_size} bytes, more than the store's limit of "
                                   f"{self.max_file_bytes}")
-        return self.add_bytes(name, owner, source.read_bytes(), public=public, label=str(source))
+        return self.add_bytes(name, owner, source.read_bytes(), public=public, label=str(source), notes=notes)
 
     def add_bytes(self, name: str, owner: str, data: bytes, public: bool = False,
-                  label: str = "uploaded file") -> PrefixRecord:
+                  label: str = "uploaded file", notes: list[str] | None = None) -> PrefixRecord:
         """Like `add`, for file contents in memory (an upload). `label` names the file in errors."""
         check_name(name)
         check_owner(owner)
         if len(data) > self.max_file_bytes:
             raise PrefixFileError(f"{label}: {len(data)} bytes, more than the store's limit of {self.max_file_bytes}")
         self._check_name_free(name, owner, public)  # cheap and clear, before the file work
+        prefix = self._validate(data, label, notes)  # nothing is written for a refused file
+        meta = prefix.meta
         file = self.files_dir / f"{uuid.uuid4().hex}.safetensors"
-        atomic_write_bytes(file, data)
+        # the temp file stays locked while we write it: a store opened meanwhile knows it is not an orphan
+        fd, tmp = tempfile.mkstemp(prefix=".add-", suffix=".tmp", dir=self.files_dir)  # mode 0600
         try:
-            prefix = self._validate(file, label)
-            meta = prefix.meta
-            with self._write() as db:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with os.fdopen(os.dup(fd), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            with self._write() as db:  # rename + insert under the write lock: no orphan check sees half of it
                 self._check_name_free(name, owner, public, db)
+                os.replace(tmp, file)
                 cur = db.execute(
                     "INSERT INTO prefixes (name, owner, public, fingerprint, base_model, method, length, size_bytes,"
                     " sha256, file, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -233,6 +295,10 @@ class PrefixStore:
         except BaseException:
             file.unlink(missing_ok=True)
             raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.close(fd)  # releases the lock
         return self._record(row)
 
     def _check_name_free(self, name: str, owner: str, public: bool, db: sqlite3.Connection | None = None) -> None:
@@ -242,14 +308,24 @@ class PrefixStore:
             if public and conn.execute("SELECT 1 FROM prefixes WHERE public=1 AND name=?", (name,)).fetchone():
                 raise PrefixExists(f"a public prefix named {name!r} already exists; pick another name")
 
-    def _validate(self, file: Path, label: str) -> MergedPrefix:
-        try:
-            prefix = load_prefix(file, self.model)
-        except PrefixFileError as e:  # name the user's file, not our internal copy
-            raise PrefixFileError(str(e).replace(str(file), label)) from None
-        if not prefix.meta.get("fingerprint"):
+    def _validate(self, data: bytes, label: str, notes: list[str] | None = None) -> MergedPrefix:
+        prefix = parse_prefix(data, label, self.model)
+        meta = prefix.meta
+        if not meta.get("fingerprint"):
             raise PrefixFileError(f"{label}: does not record which base model it was made for (no fingerprint); "
                                   "save it with save_prefix(prefix, path, model=model)")
+        if self.model is not None:
+            # the fingerprint matched the model, so that model is the truthful base, whatever the metadata says
+            from ..models import model_name
+
+            truth = model_name(self.model)
+            if meta.get("base_model") != truth:
+                note = (f"{label}: its metadata names base model {meta.get('base_model')!r}, but its fingerprint "
+                        f"{meta['fingerprint']} is that of {truth!r}; listed under {truth!r}")
+                log.warning("%s", note)
+                if notes is not None:
+                    notes.append(note)
+                meta["base_model"] = truth
         return prefix
 
     def get(self, name: str, owner: str) -> PrefixRecord:
@@ -322,10 +398,10 @@ class PrefixStore:
             raise PrefixIntegrityError(f"prefix {record.name!r}: its file {record.file} is missing") from None
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise PrefixIntegrityError(f"prefix {record.name!r}: its file {record.file} changed since it was added "
-                                       "(sha256 differs); refusing to serve it")
-        # Files are immutable once written (random names, atomic writes), so parsing the path now
-        # reads the bytes just hashed.
-        return self._validate(record.file, f"prefix {record.name!r}")
+                                       f"({len(data)} bytes now, sha256 differs); refusing to serve it")
+        # parse the very bytes just hashed (never the path again): what is served is what was checked,
+        # and the tensors own their memory, so a later change to the file cannot reach them
+        return self._validate(data, f"prefix {record.name!r}")
 
     # -- API keys ------------------------------------------------------------------------------
 
