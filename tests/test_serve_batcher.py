@@ -263,3 +263,41 @@ def test_work_budget_bounds_the_batch_and_the_queue(setup):
         assert batcher.queue_depth == 0 and batcher._queued_slots == 0
     finally:
         batcher.stop()
+
+
+def test_prefix_prompt_and_ptuning_rows_share_batches_and_equal_each_request_alone(setup):
+    """Soft prompts are served mixed with prefixes and plain rows, joining a running batch."""
+    from prefixtune.engine import lay_out
+
+    model, tok, prefixes = setup
+    g = torch.Generator().manual_seed(7)
+    hidden = model.get_input_embeddings().embedding_dim
+    prompt = MergedPrefix(kv={}, embeds=torch.randn(3, hidden, generator=g),
+                          meta={"method": "prompt", "template": [["v", 3], ["s"]]})
+    anchor = tok("=")["input_ids"]
+    ptuning = MergedPrefix(kv={}, embeds=torch.randn(3, hidden, generator=g),
+                           meta={"method": "ptuning", "template": [["v", 2], ["s"], ["t", anchor], ["v", 1]]})
+    arts = [prefixes[0], prompt, ptuning, None, prefixes[1], prompt]
+    cases = [(a, PROMPTS[i % 5], 5 + i) for i, a in enumerate(arts)]
+
+    def reference(art, text, n):
+        ids = tok(text)["input_ids"]
+        laid = lay_out(art.template, ids) if art is not None and art.embeds is not None else ids
+        out = pt.generate_with_prefix(model, pt.RowPrefixes.per_row([art]) if art is not None else None,
+                                      torch.tensor([laid]), max_new_tokens=n, do_sample=False)[0, len(laid):].tolist()
+        eos = model.generation_config.eos_token_id
+        return out[:out.index(eos)] if eos in out else out
+
+    with Batcher(model, tok, config(max_batch_size=4, batch_window_ms=0)) as batcher:
+        handles = batcher.submit_all([GenerationRequest(tok(p)["input_ids"], a, SamplingParams(max_tokens=n))
+                                      for a, p, n in cases])
+        got = [h.result(60).token_ids for h in handles]
+    assert got == [reference(a, p, n) for a, p, n in cases]
+
+
+def test_infix_artifacts_are_refused_by_the_server(setup):
+    model, tok, prefixes = setup
+    infix = MergedPrefix(kv=prefixes[0].kv, meta={"method": "infix", "insert": "target"})
+    with Batcher(model, tok, config()) as batcher:
+        with pytest.raises(ValueError, match="infix"):
+            batcher.check(GenerationRequest(tok("hi")["input_ids"], infix, SamplingParams(max_tokens=3)))

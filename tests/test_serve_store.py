@@ -291,3 +291,23 @@ def test_kill_9_during_an_add_leaves_nothing_after_reopening(model, files, tmp_p
         assert any(f.name in r.getMessage() and "orphan" in r.getMessage() for r in caplog.records)
     assert torch.equal(reopened.load(reopened.get("kept", "alice")).kv["self"], pt.load_prefix(files["f0"]).kv["self"])
     assert PrefixStore(db, model=model).removed_orphans == [live]  # no writer holds it any more
+
+
+def test_soft_prompts_are_stored_and_weight_methods_and_infixes_refused(model, tmp_path):
+    import prefixtune as pt
+    from prefixtune.methods.weights import WeightArtifact
+
+    store = PrefixStore(tmp_path / "p.db", model=model)
+    prompt = pt.PromptModel(model, pt.PromptConfig(length=3, init="random"))
+    prompt.save(tmp_path / "prompt.safetensors")
+    record = store.add("soft", "alice", tmp_path / "prompt.safetensors")
+    loaded = store.load(record)
+    assert loaded.embeds is not None and loaded.template == [["v", 3], ["s"]]
+    weights = WeightArtifact({"lora.x.A": torch.zeros(2, 2)}, {"method": "lora", **prompt.base_meta()})
+    weights.save(tmp_path / "lora.safetensors", model=model)
+    with pytest.raises(PrefixFileError, match="change the model"):
+        store.add("w", "alice", tmp_path / "lora.safetensors")
+    pt.InfixModel(model, pt.InfixConfig(length=2)).save(tmp_path / "infix.safetensors")
+    with pytest.raises(PrefixFileError, match="infix"):
+        store.add("i", "alice", tmp_path / "infix.safetensors")
+    assert [r.name for r in store.list()] == ["soft"]

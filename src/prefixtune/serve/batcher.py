@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..engine import RowPrefixes, forward_with_prefix, layout_of
+from ..engine import RowPrefixes, forward_with_prefix, lay_out, layout_of
 from ..models import model_name
 from ..prefix import MergedPrefix, check_compatible
 from .config import ServeConfig
@@ -70,6 +70,19 @@ class GenerationRequest:
     params: SamplingParams = SamplingParams()
     on_text: Callable[[str], None] | None = None
 
+    def model_ids(self) -> list[int]:
+        """What the model reads: the prompt, with a soft prompt's (prompt tuning, P-tuning) virtual
+        tokens laid out around it by the artifact's template."""
+        prefix = _merged(self.prefix)
+        if prefix is None or prefix.embeds is None:
+            return self.prompt_ids
+        return lay_out(prefix.template, self.prompt_ids)
+
+
+def _kv_length(prefix: MergedPrefix | None) -> int:
+    """Key/value slots a prefix adds in front of every layer (0 for soft prompts: theirs are tokens)."""
+    return next(iter(prefix.kv.values())).shape[3] if prefix is not None and prefix.kv else 0
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -94,9 +107,8 @@ class Slots:
         return self.rows * (self.prefix + self.span)
 
     def plus(self, request: GenerationRequest) -> "Slots":
-        prefix = _merged(request.prefix)
-        return Slots(self.rows + 1, max(self.prefix, prefix.length if prefix is not None else 0),
-                     max(self.span, len(request.prompt_ids) + request.params.max_tokens))
+        return Slots(self.rows + 1, max(self.prefix, _kv_length(_merged(request.prefix))),
+                     max(self.span, len(request.model_ids()) + request.params.max_tokens))
 
 
 def row_slots(request: GenerationRequest) -> int:
@@ -391,11 +403,15 @@ class Batcher:
         if prefix is not None:
             # shapes only: the store checked the base-model fingerprint when the file was added
             check_compatible(prefix, self.model, source=getattr(request.prefix, "name", "prefix"), check_fingerprint=False)
+            if prefix.is_infix:
+                raise ValueError("infix artifacts are not served (an infix needs each row's source/target boundary); "
+                                 "serve a prefix, prompt or P-tuning artifact")
         if self.max_positions:
-            length = prefix.length if prefix is not None else 0
-            total = len(request.prompt_ids) + request.params.max_tokens + length
+            length = _kv_length(prefix)
+            prompt = len(request.model_ids())
+            total = prompt + request.params.max_tokens + length
             if total > self.max_positions:
-                raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
+                raise ValueError(f"prompt ({prompt} tokens) + max_tokens ({request.params.max_tokens}) "
                                  f"+ prefix ({length}) = {total} exceeds the model's context of {self.max_positions}")
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -527,7 +543,7 @@ class Batcher:
                 self._fail([h], PrefixRemoved(f"prefix {h.request.prefix.name!r} was removed"))
             else:
                 live.append(h)
-        lengths = [len(h.request.prompt_ids) for h in live]
+        lengths = [len(h.request.model_ids()) for h in live]
         for group in prefill_groups(lengths, self.config.prefill_overhead_tokens):
             new = self._prefill([live[i] for i in group])
             if len(new) == 0:
@@ -541,13 +557,13 @@ class Batcher:
     def _prefill(self, handles: list[RequestHandle]) -> _Batch:
         """One left-padded forward pass over new prompts; their first tokens are chosen here."""
         rows = [_Row(h, self.tokenizer, self.eos_ids, self.device) for h in handles]
-        width = max(len(h.request.prompt_ids) for h in handles)
+        prompts = [h.request.model_ids() for h in handles]  # soft prompts' virtual tokens as negative ids
+        width = max(map(len, prompts))
         ids = torch.full((len(handles), width), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros(len(handles), width, dtype=torch.long, device=self.device)
-        for i, h in enumerate(handles):
-            n = len(h.request.prompt_ids)
-            ids[i, width - n:] = torch.tensor(h.request.prompt_ids, dtype=torch.long)
-            mask[i, width - n:] = 1
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
         prefixes = None
         if any(r.prefix is not None for r in rows):
             prefixes = RowPrefixes.per_row([r.prefix for r in rows], device=self.device, dtype=self.model.dtype)

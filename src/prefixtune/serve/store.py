@@ -310,6 +310,9 @@ class PrefixStore:
 
     def _validate(self, data: bytes, label: str, notes: list[str] | None = None) -> MergedPrefix:
         prefix = parse_prefix(data, label, self.model)
+        if prefix.is_infix:
+            raise PrefixFileError(f"{label}: is an infix ([x; INFIX; y]); the server serves prefix, prompt-tuning and "
+                                  "P-tuning artifacts (an infix needs each row's source/target boundary)")
         meta = prefix.meta
         if not meta.get("fingerprint"):
             raise PrefixFileError(f"{label}: does not record which base model it was made for (no fingerprint); "
