@@ -149,6 +149,12 @@ class MergedPrefix:
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+ / torch.save zip
 
 
+def _is_pickle(head: bytes) -> bool:
+    """`head`: the first 9+ bytes. A safetensors file starts with its header length (8 bytes, little
+    endian) and then '{': one whose length's low byte is 0x80 is not a pickle (1 file in 256)."""
+    return head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{"
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write via a temp file in the same folder + rename, so a crash never leaves half a file."""
     path = Path(path)
@@ -198,7 +204,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise PrefixFileError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(_PICKLE_MAGIC):
+    if _is_pickle(head):
         raise PrefixFileError(f"{path}: this is a pickle / torch.save file; prefixtune loads only safetensors "
                               "files (pickles can run arbitrary code)")
     if len(head) < 8 or int.from_bytes(head[:8], "little") > path.stat().st_size - 8:
@@ -224,11 +230,12 @@ def read_metadata(path: str | Path) -> dict:
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+        if _is_pickle(head):
             raise PrefixFileError(f"{path}: this is a pickle / torch.save file; prefixtune loads only safetensors "
                                   "files (pickles can run arbitrary code)")
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
+        f.seek(8)
         if n < 2 or n > path.stat().st_size - 8:
             raise PrefixFileError(f"{path}: not a safetensors file, or truncated (header length does not fit the file)")
         try:
