@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
@@ -260,51 +259,46 @@ def test_generate_texts_applies_and_removes_a_weight_artifact():
 # ---------------------------------------------------------------------------------------------
 # kill -9 + resume gives the identical artifact
 
-_RUN = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-import torch
-torch.set_num_threads(1)
-import prefixtune as pt
-from prefixtune.train import TrainConfig, train
-from conftest import reversal_pairs, tiny, tiny_tokenizer
-method, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-fields = {{"lora": dict(rank=2, dropout=0.1), "adapter": dict(size=4)}}[method]
-torch.manual_seed(0)
-m = pt.build(tiny("llama"), method, **fields)
-def progress(record):
-    if record["step"] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a crash would
-train(m, tiny_tokenizer("llama"), reversal_pairs(48), reversal_pairs(8, seed=1),
-      TrainConfig(lr=1e-2, epochs=2, batch_size=4, checkpoint_every=3, log_every=100), out, resume=resume,
-      progress=progress)
-"""
+def _run(method: str, out: Path, kill_at: int | None = None, resume: bool = False) -> list[str]:
+    torch.manual_seed(0)
+    m = pt.build(tiny("llama"), method, **{"lora": dict(rank=2, dropout=0.1), "adapter": dict(size=4)}[method])
+
+    def progress(record):
+        if record["step"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a crash would
+
+    printed: list[str] = []
+    train(m, tiny_tokenizer("llama"), reversal_pairs(48), reversal_pairs(8, seed=1),
+          TrainConfig(lr=1e-2, epochs=2, batch_size=4, checkpoint_every=3, log_every=100), out, resume=resume,
+          progress=progress, print_fn=printed.append)
+    return printed
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "adapter"])  # LoRA with dropout: the RNG state resumes too
 def test_kill_9_and_resume_gives_the_same_artifact(method, tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(_RUN.format(tests=str(ROOT / "tests")))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
-
-    def run(out, kill_at, resume):
-        return subprocess.run([sys.executable, str(script), method, str(out), str(kill_at), "1" if resume else "0"],
-                              env=env, capture_output=True, text=True, timeout=300)
-
-    full = run(tmp_path / "full", 0, False)
-    assert full.returncode == 0, full.stderr[-2000:]
-    killed = run(tmp_path / "killed", 17, False)                   # 12 steps/epoch: killed in epoch 2
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (tmp_path / "killed" / f"{method}.safetensors").exists()
-    resumed = run(tmp_path / "killed", 0, True)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
-    assert "at step 15" in resumed.stdout                          # the last checkpoint before the kill
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels in parent and child (forked: no interpreter start-up)
+    try:
+        _run(method, tmp_path / "full")                             # uninterrupted reference
+        pid = os.fork()
+        if pid == 0:                                                # child: killed with SIGKILL at step 17
+            try:
+                _run(method, tmp_path / "killed", kill_at=17)
+            finally:
+                os._exit(1)                                         # never reached when killed
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        assert not (tmp_path / "killed" / f"{method}.safetensors").exists()
+        printed = _run(method, tmp_path / "killed", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert any("resumed from" in line and "at step 15" in line for line in printed), printed  # last checkpoint
     a = pt.load_artifact(tmp_path / "full" / f"{method}.safetensors").tensors
     b = pt.load_artifact(tmp_path / "killed" / f"{method}.safetensors").tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
              if '"loss"' in line]
-    assert steps[-1] == 24
+    assert steps == list(range(1, 18)) + list(range(16, 25))      # steps 16-17 were lost with the kill, redone
 
 
 # ---------------------------------------------------------------------------------------------
