@@ -18,7 +18,6 @@ from prefixtune.train import TrainConfig, train
 
 from conftest import reversal_pairs, tiny, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 X = torch.tensor([[3, 14, 15, 92, 7]])
 WEIGHT_METHODS = ["finetune", "ft-top", "adapter", "lora"]
 
