@@ -162,3 +162,18 @@ def test_peft_export_refuses_encoder_decoder_prefixes(tmp_path):
     with pytest.raises(ValueError, match="encoder"):
         pt.export_peft(prefix, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_safetensors_file_whose_header_length_starts_like_a_pickle_loads(tmp_path):
+    """A header length with low byte 0x80 (1 file in 256) once read as pickle protocol magic."""
+    from safetensors.torch import save
+
+    for pad in range(300):  # grow the metadata until the header length's low byte is 0x80
+        data = save({"x": torch.zeros(1)}, metadata={"pad": "p" * pad})
+        if data[0] == 0x80:
+            break
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(data)
+    tensors, meta = pt.prefix.read_safetensors(path)
+    assert meta["pad"] == "p" * pad and torch.equal(tensors["x"], torch.zeros(1))
+    assert data[0] == 0x80 and pt.prefix.read_metadata(path)["pad"] == "p" * pad

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import typer
 
 # Older option names kept working.
-ALIASES = {"length": ["--prefix-length"], "time_budget_s": ["--time-budget"]}
+ALIASES = {"length": ["--prefix-length"], "time_budget_s": ["--time-budget"], "size": ["--adapter-size"]}
 
 
 def _plain_type(hint) -> tuple[type, bool]:

@@ -60,6 +60,15 @@ class Arch:
     # Whether an infix ([x; INFIX; y], decoder-only) is exact here: needs positions that are rotary
     # (shifted by one extra rotation) or absolute ones fed through position_ids.
     infix: bool = True
+    # Weight methods. Transformer blocks: stack -> regex over parameter names, group 1 the layer
+    # number (FT-top-k trains the top k blocks of each stack).
+    blocks: dict[str, str] = field(default_factory=dict)
+    # Modules whose output is an attention sublayer's output (self and cross attention) and an MLP
+    # sublayer's output, before the residual add: where Houlsby adapters go. Group 1: layer number.
+    attention_output: str | None = None
+    mlp_output: str | None = None
+    # Modules LoRA adapts by default (regex searched in module names; PEFT's defaults).
+    lora_targets: str | None = None
 
 
 def _llama_kv(c, kind):
@@ -67,7 +76,14 @@ def _llama_kv(c, kind):
     return (getattr(c, "num_key_value_heads", None) or c.num_attention_heads), head_dim
 
 
-_LLAMA_LIKE = Arch(attention={"self": r"^model\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv)
+_LLAMA_LIKE = Arch(
+    attention={"self": r"^model\.layers\.(\d+)\.self_attn$"},
+    kv_shape=_llama_kv,
+    blocks={"decoder": r"^model\.layers\.(\d+)\."},
+    attention_output=r"^model\.layers\.(\d+)\.self_attn\.o_proj$",
+    mlp_output=r"^model\.layers\.(\d+)\.mlp$",
+    lora_targets=r"\.(q_proj|v_proj)$",
+)
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,
@@ -79,6 +95,10 @@ ARCHITECTURES: dict[str, Arch] = {
         attention={"self": r"^transformer\.h\.(\d+)\.attn$"},
         kv_shape=lambda c, kind: (c.n_head, c.n_embd // c.n_head),
         hidden_size=lambda c: c.n_embd,
+        blocks={"decoder": r"^transformer\.h\.(\d+)\."},
+        attention_output=r"^transformer\.h\.(\d+)\.attn\.c_proj$",
+        mlp_output=r"^transformer\.h\.(\d+)\.mlp$",
+        lora_targets=r"\.attn\.c_attn$",
     ),
     "t5": Arch(
         attention={
@@ -90,6 +110,10 @@ ARCHITECTURES: dict[str, Arch] = {
         shift_positions=False,
         relative_bias=_t5_relative_bias,
         hidden_size=lambda c: c.d_model,
+        blocks={"encoder": r"^encoder\.block\.(\d+)\.", "decoder": r"^decoder\.block\.(\d+)\."},
+        attention_output=r"^(?:en|de)coder\.block\.(\d+)\.layer\.\d+\.(?:SelfAttention|EncDecAttention)\.o$",
+        mlp_output=r"^(?:en|de)coder\.block\.(\d+)\.layer\.\d+\.DenseReluDense$",
+        lora_targets=r"\.(?:SelfAttention|EncDecAttention)\.(q|v)$",
     ),
     "bart": Arch(
         attention={
@@ -106,6 +130,10 @@ ARCHITECTURES: dict[str, Arch] = {
         # BART code, real tokens keep positions 0.. and the prefix is position-free.
         shift_positions=False,
         hidden_size=lambda c: c.d_model,
+        blocks={"encoder": r"^model\.encoder\.layers\.(\d+)\.", "decoder": r"^model\.decoder\.layers\.(\d+)\."},
+        attention_output=r"^model\.(?:en|de)coder\.layers\.(\d+)\.(?:self_attn|encoder_attn)\.out_proj$",
+        mlp_output=r"^model\.(?:en|de)coder\.layers\.(\d+)\.fc2$",
+        lora_targets=r"\.(?:self_attn|encoder_attn)\.(q_proj|v_proj)$",
     ),
 }
 ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
@@ -249,3 +277,34 @@ def attention_modules(model) -> dict[str, list[torch.nn.Module]]:
             raise ValueError(f"{kind!r} attention layers are not numbered 0..n-1: {sorted(by_layer)}")
         out[kind] = [by_layer[i] for i in range(len(by_layer))]
     return out
+
+
+def _table_entry(model, name: str):
+    value = getattr(arch_of(model), name)
+    if not value:
+        raise ValueError(f"the architecture table has no {name!r} for model_type={model.config.model_type!r}; "
+                         f"add it to that row of prefixtune/models.py:ARCHITECTURES")
+    return value
+
+
+def block_parameters(model) -> dict[str, dict[int, dict[str, torch.nn.Parameter]]]:
+    """stack -> layer -> {parameter name: parameter} of each transformer block (from the table)."""
+    patterns = {stack: re.compile(p) for stack, p in _table_entry(model, "blocks").items()}
+    out: dict[str, dict[int, dict[str, torch.nn.Parameter]]] = {stack: {} for stack in patterns}
+    for name, p in model.named_parameters():
+        for stack, pattern in patterns.items():
+            m = pattern.match(name)
+            if m:
+                out[stack].setdefault(int(m.group(1)), {})[name] = p
+    for stack, by_layer in out.items():
+        if not by_layer:
+            raise ValueError(f"no parameters of {stack!r} blocks matched {patterns[stack].pattern!r} in "
+                             f"{type(model).__name__}")
+    return out
+
+
+def modules_matching(model, pattern: str, search: bool = False) -> dict[str, torch.nn.Module]:
+    """name -> module for the modules whose name matches `pattern` (`search`: anywhere in the name)."""
+    rx = re.compile(pattern)
+    match = rx.search if search else rx.match
+    return {name: m for name, m in model.named_modules() if name and match(name)}

@@ -14,8 +14,13 @@ from .infix import InfixConfig, InfixModel
 from .prefix import PrefixModel
 from .prompt import PromptConfig, PromptModel
 from .ptuning import PTuningConfig, PTuningModel
+from .adapter import AdapterModel
+from .finetune import FinetuneModel
+from .ft_top import FtTopModel
+from .lora import LoRAModel
 
-_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel]
+_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel,
+                                   FinetuneModel, FtTopModel, AdapterModel, LoRAModel]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
 
 

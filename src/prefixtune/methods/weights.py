@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..prefix import PrefixFileError, atomic_write_bytes, decode_meta, read_safetensors
+from .base import Method
 
 WEIGHTS_FORMAT = "prefixtune.weights/1"
 
@@ -74,3 +75,98 @@ class WeightArtifact:
                     f"{path}: made for base model {meta.get('base_model')!r} (fingerprint {meta['fingerprint']}), but "
                     f"the loaded model {model_name(model)!r} has fingerprint {got}; it only works on its own base model")
         return artifact
+
+
+def check_base(artifact: WeightArtifact, model, source: str = "weight artifact") -> None:
+    """Refuse to apply `artifact` to another base model than the one it was made for."""
+    from ..models import fingerprint, model_name
+
+    want = artifact.meta.get("fingerprint")
+    if want and fingerprint(model) != want:
+        raise PrefixFileError(
+            f"{source}: {artifact.method} weights made for base model {artifact.meta.get('base_model')!r} (fingerprint "
+            f"{want}), but the model {model_name(model)!r} has fingerprint {fingerprint(model)} (another model, or one "
+            "that already carries changed weights); it only works on its own base model")
+
+
+class WeightMethod(Method):
+    """A method that changes or adds weights in the model itself (fine-tuning, FT-top-k, adapters, LoRA).
+
+    Subclasses name their tensors in `trainable()`; those same names and tensors are the artifact,
+    so export, checkpoints and `from_artifact` need nothing else. Weights a method overwrites in the
+    base model are copied (to CPU) first, so `detach()` gives the original model back exactly.
+    """
+
+    mixable = False
+
+    def __init__(self, model, config=None, tokenizer=None):
+        super().__init__(model, config, tokenizer)
+        self._hooks: list = []
+        self._originals: dict[str, torch.Tensor] = {}  # base parameter name -> original values
+
+    def _keep_originals(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for name, p in params.items():
+            self._originals.setdefault(name, p.detach().to("cpu", copy=True))
+
+    def _hook_output(self, module: torch.nn.Module, fn) -> None:
+        """Register a forward hook (PyTorch's public extension point) that maps the module's output
+        tensor through `fn(output, inputs)`; tuple outputs have their first element mapped."""
+
+        def hook(mod, args, output):
+            if isinstance(output, tuple):
+                return (fn(output[0], args), *output[1:])
+            return fn(output, args)
+
+        self._hooks.append(module.register_forward_hook(hook))
+
+    def export(self) -> WeightArtifact:
+        """Only what changed or was added (the trainable tensors), plus the base model's fingerprint."""
+        tensors = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable().items()}
+        return WeightArtifact(tensors, self.base_meta())
+
+    @classmethod
+    def from_artifact(cls, model, artifact: WeightArtifact, tokenizer=None) -> "WeightMethod":
+        """Apply a saved artifact to `model` (frozen, for inference); `detach()` undoes it."""
+        from ..config import ConfigError
+
+        if artifact.method != cls.name:
+            raise PrefixFileError(f"a {artifact.method!r} artifact cannot be applied as {cls.name!r}")
+        check_base(artifact, model)
+        try:
+            config = cls.config_class.from_dict(artifact.meta.get("config") or {})
+        except (ConfigError, TypeError) as e:
+            raise PrefixFileError(f"{cls.name} artifact: its config cannot be used ({e})") from e
+        method = cls(model, config, tokenizer=tokenizer)
+        try:
+            method.load_tensors(artifact.tensors)
+        except BaseException:
+            method.detach()
+            raise
+        method.requires_grad_(False)
+        return method
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = self.trainable()
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or extra:
+            raise PrefixFileError(f"{self.name} artifact does not fit this model: missing {missing[:5]}"
+                                  f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+                                  f"{' ...' if len(extra) > 5 else ''}")
+        for name, p in params.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise PrefixFileError(f"{self.name} artifact: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                                      f"the model needs {tuple(p.shape)}")
+            p.copy_(tensors[name])
+
+    @torch.no_grad()
+    def detach(self) -> None:
+        """Remove this method's hooks and restore the base model's original weights; the model is
+        frozen again, exactly as before the method was built."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for name, value in self._originals.items():
+            self.model.get_parameter(name).copy_(value)
+        self._originals.clear()
+        self.model.requires_grad_(False)

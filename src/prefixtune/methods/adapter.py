@@ -1,0 +1,117 @@
+"""Adapter-tuning (Houlsby et al. 2019; the paper's §5.2 baseline): a bottleneck MLP after each
+attention sublayer and after each MLP sublayer, as a residual `h + up(act(down(h)))`.
+
+`up` starts at zero, so the model is unchanged at initialization. Adapters enter through PyTorch
+forward hooks on the modules the architecture table names (`attention_output`, `mlp_output`); the
+base model's weights are never touched. Size: `size` (bottleneck width) or `fraction` (a target
+share of the base model's parameters, e.g. 0.001 or 0.03, as the paper's ADAPTER (0.1%) / (3%)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, _check
+from ..models import arch_of, modules_matching
+from .weights import WeightMethod
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    """Houlsby bottleneck adapters after attention and after the MLP (paper §5.2)."""
+
+    size: int | None = field(default=None, metadata={"help": "Bottleneck width of every adapter. Give this or fraction."})
+    fraction: float | None = field(
+        default=None, metadata={"help": "Target trainable share of the base model's parameters (e.g. 0.001 = 0.1%, "
+                                        "0.03 = 3%); the bottleneck width is the nearest that gives it (at least 1). "
+                                        "Default when neither is given: 0.001."})
+    activation: Literal["relu", "gelu", "tanh"] = field(default="relu", metadata={"help": "Bottleneck non-linearity."})
+    init_std: float = field(default=0.01, metadata={"help": "Standard deviation of the down-projection's init "
+                                                            "(the up-projection starts at zero)."})
+    method: str = field(default="adapter", metadata={"help": "Method name recorded in saved files.", "cli": False})
+
+    def __post_init__(self):
+        c = type(self).__name__
+        _check(self.method == "adapter", c, "method", f"is {self.method!r}; AdapterConfig configures 'adapter'")
+        _check(self.size is None or self.fraction is None, c, "size",
+               f"give size ({self.size}) or fraction ({self.fraction}), not both")
+        if self.size is None and self.fraction is None:
+            self.fraction = 0.001
+        _check(self.size is None or (isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1),
+               c, "size", f"must be an int >= 1, got {self.size!r}")
+        _check(self.fraction is None or 0 < self.fraction < 1, c, "fraction", f"must be in (0, 1), got {self.fraction!r}")
+        _check(self.activation in ACTIVATIONS, c, "activation", f"must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+        _check(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
+
+
+class Bottleneck(nn.Module):
+    """h + up(act(down(h))), computed in float32 and added in h's dtype."""
+
+    def __init__(self, hidden: int, size: int, activation: str, init_std: float):
+        super().__init__()
+        self.down = nn.Linear(hidden, size)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(size, hidden)
+        with torch.no_grad():
+            self.down.weight.normal_(0, init_std)
+            self.down.bias.zero_()
+            self.up.weight.zero_()  # the model is unchanged at init
+            self.up.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
+
+
+def adapter_sites(model) -> dict[str, nn.Module]:
+    """Module name -> module whose output gets an adapter (attention outputs and MLP outputs), from the table."""
+    arch = arch_of(model)
+    if not (arch.attention_output and arch.mlp_output):
+        raise ValueError(f"the architecture table has no adapter sites for model_type={model.config.model_type!r}; "
+                         "add attention_output and mlp_output to its row in prefixtune/models.py:ARCHITECTURES")
+    sites = {**modules_matching(model, arch.attention_output), **modules_matching(model, arch.mlp_output)}
+    if not sites:
+        raise ValueError(f"no adapter sites matched in {type(model).__name__}")
+    return dict(sorted(sites.items()))
+
+
+def adapter_params(hidden: int, size: int) -> int:
+    """Parameters of one adapter: down (hidden x size + size) and up (size x hidden + hidden)."""
+    return 2 * hidden * size + size + hidden
+
+
+def size_for_fraction(model, fraction: float) -> int:
+    """The bottleneck width whose adapters hold the nearest to `fraction` of the model's parameters."""
+    hidden = arch_of(model).hidden_size(model.config)
+    sites = len(adapter_sites(model))
+    base = sum(p.numel() for p in model.parameters())
+    # sites * (2*hidden*size + size + hidden) = fraction * base
+    return max(1, round((fraction * base / sites - hidden) / (2 * hidden + 1)))
+
+
+class AdapterModel(WeightMethod):
+    name = "adapter"
+    config_class = AdapterConfig
+    summary = "Houlsby bottleneck adapters after each attention and MLP sublayer (forward hooks)"
+
+    def __init__(self, model, config: AdapterConfig | None = None, tokenizer=None):
+        super().__init__(model, config, tokenizer)
+        cfg = self.config
+        hidden = arch_of(model).hidden_size(model.config)
+        self.size = cfg.size or size_for_fraction(model, cfg.fraction)
+        sites = adapter_sites(model)
+        # ModuleDict keys cannot hold dots; the artifact names use the module's real name
+        self.adapters = nn.ModuleDict({name.replace(".", "__"): Bottleneck(hidden, self.size, cfg.activation, cfg.init_std)
+                                       for name in sites}).to(model.device)
+        self._names = {name: self.adapters[name.replace(".", "__")] for name in sites}
+        for name, module in sites.items():
+            self._hook_output(module, lambda out, args, a=self._names[name]: a(out))
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """'adapter.<module name>.{down,up}.{weight,bias}' for every adapter."""
+        return {f"adapter.{name}.{pname}": p for name, a in self._names.items() for pname, p in a.named_parameters()}

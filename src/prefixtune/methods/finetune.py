@@ -1,0 +1,42 @@
+"""Fine-tuning (the paper's §5.2 baseline FT-full): every weight of the base model trains.
+
+The artifact holds every parameter (tied weights once), so it is as large as the model; it is
+applied to a model of the same base and `detach()` restores the original weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..config import MethodConfig, _check
+from .weights import WeightMethod
+
+
+@dataclass
+class FinetuneConfig(MethodConfig):
+    """Full fine-tuning: no options besides the training settings."""
+
+    method: str = field(default="finetune", metadata={"help": "Method name recorded in saved files.", "cli": False})
+
+    def __post_init__(self):
+        _check(self.method == "finetune", type(self).__name__, "method",
+               f"is {self.method!r}; FinetuneConfig configures 'finetune'")
+
+
+class FinetuneModel(WeightMethod):
+    name = "finetune"
+    config_class = FinetuneConfig
+    summary = "every weight of the base model (the paper's FT-full baseline)"
+
+    def __init__(self, model, config: FinetuneConfig | None = None, tokenizer=None):
+        super().__init__(model, config, tokenizer)
+        self._params = dict(model.named_parameters())  # tied weights appear once
+        self._keep_originals(self._params)
+        for p in self._params.values():
+            p.requires_grad_(True)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The base model's parameters, by their names in the base model."""
+        return dict(self._params)

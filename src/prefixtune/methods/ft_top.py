@@ -1,0 +1,55 @@
+"""FT-top-k (the paper's §5.2 baseline FT-top2): only the top k transformer blocks train.
+
+Which parameters belong to which block comes from the architecture table
+(`models.ARCHITECTURES[...].blocks`); encoder-decoder models train the top k blocks of each stack.
+Embeddings, final norms and the LM head stay frozen. The artifact holds only those blocks' weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..config import MethodConfig, _check
+from ..models import block_parameters
+from .weights import WeightMethod
+
+
+@dataclass
+class FtTopConfig(MethodConfig):
+    """Fine-tune only the top k transformer blocks (k=2: the paper's FT-top2)."""
+
+    layers: int = field(default=2, metadata={"help": "How many top transformer blocks train (of each stack for "
+                                                     "encoder-decoder models); 2 is the paper's FT-top2."})
+    method: str = field(default="ft-top", metadata={"help": "Method name recorded in saved files.", "cli": False})
+
+    def __post_init__(self):
+        c = type(self).__name__
+        _check(self.method == "ft-top", c, "method", f"is {self.method!r}; FtTopConfig configures 'ft-top'")
+        _check(isinstance(self.layers, int) and not isinstance(self.layers, bool) and self.layers >= 1, c, "layers",
+               f"must be an int >= 1, got {self.layers!r}")
+
+
+class FtTopModel(WeightMethod):
+    name = "ft-top"
+    config_class = FtTopConfig
+    summary = "the top k transformer blocks' weights (the paper's FT-top2 for k=2)"
+
+    def __init__(self, model, config: FtTopConfig | None = None, tokenizer=None):
+        super().__init__(model, config, tokenizer)
+        k = self.config.layers
+        self._params: dict[str, nn.Parameter] = {}
+        for stack, by_layer in block_parameters(model).items():
+            if k > len(by_layer):
+                raise ValueError(f"FtTopConfig.layers: is {k}, but the {stack} of {type(model).__name__} has only "
+                                 f"{len(by_layer)} blocks")
+            for layer in sorted(by_layer)[-k:]:
+                self._params.update(by_layer[layer])
+        self._keep_originals(self._params)
+        for p in self._params.values():
+            p.requires_grad_(True)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The top k blocks' parameters, by their names in the base model."""
+        return dict(self._params)

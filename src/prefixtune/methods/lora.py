@@ -1,0 +1,134 @@
+"""LoRA (Hu et al. 2021): a low-rank update `scale * B(A(x))` added to chosen linear layers' outputs.
+
+`B` starts at zero, so the model is unchanged at initialization; scale = alpha / rank (PEFT's
+convention). Works on `nn.Linear` and GPT-2's `transformers.pytorch_utils.Conv1D` (weight stored
+(in, out)). Enters through PyTorch forward hooks; `merge()` folds the update into the weights
+(and removes the hooks) for hook-free inference. Default targets per architecture come from
+the table (`models.ARCHITECTURES[...].lora_targets`: the query and value projections).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, _check
+from ..models import arch_of, modules_matching
+from .weights import WeightMethod
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    """Low-rank adaptation of linear layers (Hu et al. 2021)."""
+
+    rank: int = field(default=8, metadata={"help": "Rank r of each update B·A."})
+    alpha: float = field(default=16.0, metadata={"help": "Scale numerator: the update is (alpha / rank)·B·A·x."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input while training."})
+    target_modules: str | None = field(
+        default=None, metadata={"help": "Regex searched in module names choosing the layers to adapt (nn.Linear or "
+                                        "GPT-2 Conv1D), e.g. '\\.(q_proj|k_proj|v_proj|o_proj)$'. None: the "
+                                        "architecture's default (query and value projections)."})
+    method: str = field(default="lora", metadata={"help": "Method name recorded in saved files.", "cli": False})
+
+    def __post_init__(self):
+        c = type(self).__name__
+        _check(self.method == "lora", c, "method", f"is {self.method!r}; LoRAConfig configures 'lora'")
+        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1, c, "rank",
+               f"must be an int >= 1, got {self.rank!r}")
+        _check(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, c, "alpha",
+               f"must be a finite number > 0, got {self.alpha!r}")
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, c, "dropout",
+               f"must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                _check(False, c, "target_modules", f"is not a valid regex ({e})")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D; None for other modules."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf  # Conv1D stores its weight (in, out)
+    return None
+
+
+def lora_targets(model, pattern: str | None) -> dict[str, nn.Module]:
+    """Module name -> linear module LoRA adapts: `pattern` searched in names (None: the table's default)."""
+    pattern = pattern or arch_of(model).lora_targets
+    if not pattern:
+        raise ValueError(f"the architecture table has no default LoRA targets for "
+                         f"model_type={model.config.model_type!r}; give LoRAConfig.target_modules")
+    found = modules_matching(model, pattern, search=True)
+    if not found:
+        raise ValueError(f"LoRAConfig.target_modules: {pattern!r} matches no module of {type(model).__name__}")
+    for name, module in found.items():
+        if linear_shape(module) is None:
+            raise ValueError(f"LoRAConfig.target_modules: {pattern!r} matches {name!r}, a {type(module).__name__}; "
+                             "LoRA adapts nn.Linear and Conv1D layers only (anchor the regex, e.g. with '$')")
+    return found
+
+
+class LoRALayer(nn.Module):
+    """A (rank, in) and B (out, rank): the update scale * B(A(dropout(x))), in float32."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, dropout: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))  # zero: the model is unchanged at init
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear and PEFT initialize lora_A
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x.to(self.A.dtype)) @ self.A.T @ self.B.T) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a weight, (out, in)."""
+        return (self.B @ self.A) * self.scale
+
+
+class LoRAModel(WeightMethod):
+    name = "lora"
+    config_class = LoRAConfig
+    summary = "low-rank updates scale·B·A added to chosen linear layers (forward hooks; mergeable)"
+
+    def __init__(self, model, config: LoRAConfig | None = None, tokenizer=None):
+        super().__init__(model, config, tokenizer)
+        cfg = self.config
+        self.targets = dict(sorted(lora_targets(model, cfg.target_modules).items()))
+        scale = cfg.alpha / cfg.rank
+        self.lora = nn.ModuleDict({name.replace(".", "__"): LoRALayer(*linear_shape(m), cfg.rank, scale, cfg.dropout)
+                                   for name, m in self.targets.items()}).to(model.device)
+        self._names = {name: self.lora[name.replace(".", "__")] for name in self.targets}
+        self.merged = False
+        for name, module in self.targets.items():
+            self._hook_output(module, lambda out, args, layer=self._names[name]: out + layer(args[0]).to(out.dtype))
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """'lora.<module name>.A' (rank, in) and '.B' (out, rank) for every adapted layer."""
+        return {f"lora.{name}.{part}": getattr(layer, part) for name, layer in self._names.items() for part in "AB"}
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold scale·B·A into the adapted weights and remove the hooks (`detach()` restores the originals)."""
+        if self.merged:
+            return
+        for name, module in self.targets.items():
+            self._keep_originals({f"{name}.weight": module.weight})
+            delta = self._names[name].delta_weight()
+            if not isinstance(module, nn.Linear):  # Conv1D: weight is (in, out)
+                delta = delta.T
+            module.weight.add_(delta.to(module.weight.dtype))
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.merged = True
