@@ -47,7 +47,7 @@ class PostgresBackend(Backend):
     shared = True
     integrity_errors = (psycopg.errors.IntegrityError,)
 
-    def __init__(self, url: str, max_idle: int = 8, connect_timeout: int = 10):
+    def __init__(self, url: str, max_idle: int = 16, connect_timeout: int = 10):
         self.url = url
         self.location = redact(url)
         self.max_idle = max_idle

@@ -118,3 +118,64 @@ class ThrowawayPostgres:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Replica:
+    """A `prefixtune serve` process on 127.0.0.1 (a free port), for multi-replica tests and benchmarks.
+
+        with Replica(["--model", model_dir, "--store", url, "--files-dir", files]) as a:
+            httpx.get(a.url + "/health")
+
+    `command`: what runs `prefixtune serve` (default: this Python, `-m prefixtune.cli serve`).
+    """
+
+    def __init__(self, args: list, command: list | None = None, env: dict | None = None, log_path=None):
+        import sys
+
+        self.port = free_port()
+        self.command = (command or [sys.executable, "-m", "prefixtune.cli", "serve"]) + [
+            str(a) for a in args] + ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> "Replica":
+        import httpx
+
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"replica exited with {self.proc.returncode} (log: {self.log_path})")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"replica did not become healthy within {timeout} s (log: {self.log_path})")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when a machine dies."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # graceful: open requests finish
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "Replica":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
