@@ -58,7 +58,8 @@ def load(replicas: list[Replica], key: str, names: list[str], n: int, clients: i
         replica, name, prompt = jobs[i]
         if not hasattr(local, "clients"):
             local.clients = {}
-        client = local.clients.setdefault(replica.url, httpx.Client(timeout=300))
+        client = local.clients.setdefault(replica.url, httpx.Client(  # idle < the replica's 5 s keep-alive
+            timeout=300, limits=httpx.Limits(keepalive_expiry=2)))
         t = time.monotonic()
         r = client.post(replica.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"},
                         json={"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
