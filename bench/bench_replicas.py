@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--model", default="tiny", help="tiny (random LLaMA, as in the tests) or a model name")
+    ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds of one, then two replicas.")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     model_arg = make_model(args.model, tmp / "model")
@@ -118,8 +119,9 @@ def main() -> None:
             load(reps, key, names, 2 * args.clients, args.clients, args.max_tokens, expected)  # warm up
             load([sq], key, names, args.clients, args.clients, args.max_tokens, expected)
             before = os.getloadavg()
-            for label, targets in [("1 replica (PostgreSQL)", reps[:1]), ("2 replicas (PostgreSQL)", reps),
-                                   ("1 replica (SQLite)", [sq])]:
+            plan = [(f"round {i + 1}: {label}", targets) for i in range(args.rounds)
+                    for label, targets in [("1 replica (PostgreSQL)", reps[:1]), ("2 replicas (PostgreSQL)", reps)]]
+            for label, targets in plan + [("1 replica (SQLite store)", [sq])]:
                 results[label] = load(targets, key, names, args.requests, args.clients, args.max_tokens, expected)
             after = os.getloadavg()
         finally:
@@ -133,8 +135,10 @@ def main() -> None:
     print("| setup | requests/s | p50 s | p95 s | wrong |\n| --- | ---: | ---: | ---: | ---: |")
     for label, r in results.items():
         print(f"| {label} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p95']:.3f} | {r['wrong']} |")
-    one, two = results["1 replica (PostgreSQL)"]["rps"], results["2 replicas (PostgreSQL)"]["rps"]
-    print(f"two / one replica: {two / one:.2f}x")
+    for i in range(args.rounds):
+        one = results[f"round {i + 1}: 1 replica (PostgreSQL)"]["rps"]
+        two = results[f"round {i + 1}: 2 replicas (PostgreSQL)"]["rps"]
+        print(f"round {i + 1}: two / one replica = {two / one:.2f}x")
 
 
 if __name__ == "__main__":
