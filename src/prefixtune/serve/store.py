@@ -29,7 +29,7 @@ from typing import Callable
 
 from ..prefix import MergedPrefix, PrefixFileError, atomic_write_bytes, load_prefix
 from . import store_sql
-from .store_sql import SCHEMA_VERSION
+from .store_sql import SCHEMA_VERSION  # noqa: F401 (re-exported: it lived here)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no '/': names are URL path segments
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
