@@ -115,3 +115,14 @@ def one_torch_thread_impl():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the session (initdb in a temp folder, a free port)."""
+    from prefixtune.serve.testing_pg import ThrowawayPostgres, find_pg_bin
+
+    if find_pg_bin() is None:
+        missing("PostgreSQL server binaries not found (.ci/run installs Debian's postgresql package)")
+    with ThrowawayPostgres() as pg:
+        yield pg

@@ -40,3 +40,31 @@ def test_keys_and_prefixes_commands(tmp_path):
     assert r.exit_code == 2 and "bad.safetensors" in r.output
     r = runner.invoke(app, ["keys", "rm", key, "--store", str(db)])
     assert r.exit_code == 0 and PrefixStore(db).owner_of(key) is None
+
+
+def test_store_migrate_and_copy_commands(tmp_path, postgres):
+    """A PostgreSQL store set up from the command line, then copied to SQLite."""
+    from prefixtune.serve import PrefixStore
+    from prefixtune.serve.store import StoreError
+
+    runner = CliRunner()
+    url = postgres.create_database()
+    r = runner.invoke(app, ["keys", "add", "alice", "--store", url])
+    assert isinstance(r.exception, StoreError) and "--files-dir" in str(r.exception)  # main() prints it, exit 2
+    r = runner.invoke(app, ["store", "migrate", url, "--files-dir", str(tmp_path / "shared")])
+    assert r.exit_code == 0 and "schema version 0 -> 2" in r.output, r.output
+    assert "up to date" in runner.invoke(app, ["store", "migrate", url]).output  # the folder was recorded
+    key = runner.invoke(app, ["keys", "add", "alice", "--store", url]).output.split()[-1]
+    path = tmp_path / "p.safetensors"
+    pt.PrefixModel(tiny("llama"), pt.PrefixConfig(length=3)).save(path)
+    r = runner.invoke(app, ["prefixes", "add", "poems", str(path), "--owner", "alice", "--store", url])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "shared" / f"{json.loads(r.output)['sha256']}.safetensors").exists()
+    r = runner.invoke(app, ["store", "copy", url, str(tmp_path / "copy.db")])
+    assert r.exit_code == 0 and "copied 1 prefixes and 1 API keys" in r.output, r.output
+    copy = PrefixStore(tmp_path / "copy.db")
+    assert copy.owner_of(key) == "alice" and [p.name for p in copy.list()] == ["poems"]
+    r = runner.invoke(app, ["store", "copy", url, str(tmp_path / "copy.db")])
+    assert r.exit_code == 2 and "empty store" in r.output
+    r = runner.invoke(app, ["store", "migrate", "mysql://root@127.0.0.1/x"])
+    assert r.exit_code == 2 and "unknown store URL" in r.output

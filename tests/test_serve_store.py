@@ -1,9 +1,14 @@
-"""The prefix store (SQLite index + managed files + API keys) and the in-memory prefix cache."""
+"""The prefix store (index + managed files + API keys) and the in-memory prefix cache.
+
+Every test taking `open_store` runs twice: on SQLite, and on PostgreSQL (a throwaway cluster on
+127.0.0.1, a fresh database per test), so both backends pass the same suite.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,8 +17,9 @@ import torch
 import prefixtune as pt
 from prefixtune.prefix import MergedPrefix, PrefixFileError
 from prefixtune.serve.prefix_cache import PrefixCache
+from prefixtune.serve import store_sql
 from prefixtune.serve.store import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound,
-                                    PrefixStore)
+                                    PrefixStore, StoreError)
 
 from conftest import tiny
 
@@ -21,6 +27,34 @@ from conftest import tiny
 @pytest.fixture(scope="module")
 def model():
     return tiny("llama")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """`open_store(model=None)`: a new store object on this test's store (the same data every call)."""
+    if request.param == "sqlite":
+        location, files_dir = tmp_path / "db" / "prefixes.db", None
+    else:
+        location, files_dir = request.getfixturevalue("postgres").create_database(), tmp_path / "shared-files"
+    opened = []
+
+    def open_(model=None, **kw):
+        opened.append(PrefixStore(location, model=model, files_dir=files_dir, **kw))
+        return opened[-1]
+
+    open_.location, open_.files_dir = location, files_dir
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def stored_files(store) -> list[str]:
+    return sorted(p.name for p in store.files_dir.iterdir() if p.name != store_sql.MARKER)
+
+
+def rows(store, sql: str, params=()) -> list:
+    with store._connect() as db:
+        return [dict(r) for r in db.execute(sql, params).fetchall()]
 
 
 @pytest.fixture
@@ -35,22 +69,29 @@ def files(model, tmp_path):
     return out
 
 
-def test_add_copies_checks_and_records(model, files, tmp_path):
-    store = PrefixStore(tmp_path / "db" / "prefixes.db", model=model)
+def test_add_copies_checks_and_records(model, files, open_store):
+    store = open_store(model)
     record = store.add("news", "alice", files["f1"], public=True)
-    assert record.file.parent == tmp_path / "db" / "prefixes-files" and record.file.read_bytes() == files["f1"].read_bytes()
+    assert record.file.parent == store.files_dir and record.file.read_bytes() == files["f1"].read_bytes()
+    assert record.file.name == f"{record.sha256}.safetensors"  # named by content
     assert (record.name, record.owner, record.public, record.length, record.method) == ("news", "alice", True, 3, "prefix")
     assert record.fingerprint == pt.models.fingerprint(model) and len(record.sha256) == 64
     assert record.size_bytes == files["f1"].stat().st_size
     files["f1"].unlink()  # the store keeps its own copy
     assert torch.equal(store.load(record).kv["self"], pt.load_prefix(record.file).kv["self"])
+    assert "file" not in record.to_dict()
+    assert store.migrated[1] == store_sql.SCHEMA_VERSION and open_store().migrated == (2, 2)
+
+
+def test_sqlite_defaults(tmp_path):
+    store = PrefixStore(tmp_path / "db" / "prefixes.db")
+    assert store.files_dir == tmp_path / "db" / "prefixes-files" and store.files_dir.is_dir()
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert "file" not in record.to_dict()
 
 
-def test_visibility_and_ownership(model, files, tmp_path):
-    store = PrefixStore(tmp_path / "p.db", model=model)
+def test_visibility_and_ownership(model, files, open_store, tmp_path):
+    store = open_store(model)
     store.add("mine", "alice", files["f0"])
     store.add("shared", "alice", files["f1"], public=True)
     store.add("mine", "bob", files["f2"])  # names are per owner
@@ -76,8 +117,8 @@ def test_visibility_and_ownership(model, files, tmp_path):
             store.add(bad, "alice", files["f0"])
 
 
-def test_remove_deletes_the_file_and_tells_listeners(model, files, tmp_path):
-    store = PrefixStore(tmp_path / "p.db", model=model)
+def test_remove_deletes_the_file_and_tells_listeners(model, files, open_store, tmp_path):
+    store = open_store(model)
     record = store.add("x", "alice", files["f0"])
     seen = []
     store.on_remove(seen.append)
@@ -89,8 +130,8 @@ def test_remove_deletes_the_file_and_tells_listeners(model, files, tmp_path):
     assert again.id != record.id  # ids are never reused: a stale cached copy can never match
 
 
-def test_changed_or_missing_file_is_refused_on_load(model, files, tmp_path):
-    store = PrefixStore(tmp_path / "p.db", model=model)
+def test_changed_or_missing_file_is_refused_on_load(model, files, open_store, tmp_path):
+    store = open_store(model)
     record = store.add("x", "alice", files["f0"])
     data = bytearray(record.file.read_bytes())
     data[-1] ^= 0xFF
@@ -102,8 +143,8 @@ def test_changed_or_missing_file_is_refused_on_load(model, files, tmp_path):
         store.load(record)
 
 
-def test_refused_files_leave_nothing_behind(model, files, tmp_path):
-    store = PrefixStore(tmp_path / "p.db", model=model)
+def test_refused_files_leave_nothing_behind(model, files, open_store, tmp_path):
+    store = open_store(model)
     other = tiny("gpt2")
     wrong = pt.save_prefix(MergedPrefix(kv={"self": torch.zeros(2, 2, 4, 2, 8)}, meta={}), tmp_path / "gpt2.safetensors",
                            model=other)
@@ -112,16 +153,15 @@ def test_refused_files_leave_nothing_behind(model, files, tmp_path):
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x04\x95")
     with pytest.raises(PrefixFileError, match="pickle"):
         store.add("w", "alice", tmp_path / "pickle.pt")
-    assert list(store.files_dir.iterdir()) == [] and store.list() == []
+    assert stored_files(store) == [] and store.list() == []
 
 
-def test_keys_are_random_hashed_and_removable(tmp_path):
-    store = PrefixStore(tmp_path / "p.db")
+def test_keys_are_random_hashed_and_removable(open_store):
+    store = open_store()
     a1, a2, b = store.add_key("alice"), store.add_key("alice"), store.add_key("bob")
     assert len({a1, a2, b}) == 3 and len(a1) > 40
     assert store.owner_of(a1) == "alice" and store.owner_of(b) == "bob" and store.owner_of("nope") is None
-    with sqlite3.connect(store.path) as db:
-        stored = [r[0] for r in db.execute("SELECT key_hash FROM api_keys")]
+    stored = [r["key_hash"] for r in rows(store, "SELECT key_hash FROM api_keys")]
     assert a1 not in stored and all(len(h) == 64 for h in stored)
     assert store.remove_key(a1) and store.owner_of(a1) is None and store.owner_of(a2) == "alice"
     key_id = next(k.key_id for k in store.list_keys("bob"))
@@ -129,8 +169,8 @@ def test_keys_are_random_hashed_and_removable(tmp_path):
     assert not store.remove_key("not-a-key")
 
 
-def test_many_threads_share_one_store(model, files, tmp_path):
-    store = PrefixStore(tmp_path / "p.db", model=model)
+def test_many_threads_share_one_store(model, files, open_store, tmp_path):
+    store = open_store(model)
 
     def work(i):
         key = store.add_key(f"user{i}")
@@ -147,8 +187,8 @@ def test_many_threads_share_one_store(model, files, tmp_path):
     assert len(store.list_keys()) == 24
 
 
-def test_prefix_cache_is_lru_and_forgets_removed_prefixes(model, files, tmp_path):
-    store = PrefixStore(tmp_path / "p.db", model=model)
+def test_prefix_cache_is_lru_and_forgets_removed_prefixes(model, files, open_store, tmp_path):
+    store = open_store(model)
     cache = PrefixCache(store, capacity=2)
     records = [store.add(f"n{i}", "alice", files[f"f{i}"]) for i in range(3)]
     a = cache.get(records[0])
@@ -177,11 +217,11 @@ def test_prefix_cache_is_lru_and_forgets_removed_prefixes(model, files, tmp_path
     assert len({id(g) for g in got}) == 1 and loads == [records[1].id]  # one read for six concurrent misses
 
 
-def test_a_load_racing_with_a_remove_is_not_found_not_corrupt(model, files, tmp_path):
+def test_a_load_racing_with_a_remove_is_not_found_not_corrupt(model, files, open_store, tmp_path):
     """Another process removed the prefix between our lookup and our read of its file."""
-    store = PrefixStore(tmp_path / "p.db", model=model)
+    store = open_store(model)
     record = store.add("x", "alice", files["f0"])
-    PrefixStore(tmp_path / "p.db").remove("x", "alice")  # a second store object: no listener in this one
+    open_store().remove("x", "alice")  # a second store object (another replica): no listener in this one
     with pytest.raises(PrefixNotFound):
         PrefixCache(store).get(record)
 
@@ -311,3 +351,207 @@ def test_soft_prompts_are_stored_and_weight_methods_and_infixes_refused(model, t
     with pytest.raises(PrefixFileError, match="infix"):
         store.add("i", "alice", tmp_path / "infix.safetensors")
     assert [r.name for r in store.list()] == ["soft"]
+
+# -- content-named files, crashes, migrations (both backends) ------------------------------------
+
+def test_same_content_shares_one_file_until_its_last_row_goes(model, files, open_store):
+    store = open_store(model)
+    a = store.add("a", "alice", files["f0"])
+    b = store.add("b", "bob", files["f0"], public=True)
+    assert a.file == b.file and stored_files(store) == [a.file.name]
+    store.remove("a", "alice")
+    assert b.file.exists() and torch.equal(store.load(b).kv["self"], pt.load_prefix(files["f0"]).kv["self"])
+    store.remove("b", "bob")
+    assert stored_files(store) == []
+
+
+def test_a_crash_mid_upload_leaves_a_file_that_the_next_open_sweeps(model, files, open_store, tmp_path):
+    """A real crash: a child process dies (os._exit) after writing the file, before its row commits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    store = open_store(model)
+    keep = store.add("keep", "alice", files["f0"])
+    code = textwrap.dedent(f"""
+        import os, sys
+        from prefixtune.serve.store import PrefixStore
+        store = PrefixStore({str(open_store.location)!r}, files_dir={open_store.files_dir and str(open_store.files_dir)!r})
+        def crash(file, label):
+            print(file.name, flush=True)
+            os._exit(9)
+        store._validate = crash
+        store.add("crash", "alice", {str(files["f1"])!r})
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 9, out.stderr
+    orphan = out.stdout.strip()
+    assert orphan in stored_files(store) and [r.name for r in store.list()] == ["keep"]  # a file, no row
+    # Leftovers of every kind a crash can leave; files of other programs are not touched.
+    sha = "ab" * 32
+    for name in (f".{sha}.safetensors.x1y2.tmp", f"{'cd' * 16}.safetensors", "notes.txt"):
+        (store.files_dir / name).write_bytes(b"junk")
+    again = open_store(model)  # a replica starting: migrations, then the sweep
+    assert stored_files(again) == sorted([keep.file.name, "notes.txt"])
+    assert again.add("crash", "alice", files["f1"]).name == "crash"  # the name was never taken
+
+
+def test_migrates_a_schema_1_store(model, files, open_store):
+    """A store written by the previous release (random file names, schema 1) opens as schema 2."""
+    backend, files_dir = store_sql.open_backend(open_store.location, open_store.files_dir)
+    files_dir.mkdir(parents=True, exist_ok=True)
+    data = files["f2"].read_bytes()
+    (files_dir / ("0123abcd" * 4 + ".safetensors")).write_bytes(data)
+    with backend.write() as db:
+        for sql in store_sql.statements(backend.schema_1):
+            db.execute(sql)
+        db.execute("CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO store_meta VALUES ('schema_version', '1')")
+        db.execute("INSERT INTO prefixes (name, owner, public, fingerprint, base_model, method, length, size_bytes, "
+                   "sha256, file, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                   ("old", "alice", 0, pt.models.fingerprint(model), "tiny", "prefix", 4, len(data),
+                    __import__("hashlib").sha256(data).hexdigest(), "0123abcd" * 4 + ".safetensors", "2026-01-01T00:00:00Z"))
+        db.execute("INSERT INTO api_keys VALUES (?,?,?)", (store_sql.__name__, "alice", "2026-01-01T00:00:00Z"))
+    backend.close()
+    store = open_store(model)
+    assert store.migrated == (1, 2)
+    record = store.get("old", "alice")
+    assert record.file.name == f"{record.sha256}.safetensors" and stored_files(store) == [record.file.name]
+    assert torch.equal(store.load(record).kv["self"], pt.load_prefix(files["f2"]).kv["self"])
+    assert store.add("new", "alice", files["f3"]).id > record.id
+
+
+def test_refuses_a_newer_schema_and_another_stores_files(open_store, tmp_path):
+    store = open_store()
+    with store._write() as db:
+        db.execute("UPDATE store_meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="newer than this prefixtune"):
+        open_store()
+    with store._write() as db:
+        db.execute("UPDATE store_meta SET value='2' WHERE key='schema_version'")
+    (store.files_dir / store_sql.MARKER).write_text("someone-else\n")
+    with pytest.raises(StoreError, match="files of another store"):
+        open_store()
+
+
+def test_two_replicas_racing_on_the_same_names_and_content(model, files, open_store):
+    """Adds and removes of one content by several owners through two store objects: every row
+    keeps its file, and no file outlives its rows."""
+    a, b = open_store(model), open_store(model)
+    data = files["f0"].read_bytes()
+    outcomes = []
+
+    def work(i):
+        store, owner = (a, b)[i % 2], f"u{i % 4}"
+        for _ in range(6):
+            try:
+                store.add_bytes("p", owner, data)
+                outcomes.append("added")
+            except PrefixExists:
+                outcomes.append("exists")
+            try:
+                store.remove("p", owner)
+            except PrefixNotFound:
+                pass
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+    assert "added" in outcomes
+    left = a.list()
+    for record in left:
+        assert a.load(record).length == 2
+    assert stored_files(a) == sorted({r.file.name for r in left})
+
+
+def test_other_replicas_changes_reach_the_cache(model, files, open_store):
+    a, b = open_store(model), open_store(model)
+    cache = PrefixCache(a)
+    record = a.add("x", "alice", files["f0"])
+    entry = cache.get(record)
+    if a.backend.pushes_changes:  # PostgreSQL: LISTEN, then hear b's commit
+        assert a.wait_for_change(0.1)  # the listener connects: reported as a possible change
+        assert not a.wait_for_change(0.05)
+        b.remove("x", "alice")
+        started = time.monotonic()
+        assert a.wait_for_change(5.0) and time.monotonic() - started < 1.0
+    else:  # SQLite: no push; the server's watcher re-checks every store_poll_s
+        assert not a.wait_for_change(0.01)
+        b.remove("x", "alice")
+    assert not entry.revoked and cache.resync() == [record.id] and entry.revoked
+    with pytest.raises(PrefixNotFound):
+        cache.get(record)
+
+    # An entry whose id now names other content (a store copied over another) is not served.
+    y = a.add("y", "alice", files["f1"])
+    first = cache.get(y)
+    z = a.add("z", "alice", files["f2"])
+    import dataclasses
+    swapped = dataclasses.replace(y, sha256=z.sha256, file=z.file)
+    again = cache.get(swapped)
+    assert again is not first and first.revoked and again.prefix.length == 4
+
+
+def test_an_upload_under_way_is_not_swept(model, files, postgres, tmp_path):
+    """PostgreSQL: the sweep skips a content whose lock an uncommitted upload holds (on any replica)."""
+    url = postgres.create_database()
+    store = PrefixStore(url, model=model, files_dir=tmp_path / "files")
+    sha = "ef" * 32
+    with store._write() as db:  # an upload between writing its file and committing its row
+        store.backend.lock_content(db, sha)
+        (store.files_dir / f"{sha}.safetensors").write_bytes(b"half-way")
+        assert store.sweep() == [] and f"{sha}.safetensors" in stored_files(store)
+    assert store.sweep() == [f"{sha}.safetensors"]  # its row never came: now it is an orphan
+    store.close()
+
+
+def test_copy_between_sqlite_and_postgresql(model, files, postgres, tmp_path):
+    src = PrefixStore(tmp_path / "a.db", model=model)
+    keys = [src.add_key("alice"), src.add_key("bob")]
+    for i, (name, owner, f, public) in enumerate([("n0", "alice", "f0", False), ("gone", "alice", "f1", False),
+                                                   ("n1", "bob", "f0", True), ("n2", "bob", "f2", False)]):
+        src.add(name, owner, files[f], public=public)
+    src.remove("gone", "alice")  # a gap in the ids
+    pg = PrefixStore(postgres.create_database(), model=model, files_dir=tmp_path / "pg-files")
+    assert store_sql.copy_store(src, pg) == (3, 2)
+    back = PrefixStore(tmp_path / "b.db", model=model)
+    assert store_sql.copy_store(pg, back) == (3, 2)
+    for dst in (pg, back):
+        assert [r.to_dict() for r in dst.list()] == [r.to_dict() for r in src.list()]  # ids, owners, hashes...
+        assert [dst.owner_of(k) for k in keys] == ["alice", "bob"]
+        assert all(dst.load(r).length == s.length for r, s in zip(dst.list(), src.list()))
+        assert stored_files(dst) == sorted({r.file.name for r in src.list()})
+        assert dst.add("later", "carol", files["f3"]).id > max(r.id for r in src.list())
+    with pytest.raises(StoreError, match="empty store"):
+        store_sql.copy_store(src, pg)
+    src.get("n2", "bob").file.write_bytes(b"changed")
+    fresh = PrefixStore(postgres.create_database(), files_dir=tmp_path / "pg2-files")
+    with pytest.raises(PrefixIntegrityError, match="nothing was copied"):
+        store_sql.copy_store(src, fresh)
+    assert fresh.list() == [] and fresh.list_keys() == [] and stored_files(fresh) == []
+    pg.close()
+    fresh.close()
+
+
+def test_a_delete_cannot_take_the_file_of_an_upload_not_yet_committed(model, files, open_store):
+    """Replica B deletes the last row of a content while replica A is between writing that same
+    content's file and committing its row: B must wait for A's content lock, then keep the file."""
+    a, b = open_store(model), open_store(model)
+    b.add("old", "bob", files["f0"])
+    entered, go = threading.Event(), threading.Event()
+    validate = a._validate
+
+    def paused_validate(file, label):
+        entered.set()
+        go.wait(10)
+        return validate(file, label)
+
+    a._validate = paused_validate
+    with ThreadPoolExecutor(2) as pool:
+        upload = pool.submit(a.add, "new", "alice", files["f0"])
+        assert entered.wait(30)
+        delete = pool.submit(b.remove, "old", "bob")
+        time.sleep(0.5)
+        assert not delete.done()  # waiting for the content lock (SQLite: the write lock)
+        go.set()
+        record, _ = upload.result(30), delete.result(30)
+    assert a.load(record).length == 2 and stored_files(a) == [record.file.name]

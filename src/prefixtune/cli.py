@@ -15,10 +15,13 @@ from .progress import decoding_progress, progress_print, training_progress
 
 app = typer.Typer(help="Prefix-tuning for frozen Hugging Face LMs: train, generate, evaluate, score, serve.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-prefixes_app = typer.Typer(help="Manage the prefix store (SQLite index of prefix files).", no_args_is_help=True)
+prefixes_app = typer.Typer(help="Manage the prefixes in the prefix store.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys of the server.", no_args_is_help=True)
 app.add_typer(prefixes_app, name="prefixes")
 app.add_typer(keys_app, name="keys")
+STORE_HELP = "Prefix store: a SQLite file, or postgresql://user@host[:port]/db shared by replicas."
+FILES_DIR_HELP = ("Folder of the prefix files (default: <store>-files beside a SQLite file; for PostgreSQL the "
+                  "folder recorded when the store was first opened). Replicas share it.")
 
 
 def _fail(message: str) -> None:
@@ -260,7 +263,8 @@ def demo(
 @app.command()
 def serve(
     model: str = typer.Option("smollm2-135m", help="Base model served (short name, folder or Hub id)."),
-    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store (created if missing)."),
+    store: str = typer.Option("prefixes.db", help=STORE_HELP + " Created if missing."),
+    files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     max_batch_size: int = typer.Option(32, help="Most requests decoded together (any mix of prefixes)."),
@@ -271,17 +275,21 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="torch threads for the model worker (default: all cores)."),
     max_batch_tokens: int = typer.Option(16384, help="Work/KV budget in token slots (docs/serving.md#guarantees)."),
     max_prompt_tokens: int = typer.Option(4096, help="Longest prompt in tokens; longer gets 400."),
+    store_poll: float = typer.Option(5.0, help="Re-check cached prefixes against the store every this many seconds."),
+    store_sweep: float = typer.Option(300.0, help="Sweep files left by interrupted uploads every this many seconds."),
 ):
     """Serve completions for many users' prefixes from one frozen model (OpenAI-style HTTP API)."""
     from .serve import ServeConfig, run_server
 
     config = ServeConfig(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
                          request_timeout_s=request_timeout, prefix_cache_size=prefix_cache_size, torch_threads=threads,
-                         max_batch_tokens=max_batch_tokens, max_prompt_tokens=max_prompt_tokens)
-    run_server(model, str(store), host=host, port=port, config=config)
+                         max_batch_tokens=max_batch_tokens, max_prompt_tokens=max_prompt_tokens,
+                         store_poll_s=store_poll, store_sweep_s=store_sweep)
+    run_server(model, store, host=host, port=port, config=config, files_dir=files_dir)
 
 
-def _store(path: Path, model_name: Optional[str] = None):
+
+def _store(location: str, model_name: Optional[str] = None, files_dir: Optional[Path] = None):
     from .serve import PrefixStore
 
     model = None
@@ -289,7 +297,7 @@ def _store(path: Path, model_name: Optional[str] = None):
         from .models import load_model
 
         model = load_model(model_name)[0]
-    return PrefixStore(path, model=model)
+    return PrefixStore(location, model=model, files_dir=files_dir)
 
 
 @prefixes_app.command("add")
@@ -298,15 +306,16 @@ def prefixes_add(
     file: Path = typer.Argument(..., help="Prefix file (.safetensors) saved by prefixtune."),
     owner: str = typer.Option(..., help="Owner of the prefix (an API key's owner)."),
     public: bool = typer.Option(False, help="Let every key use it (only the owner can delete it)."),
-    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store."),
+    store: str = typer.Option("prefixes.db", help=STORE_HELP),
     model: Optional[str] = typer.Option(None, help="Also check shapes and fingerprint against this base model."),
+    files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
 ):
     """Add a prefix file to the store (checked, copied in, sha256 recorded)."""
     from .prefix import PrefixFileError
     from .serve.store import StoreError
 
     try:
-        record = _store(store, model).add(name, owner, file, public=public)
+        record = _store(store, model, files_dir).add(name, owner, file, public=public)
     except (PrefixFileError, StoreError) as e:
         _fail(str(e))
     typer.echo(json.dumps(record.to_dict()))
@@ -314,7 +323,7 @@ def prefixes_add(
 
 @prefixes_app.command("list")
 def prefixes_list(
-    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store."),
+    store: str = typer.Option("prefixes.db", help=STORE_HELP),
     owner: Optional[str] = typer.Option(None, help="Only what this owner may use (default: everything)."),
 ):
     """List prefixes in the store."""
@@ -325,11 +334,11 @@ def prefixes_list(
 
 
 @prefixes_app.command("show")
-def prefixes_show(name: str = typer.Argument(...), store: Path = typer.Option(Path("prefixes.db"))):
+def prefixes_show(name: str = typer.Argument(...), store: str = typer.Option("prefixes.db", help=STORE_HELP)):
     """Show every record named NAME."""
     records = _store(store).find(name)
     if not records:
-        _fail(f"no prefix named {name!r} in {store}")
+        _fail(f"no prefix named {name!r} in the store")
     for record in records:
         typer.echo(json.dumps(record.to_dict(), indent=2))
 
@@ -338,7 +347,7 @@ def prefixes_show(name: str = typer.Argument(...), store: Path = typer.Option(Pa
 def prefixes_rm(
     name: str = typer.Argument(...),
     owner: str = typer.Option(..., help="Owner of the prefix."),
-    store: Path = typer.Option(Path("prefixes.db"), help="SQLite prefix store."),
+    store: str = typer.Option("prefixes.db", help=STORE_HELP),
 ):
     """Remove a prefix: it is never served again."""
     from .serve.store import StoreError
@@ -351,7 +360,7 @@ def prefixes_rm(
 
 
 @keys_app.command("add")
-def keys_add(owner: str = typer.Argument(...), store: Path = typer.Option(Path("prefixes.db"))):
+def keys_add(owner: str = typer.Argument(...), store: str = typer.Option("prefixes.db", help=STORE_HELP)):
     """Create an API key for OWNER; the key is the last word printed (only its hash is stored)."""
     from .serve.store import check_owner
 
@@ -361,7 +370,7 @@ def keys_add(owner: str = typer.Argument(...), store: Path = typer.Option(Path("
 
 
 @keys_app.command("rm")
-def keys_rm(key: str = typer.Argument(..., help="The key or its id."), store: Path = typer.Option(Path("prefixes.db"))):
+def keys_rm(key: str = typer.Argument(..., help="The key or its id."), store: str = typer.Option("prefixes.db", help=STORE_HELP)):
     """Revoke an API key."""
     if not _store(store).remove_key(key):
         _fail("no such key")
@@ -369,10 +378,55 @@ def keys_rm(key: str = typer.Argument(..., help="The key or its id."), store: Pa
 
 
 @keys_app.command("list")
-def keys_list(owner: Optional[str] = typer.Option(None), store: Path = typer.Option(Path("prefixes.db"))):
+def keys_list(owner: Optional[str] = typer.Option(None), store: str = typer.Option("prefixes.db", help=STORE_HELP)):
     """List key ids and owners (never the keys)."""
     for k in _store(store).list_keys(owner):
         typer.echo(f"{k.key_id}  owner={k.owner}")
+
+
+# -- prefixtune store: schema migrations and copies between backends (issue 12) -----------------------
+
+store_app = typer.Typer(help="Prefix store operations: schema migrations, copies between SQLite and PostgreSQL.",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("migrate")
+def store_migrate(
+    store: str = typer.Argument(..., help=STORE_HELP),
+    files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
+):
+    """Bring the store's schema up to date (servers also do this on start; safe to run while they serve)."""
+    from .serve.store import StoreError
+
+    try:
+        opened = _store(store, files_dir=files_dir)
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    before, after = opened.migrated
+    typer.echo(f"{opened.backend.location}: schema version {before} -> {after}" if before != after else
+               f"{opened.backend.location}: schema version {after}, up to date")
+    opened.close()
+
+
+@store_app.command("copy")
+def store_copy(
+    src: str = typer.Argument(..., help="Store to copy from (SQLite file or postgresql:// URL)."),
+    dst: str = typer.Argument(..., help="Empty store to copy into (created if missing)."),
+    src_files_dir: Optional[Path] = typer.Option(None, help="SRC's files folder. " + FILES_DIR_HELP),
+    dst_files_dir: Optional[Path] = typer.Option(None, help="DST's files folder (required for a new PostgreSQL store)."),
+):
+    """Copy every prefix (file and row, ids kept, sha256 checked) and API key from SRC into the empty store DST."""
+    from .serve.store import StoreError
+    from .serve.store_sql import copy_store
+
+    try:
+        source, target = _store(src, files_dir=src_files_dir), _store(dst, files_dir=dst_files_dir)
+        prefixes, keys = copy_store(source, target)
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"copied {prefixes} prefixes and {keys} API keys from {source.backend.location} to "
+               f"{target.backend.location} (files in {target.files_dir})")
 
 
 def user_error_message(e: BaseException) -> str | None:
@@ -381,8 +435,11 @@ def user_error_message(e: BaseException) -> str | None:
     from .data import DataError, MissingDataError
     from .data.fetch import DownloadError
     from .prefix import PrefixFileError
+    from .serve.store import StoreError
     from .train import TrainingError
 
+    if isinstance(e, StoreError):
+        return str(e)
     if isinstance(e, UnicodeDecodeError):
         return f"input is not UTF-8 text (byte {e.start}); save it as UTF-8"
     if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
@@ -390,13 +447,6 @@ def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, (ConfigError, DataError, MissingDataError, DownloadError, PrefixFileError, TrainingError,
                       ValueError, FileNotFoundError)):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
-    try:
-        from .serve.store import StoreError
-
-        if isinstance(e, StoreError):
-            return str(e)
-    except ImportError:
-        pass
     return None
 
 

@@ -17,6 +17,7 @@ import calendar
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from ..prefix import PrefixFileError
 from .batcher import Batcher, Completion, GenerationRequest, PrefixRemoved, QueueFull, RequestHandle, ShuttingDown
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .prefix_cache import LoadedPrefix, PrefixCache
+from .prefix_cache import LoadedPrefix, PrefixCache, watch_store
 from .sampling import SamplingParams
 from .schemas import CompletionRequest, choice, completion_body, error_body, usage
 from .store import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound, PrefixRecord,
@@ -191,10 +192,17 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.batcher.start()
-        log.info("serving %s (fingerprint %s) with prefixes from %s", state.model_id, state.fingerprint, store.path)
+        stop_watch = threading.Event()  # other replicas' removals reach our cache (serve/prefix_cache.py)
+        watcher = threading.Thread(target=watch_store, name="store-watch", daemon=True, args=(
+            store, state.prefixes, stop_watch, config.store_poll_s, config.store_sweep_s))
+        watcher.start()
+        log.info("serving %s (fingerprint %s) with prefixes from %s (files in %s)", state.model_id, state.fingerprint,
+                 store.backend.location, store.files_dir)
         yield
         state.shutting_down = True  # uvicorn has let open requests finish; now finish the worker
+        stop_watch.set()
         await run_in_threadpool(state.batcher.stop, True, config.shutdown_timeout_s)
+        await run_in_threadpool(watcher.join, 5.0)
 
     app = FastAPI(title="prefixtune server", version="1", lifespan=lifespan,
                   description="Many users' prefixes served from one frozen model.")
@@ -476,8 +484,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def run_server(model_name_or_path: str, store_path: str, host: str = "127.0.0.1", port: int = 8000,
-               config: ServeConfig | None = None, log_level: str = "info") -> None:
-    """Load the model, open the store and serve until interrupted (Ctrl-C / SIGTERM drain gracefully)."""
+               config: ServeConfig | None = None, log_level: str = "info", files_dir: str | None = None) -> None:
+    """Load the model, open the store and serve until interrupted (Ctrl-C / SIGTERM drain gracefully).
+
+    `store_path`: a SQLite file, or a postgresql:// URL shared by replicas (then `files_dir` too).
+    """
     import uvicorn
 
     from ..models import load_model
@@ -485,6 +496,6 @@ def run_server(model_name_or_path: str, store_path: str, host: str = "127.0.0.1"
     config = config or ServeConfig()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tokenizer = load_model(model_name_or_path)
-    store = PrefixStore(store_path, model=model)
+    store = PrefixStore(store_path, model=model, files_dir=files_dir)
     app = create_app(model, tokenizer, store, config, model_id=model_name_or_path)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.shutdown_timeout_s))

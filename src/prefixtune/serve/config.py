@@ -58,6 +58,11 @@ class ServeConfig:
         "help": "torch intra-op threads for the model worker. None: every core this process may use."})
     shutdown_timeout_s: float = field(default=60.0, metadata={
         "help": "On shutdown, how long accepted requests may take to finish before they are failed."})
+    store_poll_s: float = field(default=5.0, metadata={
+        "help": "How often cached prefixes are re-checked against the store, for removals made through another "
+                "replica or process. PostgreSQL also pushes each change at once (NOTIFY); this bounds a lost push."})
+    store_sweep_s: float = field(default=300.0, metadata={
+        "help": "How often the store's files folder is swept of files an interrupted upload left without a row."})
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:
@@ -80,6 +85,8 @@ class ServeConfig:
         check(self.max_upload_mb > 0, "max_upload_mb", "must be > 0")
         check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or None")
         check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
+        check(self.store_poll_s > 0, "store_poll_s", "must be > 0")
+        check(self.store_sweep_s > 0, "store_sweep_s", "must be > 0")
 
     @property
     def threads(self) -> int:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..prefix import MergedPrefix
 from .store import PrefixIntegrityError, PrefixNotFound, PrefixRecord, PrefixStore
+
+log = logging.getLogger("prefixtune.serve")
 
 
 @dataclass(eq=False)
@@ -19,6 +23,7 @@ class LoadedPrefix:
     prefix: MergedPrefix
     record_id: int | None = None
     revoked: bool = False
+    sha256: str | None = None
 
 
 class PrefixCache:
@@ -38,13 +43,13 @@ class PrefixCache:
 
     def get(self, record: PrefixRecord) -> LoadedPrefix:
         with self._lock:
-            entry = self._lookup(record.id)
+            entry = self._lookup(record.id, record.sha256)
             if entry is not None:
                 return entry
             per_id = self._loading.setdefault(record.id, threading.Lock())
         with per_id:  # one load per prefix even when many requests miss at once
             with self._lock:
-                entry = self._lookup(record.id)
+                entry = self._lookup(record.id, record.sha256)
                 if entry is not None:
                     return entry
                 self.misses += 1
@@ -57,7 +62,7 @@ class PrefixCache:
                     raise
                 if self.dtype is not None:
                     merged = merged.to(dtype=self.dtype)
-                entry = LoadedPrefix(name=record.name, prefix=merged, record_id=record.id)
+                entry = LoadedPrefix(name=record.name, prefix=merged, record_id=record.id, sha256=record.sha256)
                 with self._lock:
                     if record.id in self._removed:  # removed while we were reading it
                         raise PrefixNotFound(f"no prefix named {record.name!r}")
@@ -69,10 +74,14 @@ class PrefixCache:
                 with self._lock:
                     self._loading.pop(record.id, None)
 
-    def _lookup(self, record_id: int) -> LoadedPrefix | None:
+    def _lookup(self, record_id: int, sha256: str) -> LoadedPrefix | None:
         if record_id in self._removed:
             raise PrefixNotFound("this prefix was removed")
         entry = self._entries.get(record_id)
+        if entry is not None and entry.sha256 != sha256:  # the content changed under this id (a store copied over)
+            del self._entries[record_id]
+            entry.revoked = True
+            entry = None
         if entry is not None:
             self._entries.move_to_end(record_id)
             self.hits += 1
@@ -91,5 +100,46 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
 
+    def resync(self) -> list[int]:
+        """Invalidate cached prefixes removed through another process or replica; returns their ids."""
+        with self._lock:
+            cached = list(self._entries)
+        gone = sorted(set(cached) - self.store.existing_ids(cached))
+        for record_id in gone:
+            self.invalidate(record_id)
+        return gone
+
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def watch_store(store: PrefixStore, cache: PrefixCache, stop: threading.Event, poll_s: float = 5.0,
+                sweep_s: float = 300.0) -> None:
+    """Keep `cache` in step with changes made by other replicas and processes, until `stop` is set.
+
+    PostgreSQL pushes each commit that changes prefixes (NOTIFY): the cache is re-checked at once.
+    Without a push (SQLite, or a lost listener connection) it is re-checked every `poll_s`. Every
+    `sweep_s` the store's files folder is swept of files a crashed upload left without a row.
+    Runs in its own thread (run_server starts it); errors are logged, and it carries on.
+    """
+    pushes = store.backend.pushes_changes
+    last_sync, next_sweep = 0.0, time.monotonic() + sweep_s
+    while not stop.is_set():
+        try:
+            tick = min(1.0, poll_s)  # short waits: shutdown need not wait for a long poll
+            changed = store.wait_for_change(tick) if pushes else (stop.wait(tick) and False)
+            now = time.monotonic()
+            if changed or now - last_sync >= poll_s:
+                last_sync = now
+                gone = cache.resync()
+                if gone:
+                    log.info("dropped cached prefixes %s: removed through another replica or process", gone)
+            if now >= next_sweep:
+                next_sweep = now + sweep_s
+                swept = store.sweep()
+                if swept:
+                    log.warning("deleted %d store files left without a row by an interrupted upload: %s",
+                                len(swept), swept)
+        except Exception as e:  # the database may be restarting: keep serving, try again shortly
+            log.warning("store watcher: %s", e)
+            stop.wait(1.0)

@@ -1,19 +1,22 @@
-"""The prefix store: one SQLite file indexing prefix files and API keys.
+"""The prefix store: a SQLite file, or a PostgreSQL database shared by replicas, indexing prefix files and API keys.
 
     store = PrefixStore("prefixes.db", model=model)     # files live in prefixes-files/ beside it
+    store = PrefixStore("postgresql://u@db/prefixes", files_dir="/mnt/prefixes")   # see store_pg.py
     key = store.add_key("alice")                         # shown once; only its sha256 is kept
     store.add("news", owner="alice", source="news.safetensors", public=False)
     record = store.get("news", owner="alice")            # own prefixes first, then public ones
     prefix = store.load(record)                          # sha256 re-checked, then validated
 
-Every method opens its own short-lived connection, so one store object is safe to share between
-threads, and several processes (the server and the CLI) may use the same file: WAL mode lets
+Every method uses its own short-lived connection, so one store object is safe to share between
+threads, and several processes (servers and the CLI) may use the same store: SQLite's WAL mode lets
 readers run while one writer writes. Files are copied into the store's folder with atomic writes
-under random names and are never modified afterwards.
+under their sha256 and are never modified afterwards. store_sql.py holds the backends, migrations
+(run on open), the sweep of files left by a crash, and the locking rules.
 
 Crash safety: a file is written to a locked temp file, then renamed into place and indexed in one
-write transaction. Opening the store removes what a killed process left (unlocked temp files, files
-with no row) and says so in the log. The database is created 0600 and the files folder 0700.
+transaction holding its content's lock. Opening the store removes what a killed process left
+(unlocked temp files, files no row uses) and says so in the log. The SQLite file is 0600 and the
+files folder 0700.
 """
 
 from __future__ import annotations
@@ -29,45 +32,17 @@ import sqlite3
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..prefix import MergedPrefix, PrefixFileError, parse_prefix
-
-log = logging.getLogger("prefixtune.serve")
+from . import store_sql
+from .store_sql import SCHEMA_VERSION  # noqa: F401 (re-exported: it lived here)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no '/': names are URL path segments
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 KEY_ID_CHARS = 12  # how much of a key's sha256 identifies it in listings
-SCHEMA_VERSION = "1"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS prefixes (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused after a remove
-    name        TEXT NOT NULL,
-    owner       TEXT NOT NULL,
-    public      INTEGER NOT NULL DEFAULT 0,
-    fingerprint TEXT NOT NULL,
-    base_model  TEXT,
-    method      TEXT,
-    length      INTEGER NOT NULL,
-    size_bytes  INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,
-    file        TEXT NOT NULL,
-    created     TEXT NOT NULL,
-    UNIQUE (owner, name)
-);
--- one public prefix per name, so a public name always means one prefix
-CREATE UNIQUE INDEX IF NOT EXISTS prefixes_public_name ON prefixes (name) WHERE public = 1;
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_hash TEXT PRIMARY KEY,
-    owner    TEXT NOT NULL,
-    created  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
 
 
 class StoreError(Exception):
@@ -133,6 +108,9 @@ def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+log = logging.getLogger("prefixtune.serve")
+
+
 def _held_by_a_writer(path: Path) -> bool:
     """Whether a live process holds the lock on this temp file (a killed writer's lock is gone)."""
     try:
@@ -146,6 +124,17 @@ def _held_by_a_writer(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def _write_locked_temp(folder: Path, data: bytes) -> tuple[int, str]:
+    """A temp file holding `data`, locked while its writer lives (so a sweep can tell it from a crash's)."""
+    fd, tmp = tempfile.mkstemp(prefix=".add-", suffix=".tmp", dir=folder)  # mode 0600
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with os.fdopen(os.dup(fd), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return fd, tmp
 
 
 def check_name(name: str) -> str:
@@ -162,84 +151,64 @@ def check_owner(owner: str) -> str:
 
 
 class PrefixStore:
-    """Index of prefix files and API keys in one SQLite database.
+    """Index of prefix files and API keys in one SQLite file or PostgreSQL database.
 
-    `model`: when given, files are validated against it on add and load (shapes and base-model
-    fingerprint); without it only the file itself is checked (it must still name its base model).
+    `location`: a SQLite file path (files in `<stem>-files/` beside it unless `files_dir`), or a
+    postgresql:// URL: then `files_dir` is a folder every replica reads and writes, recorded in the
+    store on first open and the default afterwards. The schema is migrated on open, and files left without a row
+    by a crash are swept. `model`: when given, files are validated against it on add and load
+    (shapes and base-model fingerprint); without it only the file itself is checked (it must still
+    name its base model).
     """
 
-    def __init__(self, path: str | Path, model=None, max_file_bytes: int = 256 * 2**20):
-        self.path = Path(path)
-        self.files_dir = self.path.with_name(self.path.stem + "-files")
+    def __init__(self, location: str | Path, model=None, max_file_bytes: int = 256 * 2**20,
+                 files_dir: str | Path | None = None):
+        self.backend, self.files_dir = store_sql.open_backend(location, files_dir)
+        self.path = getattr(self.backend, "path", None)  # the SQLite file; None on PostgreSQL
         self.model = model
         self.max_file_bytes = max_file_bytes
         self._on_remove: list[Callable[[PrefixRecord], None]] = []
         self._listeners_lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # owner-only: the index holds key hashes and the files are users' prefixes
-        self.files_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.files_dir, 0o700)
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # SQLite gives -wal/-shm the same mode
-        os.chmod(self.path, 0o600)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
-            db.executescript(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO store_meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            version = db.execute("SELECT value FROM store_meta WHERE key='schema_version'").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: store schema version {version}, this prefixtune reads {SCHEMA_VERSION}")
-        for suffix in ("-wal", "-shm"):  # made by an older version, maybe with the umask's mode
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(f"{self.path}{suffix}", 0o600)
+        self.migrated = store_sql.migrate(self)  # (schema version found, version now); creates files_dir
+        self._owner_only()
         self.removed_orphans = self._remove_orphans()
 
+    def _owner_only(self) -> None:
+        """The index holds key hashes and the files are users' prefixes: 0600 files, a 0700 folder."""
+        os.chmod(self.files_dir, 0o700)
+        if self.path is not None:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{self.path}{suffix}", 0o600)
+
+    def _remove_orphans(self) -> list[Path]:
+        """Delete what a killed process left, saying so in the log: temp files no live writer holds,
+        and store files no row uses (`store_sql.sweep`, which skips uploads still under way)."""
+        removed = []
+        for f in sorted(self.files_dir.glob(".add-*.tmp")):
+            if not _held_by_a_writer(f):
+                with contextlib.suppress(FileNotFoundError):
+                    size = f.stat().st_size
+                    f.unlink()
+                    removed.append(f)
+                    log.warning("store %s: removed orphan %s (%d bytes) left by an interrupted add",
+                                self.backend.location, f.name, size)
+        for name in store_sql.sweep(self):
+            removed.append(self.files_dir / name)
+            log.warning("store %s: removed orphan %s (no row uses it) left by an interrupted add or remove",
+                        self.backend.location, name)
+        return removed
+
     def __repr__(self) -> str:
-        return f"PrefixStore({str(self.path)!r})"
+        return f"PrefixStore({self.backend.location!r})"
 
     # -- connections ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)  # autocommit; writes use BEGIN
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=10000")
-            db.execute("PRAGMA synchronous=NORMAL")  # durable enough in WAL mode, much faster
-            yield db
-        finally:
-            db.close()
+    def _connect(self):
+        return self.backend.connect()
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that takes the write lock up front (no deadlock on upgrade)."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-    def _remove_orphans(self) -> list[Path]:
-        """Delete what an interrupted add or remove left: temp files no live writer holds, and files
-        no row names. Runs under the write lock, so no add can be between its rename and its insert."""
-        removed = []
-        with self._write() as db:
-            indexed = {r["file"] for r in db.execute("SELECT file FROM prefixes")}
-            for f in sorted(self.files_dir.iterdir()):
-                if f.name.endswith(".tmp"):
-                    if _held_by_a_writer(f):
-                        continue
-                elif not f.name.endswith(".safetensors") or f.name in indexed:
-                    continue
-                size = f.stat().st_size if f.exists() else 0
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
-                    removed.append(f)
-                    log.warning("store %s: removed orphan %s (%d bytes) left by an interrupted add or remove",
-                                self.path, f.name, size)
-        return removed
+    def _write(self):
+        return self.backend.write()
 
     def _record(self, row: sqlite3.Row) -> PrefixRecord:
         return PrefixRecord(id=row["id"], name=row["name"], owner=row["owner"], public=bool(row["public"]),
@@ -271,29 +240,28 @@ class PrefixStore:
         self._check_name_free(name, owner, public)  # cheap and clear, before the file work
         prefix = self._validate(data, label, notes)  # nothing is written for a refused file
         meta = prefix.meta
-        file = self.files_dir / f"{uuid.uuid4().hex}.safetensors"
-        # the temp file stays locked while we write it: a store opened meanwhile knows it is not an orphan
-        fd, tmp = tempfile.mkstemp(prefix=".add-", suffix=".tmp", dir=self.files_dir)  # mode 0600
+        sha256 = hashlib.sha256(data).hexdigest()
+        file = self.files_dir / f"{sha256}.safetensors"  # by content: replicas never see half a file
+        # the temp file stays locked while it is written: a store opened meanwhile knows it is no orphan
+        fd, tmp = _write_locked_temp(self.files_dir, data)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            with os.fdopen(os.dup(fd), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            with self._write() as db:  # rename + insert under the write lock: no orphan check sees half of it
+            # The file is renamed into place inside the transaction, holding its content's lock, so
+            # no delete of a row with the same content can remove it before our row commits.
+            with self._write() as db:
+                self.backend.lock_content(db, sha256)
                 self._check_name_free(name, owner, public, db)
                 os.replace(tmp, file)
-                cur = db.execute(
+                row = db.execute(
                     "INSERT INTO prefixes (name, owner, public, fingerprint, base_model, method, length, size_bytes,"
-                    " sha256, file, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " sha256, file, created) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING *",
                     (name, owner, int(bool(public)), meta["fingerprint"], meta.get("base_model"), meta.get("method"),
-                     prefix.length, len(data), hashlib.sha256(data).hexdigest(), file.name, _now()))
-                row = db.execute("SELECT * FROM prefixes WHERE id=?", (cur.lastrowid,)).fetchone()
-        except sqlite3.IntegrityError as e:  # a concurrent add took the name between our check and insert
-            file.unlink(missing_ok=True)
+                     prefix.length, len(data), sha256, file.name, _now())).fetchone()
+                self.backend.notify(db, f"add {row['id']}")
+        except self.backend.integrity_errors as e:  # a concurrent add took the name between our check and insert
+            store_sql.drop_file_if_unused(self, file.name)
             raise PrefixExists(f"a prefix named {name!r} already exists") from e
         except BaseException:
-            file.unlink(missing_ok=True)
+            store_sql.drop_file_if_unused(self, file.name)
             raise
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -301,7 +269,7 @@ class PrefixStore:
             os.close(fd)  # releases the lock
         return self._record(row)
 
-    def _check_name_free(self, name: str, owner: str, public: bool, db: sqlite3.Connection | None = None) -> None:
+    def _check_name_free(self, name: str, owner: str, public: bool, db=None) -> None:
         with contextlib.nullcontext(db) if db is not None else self._connect() as conn:
             if conn.execute("SELECT 1 FROM prefixes WHERE owner=? AND name=?", (owner, name)).fetchone():
                 raise PrefixExists(f"you already have a prefix named {name!r}; remove it first or pick another name")
@@ -379,13 +347,15 @@ class PrefixStore:
                 raise PrefixNotFound(f"no prefix named {name!r}")
             if row["owner"] != owner:
                 raise NotOwner(f"prefix {name!r} is public but belongs to another owner; only its owner can remove it")
-            db.execute("DELETE FROM prefixes WHERE id=?", (row["id"],))
+            if db.execute("DELETE FROM prefixes WHERE id=?", (row["id"],)).rowcount == 0:
+                raise PrefixNotFound(f"no prefix named {name!r}")  # another replica removed it just now
+            self.backend.notify(db, f"remove {row['id']}")
         record = self._record(row)
         with self._listeners_lock:
             listeners = list(self._on_remove)
         for listener in listeners:  # before the file goes, so a load racing with us sees the removal
             listener(record)
-        record.file.unlink(missing_ok=True)
+        store_sql.drop_file_if_unused(self, row["file"])  # other rows may hold the same content
         return record
 
     def on_remove(self, listener: Callable[[PrefixRecord], None]) -> None:
@@ -413,7 +383,7 @@ class PrefixStore:
         check_owner(owner)
         key = "pt-" + secrets.token_urlsafe(32)
         with self._write() as db:
-            db.execute("INSERT INTO api_keys VALUES (?,?,?)", (_hash_key(key), owner, _now()))
+            db.execute("INSERT INTO api_keys (key_hash, owner, created) VALUES (?,?,?)", (_hash_key(key), owner, _now()))
         return key
 
     def owner_of(self, key: str) -> str | None:
@@ -429,12 +399,33 @@ class PrefixStore:
         with self._write() as db:
             n = db.execute("DELETE FROM api_keys WHERE key_hash=?", (_hash_key(key_or_id),)).rowcount
             if n == 0 and re.fullmatch(r"[0-9a-f]{%d}" % KEY_ID_CHARS, key_or_id):
-                n = db.execute("DELETE FROM api_keys WHERE substr(key_hash, 1, ?)=?",
-                               (KEY_ID_CHARS, key_or_id)).rowcount
+                n = db.execute("DELETE FROM api_keys WHERE key_hash LIKE ?", (key_or_id + "%",)).rowcount
         return n > 0
 
     def list_keys(self, owner: str | None = None) -> list[KeyRecord]:
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM api_keys WHERE ? IS NULL OR owner=? ORDER BY owner, created",
-                              (owner, owner)).fetchall()
+            rows = db.execute("SELECT * FROM api_keys WHERE owner=? ORDER BY created", (owner,)).fetchall() if owner \
+                else db.execute("SELECT * FROM api_keys ORDER BY owner, created").fetchall()
         return [KeyRecord(key_id=r["key_hash"][:KEY_ID_CHARS], owner=r["owner"], created=r["created"]) for r in rows]
+
+    # -- replicas --------------------------------------------------------------------------------
+
+    def existing_ids(self, ids) -> set[int]:
+        """Which of these prefix ids still exist (a replica's cache drops the others)."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        with self._connect() as db:
+            rows = db.execute(f"SELECT id FROM prefixes WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()
+        return {r["id"] for r in rows}
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block up to `timeout` s for a change made through another process (PostgreSQL: NOTIFY)."""
+        return self.backend.wait_for_change(timeout)
+
+    def sweep(self) -> list[str]:
+        """Delete files no row uses (left by a crash mid-upload); returns their names."""
+        return store_sql.sweep(self)
+
+    def close(self) -> None:
+        self.backend.close()
