@@ -164,7 +164,7 @@ def test_two_replicas_share_one_postgresql_store(postgres, tmp_path):
 
         # kill -9 A while an upload is between writing its file and committing its row.
         with ThreadPoolExecutor(1) as pool:
-            hanging = pool.submit(upload, a, "late", alice, False, "slow.safetensors", "p0")
+            hanging = pool.submit(upload, a, "slow-late", alice, False, "slow.safetensors", "p0")
             wait_until(marker.exists, 60, "A's upload reaches its pause")
             orphan = marker.read_text()
             assert orphan in stored_files(files)  # the file is there, its row is not
@@ -178,7 +178,7 @@ def test_two_replicas_share_one_postgresql_store(postgres, tmp_path):
         wait_until(lambda: orphan not in stored_files(files), 10.0, "the orphan file is swept")
         records = admin.list()
         assert sorted(r.name for r in records) == ["p1", "p2", "p3", "p4"]  # no row from the killed upload
-        assert upload(b, "late", alice, content="p0").status_code == 201  # its name was never taken
+        assert upload(b, "slow-late", alice, content="p0").status_code == 201  # its name was never taken
         records = admin.list()
         assert stored_files(files) == {r.file.name for r in records}  # no file without a row
         assert all(admin.load(r) is not None for r in records)  # and every row has its file, intact

@@ -257,7 +257,7 @@ def test_unknown_tensors_are_refused_and_a_wrong_base_model_is_corrected(model, 
     missing = save({}, metadata=meta)  # metadata lists a kind the file does not hold
     with pytest.raises(PrefixFileError, match="metadata lists kinds"):
         store.add_bytes("missing", "alice", missing)
-    assert list(store.files_dir.iterdir()) == []  # refused files are never written
+    assert [f.name for f in store.files_dir.iterdir() if f.name != ".prefixtune-store"] == []  # refused: never written
     # the right fingerprint, but metadata claiming another base model: listed under the true one
     liar = save(tensors, metadata={**meta, "base_model": "gpt2-xl"})
     assert load(liar).keys() == tensors.keys()
@@ -326,7 +326,7 @@ def test_kill_9_during_an_add_leaves_nothing_after_reopening(model, files, tmp_p
     finally:
         os.close(fd)
     assert sorted(reopened.removed_orphans) == sorted([stale[0], unindexed])
-    assert sorted(f.name for f in store.files_dir.iterdir()) == sorted([kept.file.name, live.name])
+    assert sorted(f.name for f in store.files_dir.iterdir() if f.name != ".prefixtune-store") == sorted([kept.file.name, live.name])
     for f in (stale[0], unindexed):
         assert any(f.name in r.getMessage() and "orphan" in r.getMessage() for r in caplog.records)
     assert torch.equal(reopened.load(reopened.get("kept", "alice")).kv["self"], pt.load_prefix(files["f0"]).kv["self"])
@@ -377,10 +377,12 @@ def test_a_crash_mid_upload_leaves_a_file_that_the_next_open_sweeps(model, files
         import os, sys
         from prefixtune.serve.store import PrefixStore
         store = PrefixStore({str(open_store.location)!r}, files_dir={open_store.files_dir and str(open_store.files_dir)!r})
-        def crash(file, label):
-            print(file.name, flush=True)
+        real_replace = os.replace
+        def crash(src, dst):  # the file is in place, its row not yet committed
+            real_replace(src, dst)
+            print(os.path.basename(dst), flush=True)
             os._exit(9)
-        store._validate = crash
+        os.replace = crash
         store.add("crash", "alice", {str(files["f1"])!r})
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -538,14 +540,14 @@ def test_a_delete_cannot_take_the_file_of_an_upload_not_yet_committed(model, fil
     a, b = open_store(model), open_store(model)
     b.add("old", "bob", files["f0"])
     entered, go = threading.Event(), threading.Event()
-    validate = a._validate
+    lock_content = a.backend.lock_content
 
-    def paused_validate(file, label):
+    def paused_lock(db, sha256):  # A holds the content lock, its file written, its row not committed
+        lock_content(db, sha256)
         entered.set()
         go.wait(10)
-        return validate(file, label)
 
-    a._validate = paused_validate
+    a.backend.lock_content = paused_lock
     with ThreadPoolExecutor(2) as pool:
         upload = pool.submit(a.add, "new", "alice", files["f0"])
         assert entered.wait(30)
