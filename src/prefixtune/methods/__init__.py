@@ -14,8 +14,9 @@ from .infix import InfixConfig, InfixModel
 from .prefix import PrefixModel
 from .prompt import PromptConfig, PromptModel
 from .ptuning import PTuningConfig, PTuningModel
+from .ptuning_v2 import PTuningV2Config, PTuningV2Model
 
-_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel]
+_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
 
 
