@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.batching import Batch
 from prefixtune.classify import classify, evaluate_classifier, majority_baseline
 from prefixtune.config import ConfigError
 from prefixtune.data import DataError, Example, load_dataset
-from prefixtune.engine import RowPrefixes, forward_with_prefix
+from prefixtune.engine import forward_with_prefix
 from prefixtune.methods import attach, build, load_artifact
 from prefixtune.methods.ptuning_v2 import PTuningV2Config, PTuningV2Model
 from prefixtune.methods.weights import WeightArtifact
@@ -393,8 +392,8 @@ def test_minilm_boolq_training_through_the_trainer(minilm, tmp_path):
     file predicts exactly what the trained module predicts on held-out rows.
 
     NOT asserted here: beating the majority class. That needs far more steps than a test can afford on
-    2 CPU cores (30 steps of 16 pairs: 58 % on 160 dev rows, below the 62 % majority); the measured
-    accuracy of a longer run is in docs/methods.md."""
+    2 CPU cores (after 30 steps of 16 pairs: 58 % on 160 dev rows, where the majority class is 62 % of
+    the dev split); a longer run's measured accuracy is in docs/methods.md."""
     from prefixtune.models import fingerprint
     from prefixtune.train import TrainConfig, train
 
