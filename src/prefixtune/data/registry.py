@@ -9,6 +9,7 @@ Under it each dataset has its own folder, laid out as in the project's shared da
 
     e2e/src1_valid.txt  e2e/devset.csv ...       webnlg2017/{train,dev}/Ntriples/*.xml
     dart/dart-v1.1.1-full-dev.json ...           xsum/xsum_validation_1000.jsonl, xsum/full/
+    boolq/boolq_dev.jsonl
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import dart, e2e, jsonl, webnlg, xsum
+from . import boolq, dart, e2e, jsonl, webnlg, xsum
 from .base import Dataset, MissingDataError
 from .fetch import Fetcher, Resource, place_all, urllib_fetch
 
@@ -67,6 +68,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "xsum": DatasetSpec(
         "xsum", xsum.load, ("train", "dev", "test", "all"), "train", xsum.RESOURCES, xsum.HOMEPAGE,
         xsum.LICENSE, "XSum: BBC article -> one-sentence summary (JSONL; 1k sample or full)",
+    ),
+    "boolq": DatasetSpec(
+        "boolq", boolq.load, ("train", "dev", "test", "all"), "train", boolq.RESOURCES, boolq.HOMEPAGE,
+        boolq.LICENSE, "BoolQ: yes/no question + Wikipedia passage -> True/False (official dev, carved 80/10/10)",
     ),
     "jsonl": DatasetSpec(
         "jsonl", jsonl.load, (), "train", (), "", "",

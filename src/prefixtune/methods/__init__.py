@@ -18,8 +18,9 @@ from .adapter import AdapterModel
 from .finetune import FinetuneModel
 from .ft_top import FtTopModel
 from .lora import LoRAModel
+from .ptuning_v2 import PTuningV2Config, PTuningV2Model
 
-_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel,
+_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model,
                                    FinetuneModel, FtTopModel, AdapterModel, LoRAModel]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
 

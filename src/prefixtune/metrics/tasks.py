@@ -8,6 +8,7 @@ official script computes it.
 | dart    | bleu, meteor, ter                     | same as webnlg (DART's evaluation folder reuses those scripts) |
 | xsum    | rouge1, rouge2, rougeL                | rouge-score, stemming, mean F-measure |
 | generic | bleu, rouge_l, chrf                   | E2E's BLEU and ROUGE-L, plus sacrebleu chrF |
+| accuracy | accuracy                             | classification (BoolQ): the predicted label equals the first reference |
 
 All values are on a 0-1 scale except nist and cider. ter is lower-is-better. Java is
 needed for meteor (e2e, webnlg, dart) and for the PTB tokenizer behind rouge_l/cider
@@ -67,12 +68,18 @@ def _generic(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     }
 
 
+def _accuracy(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    # one gold label per item (the first reference), compared after stripping whitespace
+    return {"accuracy": sum(h.strip() == r[0].strip() for h, r in zip(hyps, refs)) / len(hyps)}
+
+
 _SCORERS: dict[str, Callable[[list[str], list[list[str]]], dict[str, float]]] = {
     "e2e": _e2e,
     "webnlg": _webnlg,
     "dart": _webnlg,
     "xsum": _xsum,
     "generic": _generic,
+    "accuracy": _accuracy,
 }
 TASKS = tuple(_SCORERS)
 

@@ -1,0 +1,214 @@
+"""P-tuning v2 (Liu et al. 2022, "Prompt Tuning Can Be Comparable to Fine-tuning Universally Across
+Scales and Tasks"): deep prompts for classification on a frozen encoder.
+
+Deep prompts are per-layer key/values before the input of every self-attention layer (the same
+`prefix.Prefix` and engine as prefix-tuning: flat or P = MLP(P'), random or text init); a trainable
+linear head reads the first token's ([CLS] / <s>) last hidden state. Only the prompt and the head
+train. A source "QUESTION [SEP] PASSAGE" is encoded as a sentence pair (the passage is cut first);
+the target is one of `labels`.
+
+The artifact is a `WeightArtifact` (not a mixable soft artifact): the merged key/values
+('prefix.self', as in prefix files) plus the head ('head.weight', 'head.bias') and the labels. A
+classifier answers with a label, not text, so it does not share generation batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..batching import IGNORE, Batch, Encoded
+from ..config import ConfigError, PrefixConfig, _check
+from ..data.boolq import PAIR_SEPARATOR
+from ..engine import RowPrefixes, activations_of_text, forward_with_prefix
+from ..models import fingerprint, model_name
+from ..prefix import Prefix, PrefixFileError
+from .base import Method
+from .weights import WeightArtifact
+
+@dataclass
+class PTuningV2Config(PrefixConfig):
+    """Deep prompts shaped like a prefix (length, flat or MLP, init) plus a linear classification head."""
+
+    length: int = field(default=16, metadata={"help": "Deep-prompt length: key/value slots at every encoder layer."})
+    reparam: Literal["mlp", "flat"] = field(default="flat", metadata={
+        "help": "'flat': train the per-layer key/values directly (P-tuning v2's default); 'mlp': P = MLP(P')."})
+    num_labels: int = field(default=2, metadata={"help": "Number of classes of the head."})
+    labels: tuple[str, ...] = field(default=("False", "True"), metadata={
+        "help": "Class names in head order; training targets must be one of them (BoolQ: False, True)."})
+    head_dropout: float = field(default=0.1, metadata={"help": "Dropout on the [CLS] state before the head (training only)."})
+    method: str = field(default="ptuning-v2", metadata={"help": "Method name recorded in saved files.", "cli": False})
+
+    def __post_init__(self):
+        super().__post_init__()
+        c = type(self).__name__
+        if isinstance(self.labels, str):
+            self.labels = tuple(s.strip() for s in self.labels.split(","))
+        self.labels = tuple(self.labels)
+        _check(isinstance(self.num_labels, int) and self.num_labels >= 2, c, "num_labels",
+               f"must be an int >= 2, got {self.num_labels!r}")
+        _check(len(self.labels) == self.num_labels, c, "labels",
+               f"names {len(self.labels)} classes {list(self.labels)} but num_labels is {self.num_labels}")
+        _check(len(set(self.labels)) == len(self.labels) and all(self.labels), c, "labels",
+               f"must be distinct non-empty names, got {list(self.labels)}")
+        _check(0.0 <= self.head_dropout < 1.0, c, "head_dropout", f"must be in [0, 1), got {self.head_dropout!r}")
+        _check(self.kinds in (None, ("self",)), c, "kinds", "deep prompts live in the encoder's self-attention ('self')")
+
+
+class PTuningV2Model(Method):
+    """A frozen encoder, deep prompts at every layer, and a linear head on the first token."""
+
+    name = "ptuning-v2"
+    config_class = PTuningV2Config
+    mixable = False
+    summary = "deep prompts (key/values at every encoder layer) + a linear head on [CLS], for classification"
+
+    def __init__(self, model, config: PTuningV2Config | None = None, tokenizer=None):
+        super().__init__(model, config, tokenizer)
+        cfg, layout = self.config, self.layout
+        if layout.is_encoder_decoder or set(layout.shapes) != {"self"} or \
+                any(getattr(m, "is_causal", False) for m in layout.modules):
+            raise ValueError(f"ptuning-v2 needs a bidirectional encoder (BERT, RoBERTa: load_model(..., "
+                             f"task='encoder')); {model_name(model)} ({type(model).__name__}) is not one")
+        self.prefix = Prefix({"self": layout.shapes["self"]}, cfg, layout.hidden_size).to(model.device)
+        if cfg.init == "text":
+            if tokenizer is None:
+                raise ValueError("PTuningV2Config.init_text needs the tokenizer: PTuningV2Model(model, cfg, tokenizer=tok)")
+            self.prefix.set_values({"self": activations_of_text(model, tokenizer, cfg.init_text, cfg.length)["self"]})
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.head = nn.Linear(layout.hidden_size, cfg.num_labels).to(model.device)
+        with torch.no_grad():  # small logits at the start: the loss begins near log(num_labels)
+            self.head.weight.normal_(0.0, 0.02)
+            self.head.bias.zero_()
+
+    # -- how it enters the model ------------------------------------------------------------------
+    def conditioning(self) -> RowPrefixes:
+        return RowPrefixes.shared({k: v.to(self.model.dtype) for k, v in self.prefix().items()})
+
+    def max_input_len(self, tokenizer, max_source_len: int) -> int:
+        """Tokens an input may have: the caller's limit, the tokenizer's, and (when real tokens' positions
+        follow the prompt) the position table minus the prompt."""
+        limit = max_source_len
+        if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
+            limit = min(limit, tokenizer.model_max_length)
+        table = getattr(self.model.config, "max_position_embeddings", None)
+        if table and self.layout.arch.shift_positions:
+            limit = min(limit, table - self.config.length)
+        return limit
+
+    # -- data -> loss -------------------------------------------------------------------------------
+    def label_index(self, target: str | None) -> int:
+        if target is None:
+            return IGNORE
+        label = target.strip()
+        if label not in self.config.labels:
+            raise ValueError(f"target {target!r} is not one of the classifier's labels {list(self.config.labels)} "
+                             "(set PTuningV2Config.labels / --labels)")
+        return self.config.labels.index(label)
+
+    def encode(self, tokenizer, source: str, target: str | None, max_source_len: int = 512,
+               max_target_len: int = 0) -> Encoded:
+        """'first [SEP] second' -> the tokenizer's pair encoding (the longer part is cut first); else one text.
+
+        labels: [index of target in `labels`] (IGNORE when target is None)."""
+        first, sep, second = source.partition(PAIR_SEPARATOR)
+        limit = self.max_input_len(tokenizer, max_source_len)
+        ids = tokenizer(first, second if sep else None, truncation="longest_first", max_length=limit)["input_ids"]
+        return Encoded(list(ids), [self.label_index(target)])
+
+    def collate(self, items: list[Encoded], pad_id: int) -> Batch:
+        """Right-padded ids; labels (rows,) class indices; no target tokens (dev loss weighs rows)."""
+        width = max(len(e.input_ids) for e in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, e in enumerate(items):
+            ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[row, :len(e.input_ids)] = 1
+        labels = torch.tensor([e.labels[0] for e in items], dtype=torch.long)
+        return Batch(ids, mask, labels, 0)
+
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """(rows, num_labels) from the first token's last hidden state."""
+        hidden = forward_with_prefix(self.model, self.conditioning(), input_ids=input_ids, attention_mask=attention_mask,
+                                     run=self.model.base_model).last_hidden_state
+        return self.head(self.dropout(hidden[:, 0].float()))
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.logits(batch.input_ids, batch.attention_mask), batch.labels)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """(rows,) predicted class indices (no dropout)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.logits(batch.input_ids, batch.attention_mask).argmax(-1)
+        finally:
+            self.train(was_training)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, loss_on_targets: bool = False, **kwargs):
+        if loss_on_targets:
+            return self.loss(Batch(input_ids, attention_mask, labels, 0))
+        return self.logits(input_ids, attention_mask)
+
+    def generate(self, *args, **kwargs):
+        raise TypeError("ptuning-v2 is a classifier: use predict() or prefixtune.classify.classify(), not generate()")
+
+    # -- what is saved ------------------------------------------------------------------------------
+    def export(self) -> WeightArtifact:
+        kv = self.prefix.merge().kv["self"]                                 # (layers, 2, heads, L, head_dim)
+        tensors = {"prefix.self": kv, "head.weight": self.head.weight.detach().float().cpu().clone(),
+                   "head.bias": self.head.bias.detach().float().cpu().clone()}
+        layers, heads, head_dim = self.layout.shapes["self"]
+        meta = {**self.base_meta(), "labels": list(self.config.labels), "length": self.config.length,
+                "shapes": {"self": [layers, heads, head_dim]}}
+        return WeightArtifact(tensors, meta)
+
+    @classmethod
+    def from_artifact(cls, model, artifact: WeightArtifact, tokenizer=None, source: str = "artifact",
+                      check_fingerprint: bool = True) -> "PTuningV2Model":
+        """The classifier a saved artifact describes, on `model` (its own base model, checked)."""
+        meta, tensors = artifact.meta, artifact.tensors
+        if meta.get("method") != cls.name:
+            raise PrefixFileError(f"{source}: was made by method {meta.get('method')!r}, not {cls.name!r}")
+        want = {"prefix.self", "head.weight", "head.bias"}
+        if set(tensors) != want:
+            raise PrefixFileError(f"{source}: a ptuning-v2 artifact holds tensors {sorted(want)}, this one "
+                                  f"{sorted(tensors)}")
+        if check_fingerprint and meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
+            raise PrefixFileError(f"{source}: made for base model {meta.get('base_model')!r} (fingerprint "
+                                  f"{meta['fingerprint']}), but {model_name(model)!r} has fingerprint "
+                                  f"{fingerprint(model)}; it only works on its own base model")
+        try:
+            saved = PTuningV2Config.from_dict(meta["config"])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise PrefixFileError(f"{source}: its config cannot be read ({e})") from e
+        # the merged values are loaded flat; the MLP (if any) was only a training device
+        config = dataclasses.replace(saved, reparam="flat", init="random", init_text=None)
+        method = cls(model, config, tokenizer=tokenizer)
+        kv, weight, bias = tensors["prefix.self"], tensors["head.weight"], tensors["head.bias"]
+        layers, heads, head_dim = method.layout.shapes["self"]
+        if tuple(kv.shape) != (layers, 2, heads, config.length, head_dim):
+            raise PrefixFileError(f"{source}: 'prefix.self' has shape {tuple(kv.shape)}, but {model_name(model)} "
+                                  f"with length {config.length} needs {(layers, 2, heads, config.length, head_dim)}")
+        if tuple(weight.shape) != tuple(method.head.weight.shape) or tuple(bias.shape) != tuple(method.head.bias.shape):
+            raise PrefixFileError(f"{source}: head has shapes {tuple(weight.shape)}/{tuple(bias.shape)}, expected "
+                                  f"{tuple(method.head.weight.shape)}/{tuple(method.head.bias.shape)} "
+                                  f"({config.num_labels} labels, hidden size {method.layout.hidden_size})")
+        method.prefix.set_values({"self": kv})
+        with torch.no_grad():
+            method.head.weight.copy_(weight)
+            method.head.bias.copy_(bias)
+        return method
+
+    @classmethod
+    def load(cls, path, model, tokenizer=None) -> "PTuningV2Model":
+        """Load a saved ptuning-v2 file onto `model` (refused unless made for it)."""
+        return cls.from_artifact(model, WeightArtifact.load(path, model), tokenizer=tokenizer, source=str(path))
+
+
+__all__ = ["PTuningV2Config", "PTuningV2Model", "PAIR_SEPARATOR"]
