@@ -119,6 +119,8 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
 
     def add(label: str, method: str, size, seed, overrides=None, plan_extra=None, **labels):
         overrides = {**train, "seed": seed, **(overrides or {})}
+        if size and _needs_size(dataset):  # the dev loss uses 30% of the training size in pairs (paper §6.3)
+            overrides["dev_max_examples"] = max(2, math.ceil(0.3 * size))
         if method in ("finetune", "ft-top", "adapter", "lora"):  # only the soft-prompt family has lengths/init
             overrides = {k: v for k, v in overrides.items() if k not in ("length", "init", "init_text", "mlp_hidden")}
         rid = "-".join(str(p) for p in (label, f"n{size}" if size else "full", f"s{seed}"))
@@ -258,6 +260,7 @@ def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | N
         ax.set_xlabel(exp.x.replace("_", " "))
         if exp.x == "train_size":
             ax.set_xscale("log")
+            ax.minorticks_off()
             ax.set_xticks(sorted({r["train_size"] for r in rows}), [str(v) for v in sorted({r["train_size"] for r in rows})])
     else:
         parts = ("seen", "unseen") if any("scores_seen" in r for r in rows) else (None,)

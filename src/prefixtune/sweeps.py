@@ -173,7 +173,11 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
             t0, finished = time.time(), 0
             failures = []
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                # a short timeout keeps Ctrl-C working (a blocking wait does not return to Python);
+                # then ray.shutdown below stops the workers, and their checkpoints resume next time
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
                 spec = pending.pop(ready[0])
                 finished += 1
                 if progress is not None:
