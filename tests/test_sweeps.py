@@ -130,24 +130,27 @@ def _free_port() -> int:
 
 
 def test_experiment_command_against_a_ray_start_head_cluster(assets, tmp_path):
-    """The --ray-address path: a head node started here on 127.0.0.1 (and stopped by its own process id)."""
+    """The --ray-address path: a head node started on this machine, addressed as 127.0.0.1 (stopped by its process group)."""
     model_dir, data = assets
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=SRC, PYTHONUNBUFFERED="1")
+    # `ray start` turns on token authentication (the token in ~/.ray); a driver then needs RAY_AUTH_MODE=token
+    env = dict(os.environ, PYTHONPATH=SRC, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head_log = tmp_path / "head.log"
+    # no --node-ip-address=127.0.0.1: Ray maps a loopback address to the node's own IP when connecting
+    with open(head_log, "w") as log:
+        head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                                 "--include-dashboard=false", "--disable-usage-stats"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.time() + 180
+        while "Ray runtime started" not in head_log.read_text() and head.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert "Ray runtime started" in head_log.read_text(), head_log.read_text()[-2000:]
         cmd = [sys.executable, "-m", "prefixtune.cli", "experiment", "low-data", "--scale", "tiny", "--model", model_dir,
                "--dataset", "jsonl", "--path", data, "--methods", "prefix", "--out", tmp_path / "exp",
                "--ray-address", f"127.0.0.1:{port}"]
-        deadline = time.time() + 90  # the head needs some seconds before it accepts drivers
-        while True:
-            r = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=300)
-            if r.returncode == 0 or time.time() > deadline:
-                break
-            time.sleep(2)
+        r = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert "ray: 1 CPUs" in r.stdout and "1 CPU(s) per run" in r.stdout
         rows = read_results(tmp_path / "exp")

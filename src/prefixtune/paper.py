@@ -8,6 +8,7 @@ experiment in about an hour on 2 CPU cores with SmolLM2-135M), `tiny` (tests).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ DEFAULTS = {  # experiment -> (dataset, model, methods)
     "ptuning-v2": ("boolq", "minilm-l6", ("ptuning-v2", "prompt", "finetune")),
 }
 EXPERIMENTS = tuple(DEFAULTS)
+# "Full data" where the only split here is a dev split (E2E 4,672 pairs, BoolQ 3,270): train on this
+# many pairs, the rest gives the dev loss and evaluation.
+SAME_SPLIT_FULL = 2500
 
 
 @dataclass
@@ -97,8 +101,10 @@ def _plan(dataset: str, data_dir, path, size: int | None, seed: int, **extra) ->
     if split is not None:
         if size is None:
             raise ExperimentError(f"{dataset} has no training split here: the scale must give a training size")
-        # dev set for early stopping: 30% of the training size (paper §6.3), from held-out sources
-        return {**plan, "train_split": split, "eval_split": split, "dev_sources": max(2, math.ceil(0.3 * size))}
+        # dev set for early stopping: 30% of the training size (paper §6.3), from held-out sources; at most
+        # 100 sources, so that a large training sample still leaves sources to evaluate on
+        return {**plan, "train_split": split, "eval_split": split,
+                "dev_sources": max(2, min(100, math.ceil(0.3 * size)))}
     return {**plan, "train_split": "train", "eval_split": "dev"}
 
 
@@ -113,6 +119,8 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
     methods = tuple(methods) if methods else d_methods
     _check_available(name, dataset, methods)
     s = SCALES[scale]
+    if s.full_size is None and _needs_size(dataset):  # no training split here: sample a large part of the one split
+        s = dataclasses.replace(s, full_size=SAME_SPLIT_FULL)
     train = {k: v for k, v in (("max_steps", s.max_steps), ("epochs", s.epochs)) if v is not None}
     decode = {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens}
     runs: list[RunSpec] = []
@@ -178,7 +186,7 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
     # ptuning-v2: deep prompts vs shallow prompt tuning vs fine-tuning on BoolQ, accuracy
     for m in methods:
         for seed in s.seeds:
-            add(m, m, max(s.sizes), seed)
+            add(m, m, s.full_size, seed)
     return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
 
 
