@@ -447,15 +447,44 @@ def experiment(
         for r in exp.runs:
             typer.echo(f"{r.id}: {r.method} {r.overrides}")
         return
-    with decoding_progress(len(exp.runs), label=f"{name} runs") as bar:
+    with _runs_progress(f"{name} runs") as bar:
         try:
-            result = run_experiment(exp, out, ray_address=ray_address, print_fn=progress_print,
-                                    progress=(lambda done, total: bar(done, total)) if bar else None)
+            result = run_experiment(exp, out, ray_address=ray_address, print_fn=progress_print, progress=bar)
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
     typer.echo(result["table"])
     typer.echo(f"wrote {out / 'results.jsonl'}, {result['table_path']}"
                + (f", {result['figure_path']}" if result["figure_path"] else ""))
+
+
+def _runs_progress(label: str):
+    """A bar over the sweep's runs on a terminal (None otherwise); log lines print above it."""
+    import contextlib
+
+    from . import progress as progress_mod
+
+    @contextlib.contextmanager
+    def bar_cm():
+        if not progress_mod.on_terminal():
+            yield None
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="run", desc=label, dynamic_ncols=True, file=sys.stderr)
+        progress_mod._BAR = bar
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            yield update
+        finally:
+            progress_mod._BAR = None
+            bar.close()
+
+    return bar_cm()
 
 
 @app.command()

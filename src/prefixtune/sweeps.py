@@ -161,7 +161,8 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
             if ray_address:
                 ray.init(address=ray_address, log_to_driver=False)
             else:
-                ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
+                # address="local": a private instance even when `ray start` runs on this machine
+                ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
         try:
             cluster = ray.cluster_resources()
             cpus = cpus_per_run or (max(1, int(cluster.get("CPU", 1))) if not ray_address else 1)
@@ -171,6 +172,8 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
                      f"{cpus} CPU(s){' + 1 GPU' if gpus else ''} per run")
             pending = {task.remote(s, model_name, str(out), cpus): s for s in todo}
             t0, finished = time.time(), 0
+            if progress is not None:
+                progress(0, len(todo))
             failures = []
             while pending:
                 # a short timeout keeps Ctrl-C working (a blocking wait does not return to Python);
