@@ -159,7 +159,13 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
         started_here = not ray.is_initialized()
         if started_here:
             if ray_address:
-                ray.init(address=ray_address, log_to_driver=False)
+                try:
+                    ray.init(address=ray_address, log_to_driver=False)
+                except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, AuthenticationError, ...
+                    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    raise RuntimeError(f"cannot connect to the Ray cluster at {ray_address} ({last}); is `ray start "
+                                       "--head` running there? A cluster with token authentication needs "
+                                       "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
             else:
                 # address="local": a private instance even when `ray start` runs on this machine
                 ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
