@@ -235,3 +235,13 @@ def test_plot_command_draws_a_run_loss_curves(assets, tmp_path):
     r = subprocess.run([sys.executable, "-m", "prefixtune.cli", "plot", str(tmp_path / "nothing")], capture_output=True,
                        text=True, env=dict(os.environ, PYTHONPATH=SRC), timeout=120)
     assert r.returncode == 2 and "log.jsonl not found" in r.stderr
+
+
+def test_extrapolation_table_and_bar_figure_from_rows(tmp_path):
+    rows = [{"label": m, "seed": s, "trainable_params": 5, "scores": {"bleu": b}, "scores_seen": {"bleu": b + 0.1},
+             "scores_unseen": {"bleu": b - 0.1}, "best_dev_loss": 1.0, "train_seconds": 1.0}
+            for m, b in (("prefix", 0.5), ("finetune", 0.4)) for s in (0, 1)]
+    exp = paper.Experiment("extrapolation", "quick", "m", "webnlg2017", [], ("label",))
+    table = paper.table_markdown(exp, rows)
+    assert "bleu seen" in table and "| prefix | 2 | 5 | 0.5 ± 0 | 0.6 ± 0 | 0.4 ± 0 |" in table
+    assert _png(paper.draw_figure(exp, rows, tmp_path / "fig.png"))
