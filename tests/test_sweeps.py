@@ -245,3 +245,13 @@ def test_extrapolation_table_and_bar_figure_from_rows(tmp_path):
     table = paper.table_markdown(exp, rows)
     assert "bleu seen" in table and "| prefix | 2 | 5 | 0.5 ± 0 | 0.6 ± 0 | 0.4 ± 0 |" in table
     assert _png(paper.draw_figure(exp, rows, tmp_path / "fig.png"))
+
+
+def test_unreachable_ray_address_fails_fast_naming_it():
+    from prefixtune.sweeps import _check_reachable
+
+    port = _free_port()  # nobody listens there now
+    started = time.time()
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")
+    assert time.time() - started < 10

@@ -159,6 +159,7 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
         started_here = not ray.is_initialized()
         if started_here:
             if ray_address:
+                _check_reachable(ray_address)
                 try:
                     ray.init(address=ray_address, log_to_driver=False)
                 except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, AuthenticationError, ...
@@ -212,6 +213,20 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
     rows = [done[i] for i in ids if i in done]
     write_results(out, rows)
     return rows
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses and the like: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); is `ray start --head` "
+                           "running there, and is the port right?") from None
 
 
 def _headline(row: dict) -> str:
