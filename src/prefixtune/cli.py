@@ -471,5 +471,84 @@ def main() -> None:
         sys.exit(2)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Experiments (the paper's sweeps) and loss plots. Kept as one block; `main` above is unchanged.
+
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="low-data, extrapolation, prefix-length, embedding-only, infix, init, ptuning-v2"),
+    out: Path = typer.Option(..., help="Experiment folder: runs/, results.jsonl, table.md, figure."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the experiment's, e.g. smollm2-135m)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder (default: $PREFIXTUNE_DATA or the cache)."),
+    dataset: Optional[str] = typer.Option(None, help="Override the experiment's dataset (e.g. jsonl with --path)."),
+    path: Optional[str] = typer.Option(None, help="File for the jsonl dataset."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's."),
+    scale: str = typer.Option("quick", help="quick (about an hour on 2 CPU cores), paper, or tiny (tests)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
+):
+    """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure."""
+    from .paper import build, run_experiment
+    from .train import TrainingError
+
+    exp = build(name, scale, model=model, dataset=dataset, data_dir=data_dir, path=path,
+                methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
+    if dry_run:
+        for n in exp.notes:
+            typer.echo(n)
+        for r in exp.runs:
+            typer.echo(f"{r.id}: {r.method} {r.overrides}")
+        return
+    with _runs_progress(f"{name} runs") as bar:
+        try:
+            result = run_experiment(exp, out, ray_address=ray_address, print_fn=progress_print, progress=bar)
+        except RuntimeError as e:
+            raise TrainingError(str(e)) from None
+    typer.echo(result["table"])
+    typer.echo(f"wrote {out / 'results.jsonl'}, {result['table_path']}"
+               + (f", {result['figure_path']}" if result["figure_path"] else ""))
+
+
+def _runs_progress(label: str):
+    """A bar over the sweep's runs on a terminal (None otherwise); log lines print above it."""
+    import contextlib
+
+    from . import progress as progress_mod
+
+    @contextlib.contextmanager
+    def bar_cm():
+        if not progress_mod.on_terminal():
+            yield None
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="run", desc=label, dynamic_ncols=True, file=sys.stderr)
+        progress_mod._BAR = bar
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            yield update
+        finally:
+            progress_mod._BAR = None
+            bar.close()
+
+    return bar_cm()
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="A training run's --out folder (reads its log.jsonl)."),
+         out: Optional[Path] = typer.Option(None, help="PNG file (default: RUN_DIR/loss.png)."),
+         smooth: int = typer.Option(10, help="Moving-average window of the train curve, in steps.")):
+    """Draw the train and dev loss curves of a run."""
+    from .plots import plot_run
+
+    typer.echo(f"wrote {plot_run(run_dir, out, smooth=smooth)}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,316 @@
+"""The paper's experiments (Li & Liang 2021, §6-§7 and the P-tuning v2 comparison) as run lists.
+
+`build(name, scale, ...)` returns an Experiment: the RunSpecs of its sweep plus how to tabulate and
+draw it. `run_experiment` fans the runs out (sweeps.run_sweep) and writes table.md and the figure.
+Scales: `paper` (the paper's sizes, seeds and recipe epochs), `quick` (fewer sizes/seeds/steps: each
+experiment in about an hour on 2 CPU cores with SmolLM2-135M), `tiny` (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .sweeps import RunSpec, mean_std, read_results, run_sweep
+
+
+@dataclass(frozen=True)
+class Scale:
+    sizes: tuple[int, ...]          # low-data training sizes (pairs)
+    seeds: tuple[int, ...]          # each seed samples its own training set and seeds training
+    full_size: int | None           # "full data" size for §7 ablations (None: the whole training split)
+    max_steps: int | None           # cap on optimizer steps (None: the recipe's epochs)
+    eval_limit: int | None          # evaluation sources per run (None: all)
+    num_beams: int
+    max_new_tokens: int
+    epochs: int | None = None       # override of the recipe's epochs (low data needs more passes)
+
+
+SCALES = {
+    "paper": Scale(sizes=(50, 100, 200, 500), seeds=(0, 1, 2, 3, 4), full_size=None, max_steps=None,
+                   eval_limit=None, num_beams=5, max_new_tokens=60),
+    "quick": Scale(sizes=(50, 200), seeds=(0, 1), full_size=200, max_steps=80, eval_limit=40, num_beams=1,
+                   max_new_tokens=40, epochs=20),
+    "tiny": Scale(sizes=(20, 40), seeds=(0,), full_size=40, max_steps=4, eval_limit=4, num_beams=1,
+                  max_new_tokens=6, epochs=2),
+}
+
+# Where training sets are sampled from when the data here has no separate training split: the
+# shared E2E and BoolQ are their dev splits only (see ../shared/data/README.md); jsonl files are "all".
+_SAME_SPLIT = {"e2e": "dev", "boolq": "dev", "jsonl": "all", "xsum": "validation"}
+
+# WebNLG 2017 categories held out of training for `extrapolation` (5 of the 10 in train/dev; the
+# official unseen test categories are not available here).
+UNSEEN_WEBNLG = ("Astronaut", "ComicsCharacter", "Food", "SportsTeam", "WrittenWork")
+
+DEFAULTS = {  # experiment -> (dataset, model, methods)
+    "low-data": ("e2e", "smollm2-135m", ("prefix", "finetune")),
+    "extrapolation": ("webnlg2017", "smollm2-135m", ("prefix", "finetune", "adapter")),
+    "prefix-length": ("e2e", "smollm2-135m", ("prefix",)),
+    "embedding-only": ("e2e", "smollm2-135m", ("prompt", "prefix")),
+    "infix": ("e2e", "smollm2-135m", ("infix", "prefix")),
+    "init": ("e2e", "smollm2-135m", ("prefix",)),
+    "ptuning-v2": ("boolq", "minilm-l6", ("ptuning-v2", "prompt", "finetune")),
+}
+EXPERIMENTS = tuple(DEFAULTS)
+# "Full data" where the only split here is a dev split (E2E 4,672 pairs, BoolQ 3,270): train on this
+# many pairs, the rest gives the dev loss and evaluation.
+SAME_SPLIT_FULL = 2500
+
+
+@dataclass
+class Experiment:
+    name: str
+    scale: str
+    model: str
+    dataset: str
+    runs: list[RunSpec]
+    group_by: tuple[str, ...]                 # row labels a table line is keyed by (seeds averaged)
+    x: str | None = None                      # numeric label for the figure's x axis
+    notes: list[str] = field(default_factory=list)
+
+
+class ExperimentError(ValueError):
+    """A user-facing problem with an experiment request (unknown name, unregistered method/dataset)."""
+
+
+def _check_available(name: str, dataset: str, methods) -> None:
+    from .data.registry import get_spec
+    from .methods import METHODS
+
+    missing = [m for m in methods if m not in METHODS]
+    if missing:
+        raise ExperimentError(f"experiment {name!r} needs method(s) {', '.join(missing)}, not registered in this "
+                              f"build (registered: {', '.join(METHODS)}); choose others with --methods")
+    if not str(dataset).lower().endswith(".jsonl") and dataset != "jsonl":
+        try:
+            get_spec(dataset)
+        except Exception as e:  # noqa: BLE001 - the registry's own message names the known datasets
+            raise ExperimentError(f"experiment {name!r} needs dataset {dataset!r}: {e}") from None
+
+
+def _plan(dataset: str, data_dir, path, size: int | None, seed: int, **extra) -> dict:
+    """Same-split low-data plan where the data has no training split here, else train/dev."""
+    from .recipes import canonical
+
+    split = _SAME_SPLIT.get(canonical(dataset))
+    plan = {"dataset": dataset, "data_dir": data_dir, "path": path, "seed": seed, "train_size": size, **extra}
+    if split is not None:
+        if size is None:
+            raise ExperimentError(f"{dataset} has no training split here: the scale must give a training size")
+        # dev set for early stopping: 30% of the training size (paper §6.3), from held-out sources; at most
+        # 100 sources, so that a large training sample still leaves sources to evaluate on
+        return {**plan, "train_split": split, "eval_split": split,
+                "dev_sources": max(2, min(100, math.ceil(0.3 * size)))}
+    return {**plan, "train_split": "train", "eval_split": "dev"}
+
+
+def build(name: str, scale: str = "quick", model: str | None = None, dataset: str | None = None,
+          data_dir: str | None = None, path: str | None = None, methods=None) -> Experiment:
+    if name not in DEFAULTS:
+        raise ExperimentError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
+    if scale not in SCALES:
+        raise ExperimentError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
+    d_dataset, d_model, d_methods = DEFAULTS[name]
+    dataset, model = dataset or d_dataset, model or d_model
+    methods = tuple(methods) if methods else d_methods
+    _check_available(name, dataset, methods)
+    s = SCALES[scale]
+    if s.full_size is None and _needs_size(dataset):  # no training split here: sample a large part of the one split
+        s = dataclasses.replace(s, full_size=SAME_SPLIT_FULL)
+    train = {k: v for k, v in (("max_steps", s.max_steps), ("epochs", s.epochs)) if v is not None}
+    decode = {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens}
+    runs: list[RunSpec] = []
+
+    def add(label: str, method: str, size, seed, overrides=None, plan_extra=None, **labels):
+        overrides = {**train, "seed": seed, **(overrides or {})}
+        if size and _needs_size(dataset):  # the dev loss uses 30% of the training size in pairs (paper §6.3)
+            overrides["dev_max_examples"] = max(2, math.ceil(0.3 * size))
+        if method in ("finetune", "ft-top", "adapter", "lora"):  # only the soft-prompt family has lengths/init
+            overrides = {k: v for k, v in overrides.items() if k not in ("length", "init", "init_text", "mlp_hidden")}
+        rid = "-".join(str(p) for p in (label, f"n{size}" if size else "full", f"s{seed}"))
+        runs.append(RunSpec(id=rid, method=method, dataset=dataset,
+                            plan=_plan(dataset, data_dir, path, size, seed, **(plan_extra or {})),
+                            overrides=overrides, decode=decode, eval_limit=s.eval_limit,
+                            labels={"label": label, **labels}))
+
+    notes = [f"scale {scale}: sizes {list(s.sizes)}, seeds {list(s.seeds)}, "
+             f"{'max ' + str(s.max_steps) + ' steps' if s.max_steps else 'recipe epochs'}, "
+             f"{'epochs ' + str(s.epochs) + ', ' if s.epochs else ''}"
+             f"{'first ' + str(s.eval_limit) if s.eval_limit else 'all'} evaluation sources, beam {s.num_beams}"]
+    if name == "low-data":  # §6.3: prefix length 6, batch 10, init from the task's name
+        for m in methods:
+            extra = {"length": 6, "init": "text", "init_text": "table-to-text:"} if m == "prefix" else {}
+            for size in s.sizes:
+                for seed in s.seeds:
+                    add(m, m, size, seed, {"batch_size": 10, **extra})
+        return Experiment(name, scale, model, dataset, runs, ("label", "train_size"), x="train_size", notes=notes)
+    if name == "init":  # §7.4: random vs task words vs irrelevant words, in low data
+        inits = {"random": {"init": "random"}, "table-to-text:": {"init": "text", "init_text": "table-to-text:"},
+                 "elephant": {"init": "text", "init_text": "elephant"}}
+        for label, o in inits.items():
+            for size in s.sizes:
+                for seed in s.seeds:
+                    add(f"init={label}", "prefix", size, seed, {"length": 6, "batch_size": 10, **o}, init=label)
+        return Experiment(name, scale, model, dataset, runs, ("label", "train_size"), x="train_size", notes=notes)
+    if name == "extrapolation":  # §6.4: train on seen categories, evaluate seen vs unseen
+        for m in methods:
+            for seed in s.seeds:
+                add(m, m, s.full_size if _needs_size(dataset) else None, seed,
+                    plan_extra={"exclude_categories": UNSEEN_WEBNLG})
+        notes.append(f"held out of training: {', '.join(UNSEEN_WEBNLG)} (WebNLG 2017 dev split evaluated)")
+        return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
+    if name == "prefix-length":  # §7.1
+        lengths = (1, 5, 10, 20) if scale != "tiny" else (1, 4)
+        if scale == "paper":
+            lengths = (1, 5, 10, 20, 40)
+        for n in lengths:
+            for seed in s.seeds:
+                add(f"prefix-{n}", "prefix", s.full_size, seed, {"length": n}, length=n)
+        return Experiment(name, scale, model, dataset, runs, ("label", "length"), x="length", notes=notes)
+    if name == "embedding-only":  # §7.2: EMB-1/10/20 (soft input embeddings only) vs prefix
+        for m in methods:
+            for n in ((1, 10, 20) if m == "prompt" else (10,)):
+                label = f"EMB-{n}" if m == "prompt" else f"{m}-{n}"
+                for seed in s.seeds:
+                    add(label, m, s.full_size, seed, {"length": n}, length=n)
+        return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
+    if name == "infix":  # §7.3: [x; INFIX; y] vs [PREFIX; x; y] at equal length
+        for m in methods:
+            for seed in s.seeds:
+                add(f"{m}-10", m, s.full_size, seed, {"length": 10}, length=10)
+        return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
+    # ptuning-v2: deep prompts vs shallow prompt tuning vs fine-tuning on BoolQ, accuracy
+    for m in methods:
+        for seed in s.seeds:
+            add(m, m, s.full_size, seed)
+    return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
+
+
+def _needs_size(dataset: str) -> bool:
+    from .recipes import canonical
+
+    return canonical(dataset) in _SAME_SPLIT
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and figures
+
+
+def _metric_columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        for k, v in r.get("scores", {}).items():
+            if isinstance(v, (int, float)) and k not in cols:
+                cols.append(k)
+    return cols
+
+
+def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return out
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m, sd = mean_std(values)
+    return f"{m:.4g} ± {sd:.2g}" if len(values) > 1 else f"{m:.4g}"
+
+
+def table_markdown(exp: Experiment, rows: list[dict]) -> str:
+    """Means ± sample std over seeds, one line per group; the scale is stated in the header."""
+    cols = _metric_columns(rows)
+    split_cols = [f"{c} {g}" for g in ("seen", "unseen") for c in cols[:1]] if any("scores_seen" in r for r in rows) else []
+    head = list(exp.group_by) + ["runs", "trainable params"] + cols + split_cols + ["dev loss", "train s"]
+    lines = [f"# {exp.name} ({exp.scale} scale)", "", f"Model `{exp.model}`, dataset `{exp.dataset}`. "
+             "Mean ± sample standard deviation over seeds (each seed samples its own training set).", ""]
+    lines += [f"- {n}" for n in exp.notes] + [""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, group in _groups(rows, exp.group_by).items():
+        cells = [str(k) for k in key] + [str(len(group)), f"{group[0].get('trainable_params', 0):,}"]
+        cells += [_fmt([r["scores"][c] for r in group if c in r.get("scores", {})]) for c in cols]
+        for g in ("seen", "unseen") if split_cols else ():
+            cells.append(_fmt([r[f"scores_{g}"][cols[0]] for r in group if f"scores_{g}" in r]))
+        cells.append(_fmt([r["best_dev_loss"] for r in group if isinstance(r.get("best_dev_loss"), (int, float))
+                           and math.isfinite(r["best_dev_loss"])]))
+        cells.append(_fmt([r["train_seconds"] for r in group]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | None:
+    """The paper's figure shape: metric vs training size / prefix length with one line per method
+    (error bars: std over seeds); otherwise grouped bars (seen/unseen for extrapolation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .prefix import atomic_write_bytes
+
+    cols = _metric_columns(rows)
+    if not cols:
+        return None
+    metric = "bleu" if "bleu" in cols else cols[0]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if exp.x:
+        by_label = _groups(rows, ("label",))
+        for (label,), group in by_label.items():
+            xs = sorted({r[exp.x] for r in group if r.get(exp.x) is not None})
+            stats = [mean_std([r["scores"][metric] for r in group if r.get(exp.x) == x]) for x in xs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3, label=label)
+        ax.set_xlabel(exp.x.replace("_", " "))
+        if exp.x == "train_size":
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(sorted({r["train_size"] for r in rows}), [str(v) for v in sorted({r["train_size"] for r in rows})])
+    else:
+        parts = ("seen", "unseen") if any("scores_seen" in r for r in rows) else (None,)
+        labels = list(dict.fromkeys(r["label"] for r in rows))
+        width = 0.8 / len(parts)
+        for j, part in enumerate(parts):
+            key = f"scores_{part}" if part else "scores"
+            stats = [mean_std([r[key][metric] for r in rows if r["label"] == lab and key in r] or [float("nan")])
+                     for lab in labels]
+            ax.bar([i + j * width for i in range(len(labels))], [m for m, _ in stats], width,
+                   yerr=[sd for _, sd in stats], capsize=3, label=part)
+        ax.set_xticks([i + width * (len(parts) - 1) / 2 for i in range(len(labels))], labels, rotation=20)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{exp.name} ({exp.scale}) · {exp.model}", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = None,
+                   print_fn: Callable[[str], None] = print, progress=None) -> dict:
+    out = Path(out)
+    for n in exp.notes:
+        print_fn(n)
+    rows = run_sweep(exp.runs, exp.model, out, ray_address=ray_address, print_fn=print_fn, progress=progress)
+    return write_outputs(exp, out, rows)
+
+
+def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = None) -> dict:
+    from .prefix import atomic_write_bytes
+
+    out = Path(out)
+    rows = read_results(out) if rows is None else rows
+    table = table_markdown(exp, rows)
+    atomic_write_bytes(out / "table.md", table.encode())
+    fig = draw_figure(exp, rows, out / f"{exp.name}.png")
+    return {"rows": rows, "table": table, "table_path": out / "table.md", "figure_path": fig}

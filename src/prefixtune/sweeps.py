@@ -1,0 +1,241 @@
+"""Sweeps: many independent training+evaluation runs fanned out as Ray tasks, resumable.
+
+Layout of an experiment folder OUT:
+  OUT/runs/<run id>/          one run: run.json, log.jsonl, checkpoint, artifact, eval/metrics.json, row.json
+  OUT/results.jsonl           one row per completed run (rewritten atomically as runs finish)
+  OUT/table.md, OUT/*.png     aggregates over seeds, drawn by the experiment definition
+
+A run whose row.json exists is done and is skipped on a rerun; a run killed half-way has a
+checkpoint.safetensors and resumes from it (the trainer resumes exactly). Runs never share state,
+so the driver is the only writer of results.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .prefix import atomic_write_bytes
+
+
+@dataclass
+class RunSpec:
+    """One training+evaluation run. `labels` are what the tables and plots group by (method label,
+    training size, prefix length, ...); `overrides` go to recipes.configs_for."""
+
+    id: str
+    method: str
+    dataset: str
+    plan: dict                                   # DataPlan fields
+    overrides: dict = field(default_factory=dict)
+    decode: dict = field(default_factory=dict)   # DecodeConfig overrides
+    labels: dict = field(default_factory=dict)
+    eval_limit: int | None = None                # evaluate at most this many sources (balanced seen/unseen)
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    import prefixtune
+
+    return {"prefixtune": getattr(prefixtune, "__version__", "?"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _pick_eval_items(items: list, limit: int | None) -> list:
+    """At most `limit` items, spread over the whole list; with seen/unseen marks, half of each."""
+    if limit is None or len(items) <= limit:
+        return items
+
+    def spread(xs, k):
+        return [xs[int(i * len(xs) / k)] for i in range(k)] if k < len(xs) else xs
+
+    marks = [(it.meta or {}).get("seen") for it in items]
+    if None in marks:
+        return spread(items, limit)
+    seen = [it for it in items if it.meta["seen"]]
+    unseen = [it for it in items if not it.meta["seen"]]
+    k_unseen = min(len(unseen), limit // 2)
+    return spread(seen, limit - k_unseen) + spread(unseen, k_unseen)
+
+
+def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | None = None,
+            print_fn: Callable[[str], None] | None = None) -> dict:
+    """Train and evaluate one run in root/runs/<id>; returns its row (cached in row.json)."""
+    import torch
+
+    from .decode import decode_config_for
+    from .experiments import DataPlan, evaluate, run_training
+    from .recipes import configs_for, recipe_for
+
+    run_dir = Path(root) / "runs" / spec.id
+    row_path = run_dir / "row.json"
+    if row_path.exists():
+        return json.loads(row_path.read_text())
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "stdout.log", "a", encoding="utf-8")
+
+    def say(line: str) -> None:
+        log.write(line + "\n")
+        log.flush()
+        if print_fn is not None:
+            print_fn(f"[{spec.id}] {line}")
+
+    started = time.time()
+    try:
+        method_cfg, train_cfg = configs_for(spec.dataset, spec.method, **spec.overrides)
+        plan = DataPlan(**spec.plan)
+        resume = (run_dir / "checkpoint.safetensors").exists()
+        if resume:
+            say("resuming from its checkpoint")
+        result = run_training(model_name, plan, method_cfg, train_cfg, run_dir, resume=resume, print_fn=say)
+        items = _pick_eval_items(result["eval_items"], spec.eval_limit)
+        decode_cfg = decode_config_for(spec.dataset, **spec.decode)
+        metrics = evaluate(result["model"], result["tokenizer"], result["artifact"], items,
+                           recipe_for(spec.dataset).metric, decode_cfg, run_dir / "eval")
+    finally:
+        log.close()
+    row = {"id": spec.id, "method": spec.method, **spec.labels, "dataset": spec.dataset, "model": model_name,
+           "train_size": plan.train_size, "seed": plan.seed, "overrides": spec.overrides,
+           "trainable_params": result["trainable_params"], "steps": result["steps"],
+           "best_dev_loss": result["best_dev_loss"], "n_eval": metrics["n"], "scores": metrics["scores"],
+           **{k: metrics[k] for k in ("scores_seen", "scores_unseen") if k in metrics},
+           "train_seconds": round(result["train_seconds"], 1), "wall_seconds": round(time.time() - started, 1),
+           "resumed": resume, "versions": _versions(), "host": platform.node()}
+    atomic_write_bytes(row_path, json.dumps(row, indent=2, default=str).encode())
+    return row
+
+
+def read_results(out: str | Path) -> list[dict]:
+    path = Path(out) / "results.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_results(out: str | Path, rows: list[dict]) -> None:
+    data = "".join(json.dumps(r, default=str) + "\n" for r in rows)
+    atomic_write_bytes(Path(out) / "results.jsonl", data.encode())
+
+
+def local_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_address: str | None = None,
+              cpus_per_run: int | None = None, print_fn: Callable[[str], None] = print,
+              progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Run every spec not yet done as a Ray task; returns all rows (earlier ones included), in spec order.
+
+    Local (no address): a private Ray instance with this machine's cores, and each run asks for all
+    of them (one run at a time: on a small CPU box two runs would only fight over cores).
+    With an address: that cluster's scheduler places runs; each asks for `cpus_per_run` (default 1)
+    and a GPU when the cluster has GPUs.
+    """
+    import ray
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [s.id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("run ids in an experiment must be unique")
+    done = {r["id"]: r for r in read_results(out)}
+    for s in specs:  # a row.json written by a run whose driver died before recording it
+        row_path = out / "runs" / s.id / "row.json"
+        if s.id not in done and row_path.exists():
+            done[s.id] = json.loads(row_path.read_text())
+    todo = [s for s in specs if s.id not in done]
+    print_fn(f"{len(specs)} runs: {len(specs) - len(todo)} already done, {len(todo)} to run")
+    if todo:
+        started_here = not ray.is_initialized()
+        if started_here:
+            if ray_address:
+                _check_reachable(ray_address)
+                try:
+                    ray.init(address=ray_address, log_to_driver=False)
+                except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, AuthenticationError, ...
+                    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    raise RuntimeError(f"cannot connect to the Ray cluster at {ray_address} ({last}); is `ray start "
+                                       "--head` running there? A cluster with token authentication needs "
+                                       "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+            else:
+                # address="local": a private instance even when `ray start` runs on this machine
+                ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False)
+        try:
+            cluster = ray.cluster_resources()
+            cpus = cpus_per_run or (max(1, int(cluster.get("CPU", 1))) if not ray_address else 1)
+            gpus = 1 if cluster.get("GPU", 0) >= 1 else 0
+            task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(run_one)
+            print_fn(f"ray: {int(cluster.get('CPU', 0))} CPUs, {int(cluster.get('GPU', 0))} GPUs; "
+                     f"{cpus} CPU(s){' + 1 GPU' if gpus else ''} per run")
+            pending = {task.remote(s, model_name, str(out), cpus): s for s in todo}
+            t0, finished = time.time(), 0
+            if progress is not None:
+                progress(0, len(todo))
+            failures = []
+            while pending:
+                # a short timeout keeps Ctrl-C working (a blocking wait does not return to Python);
+                # then ray.shutdown below stops the workers, and their checkpoints resume next time
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                spec = pending.pop(ready[0])
+                finished += 1
+                if progress is not None:
+                    progress(finished, len(todo))
+                try:
+                    row = ray.get(ready[0])
+                except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                    failures.append((spec.id, e))
+                    print_fn(f"[{finished}/{len(todo)}] {spec.id} FAILED: {str(e).splitlines()[-1] if str(e) else e}")
+                    continue
+                done[spec.id] = row
+                write_results(out, [done[i] for i in ids if i in done])
+                elapsed = time.time() - t0
+                eta = elapsed / finished * (len(todo) - finished)
+                print_fn(f"[{finished}/{len(todo)}] {spec.id}: {_headline(row)} "
+                         f"({row['wall_seconds']:.0f} s; sweep ETA {eta / 60:.1f} min)")
+        finally:
+            if started_here:
+                ray.shutdown()
+        if failures:
+            raise RuntimeError(f"{len(failures)} run(s) failed ({', '.join(i for i, _ in failures)}); "
+                               f"see {out}/runs/<id>/stdout.log; rerun the command to retry them")
+    rows = [done[i] for i in ids if i in done]
+    write_results(out, rows)
+    return rows
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses and the like: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); is `ray start --head` "
+                           "running there, and is the port right?") from None
+
+
+def _headline(row: dict) -> str:
+    scores = row.get("scores", {})
+    return ", ".join(f"{k} {v:.4g}" for k, v in list(scores.items())[:3] if isinstance(v, (int, float)))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
