@@ -30,19 +30,33 @@ KNOWN_MODELS = {
 
 @dataclass(frozen=True)
 class Arch:
-    """Where the attention modules of one architecture are and how big their keys/values are."""
+    """Where the attention modules of one architecture are, how big their keys/values are, and how
+    its positions must move so that a prefix stands where text written before the input would."""
 
     # attention kind -> regex over module names; group 1 is the layer number.
-    # decoder-only models have 'self'; encoder-decoder models 'encoder', 'decoder', 'cross'.
+    # decoder-only models and encoders have 'self'; encoder-decoder models 'encoder', 'decoder', 'cross'.
     attention: dict[str, str]
     # config -> (key/value heads, head dim), per attention kind
     kv_shape: Callable[[object, str], tuple[int, int]]
-    # True when real tokens' position ids must start after the prefix (absolute/rotary positions
-    # fed through `position_ids`); False where the model has no such input (T5, BART encoder).
+    # True when the model takes `position_ids` (rotary or learned absolute positions): real tokens'
+    # ids then start after the prefix. False where it has none (T5) or ignores them (BART family).
     shift_positions: bool = True
+    # What the model's first position id is when it computes them itself (RoBERTa: padding_idx + 1).
+    position_offset: Callable[[object], int] = field(default=lambda c: 0)
+    # attention kind -> regex of an absolute position embedding that the model fills from its own
+    # counter (no `position_ids` input; BART/mBART/Pegasus/Marian). prefixtune shifts its output by
+    # the prefix length with a forward hook; `position_offset` is the row of position 0 in its weight.
+    position_modules: dict[str, str] = field(default_factory=dict)
     # Name of the attribute holding a T5-style relative position bias table, if any.
     relative_bias: str | None = None
     hidden_size: Callable[[object], int] = field(default=lambda c: c.hidden_size)
+    # Bidirectional encoder (BERT-like, for P-tuning v2): no generation, positions as for decoders.
+    encoder_only: bool = False
+    # Attention implementations transformers offers for this family (Gemma2's soft-capping is eager-only).
+    impls: tuple[str, ...] = ("sdpa", "eager")
+    # Why attaching is refused, when the attach-time probe is known to refuse this family; the probe
+    # (engine.layout_of) is what refuses, this text only documents it (README table, tests).
+    refused: str | None = None
 
 
 def _llama_kv(c, kind):
@@ -50,19 +64,62 @@ def _llama_kv(c, kind):
     return (getattr(c, "num_key_value_heads", None) or c.num_attention_heads), head_dim
 
 
+def _gpt2_kv(c, kind):
+    return c.n_head, c.n_embd // c.n_head
+
+
+def _bart_kv(c, kind):
+    heads = c.encoder_attention_heads if kind == "encoder" else c.decoder_attention_heads
+    return heads, c.d_model // heads
+
+
+def _bart_like(offset: int) -> Arch:
+    """BART, mBART, Pegasus, Marian: same module names; positions from the model's own counter."""
+    return Arch(
+        attention={
+            "encoder": r"^model\.encoder\.layers\.(\d+)\.self_attn$",
+            "decoder": r"^model\.decoder\.layers\.(\d+)\.self_attn$",
+            "cross": r"^model\.decoder\.layers\.(\d+)\.encoder_attn$",
+        },
+        kv_shape=_bart_kv,
+        shift_positions=False,
+        position_offset=lambda c: offset,
+        position_modules={"encoder": r"^model\.encoder\.embed_positions$",
+                          "decoder": r"^model\.decoder\.embed_positions$"},
+        hidden_size=lambda c: c.d_model,
+    )
+
+
 _LLAMA_LIKE = Arch(attention={"self": r"^model\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv)
+_NO_INTERFACE = ("its attention modules do not call transformers' AttentionInterface (transformers 5.24), so "
+                 "a prefix could not reach them")
 
 ARCHITECTURES: dict[str, Arch] = {
+    # rotary positions through position_ids; grouped-query heads; sliding windows come in the
+    # attention kwargs (Mistral, Mixtral, Qwen2, Phi-3, StarCoder2, Gemma2/3 per layer)
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": Arch(attention=_LLAMA_LIKE.attention, kv_shape=_llama_kv, impls=("eager",)),
+    "gemma3_text": _LLAMA_LIKE,
+    "phi": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
     "olmo": _LLAMA_LIKE,
-    "gpt2": Arch(
+    "olmo2": _LLAMA_LIKE,
+    "starcoder2": _LLAMA_LIKE,
+    "gpt2": Arch(attention={"self": r"^transformer\.h\.(\d+)\.attn$"}, kv_shape=_gpt2_kv,
+                 hidden_size=lambda c: c.n_embd),
+    "gptj": Arch(attention={"self": r"^transformer\.h\.(\d+)\.attn$"}, kv_shape=_gpt2_kv,
+                 hidden_size=lambda c: c.n_embd),
+    "gpt_bigcode": Arch(  # multi-query: one key/value head shared by all query heads
         attention={"self": r"^transformer\.h\.(\d+)\.attn$"},
-        kv_shape=lambda c, kind: (c.n_head, c.n_embd // c.n_head),
-        hidden_size=lambda c: c.n_embd,
-    ),
+        kv_shape=lambda c, kind: (1 if c.multi_query else c.n_head, c.n_embd // c.n_head),
+        hidden_size=lambda c: c.n_embd),
+    "gpt_neox": Arch(attention={"self": r"^gpt_neox\.layers\.(\d+)\.attention$"}, kv_shape=_llama_kv),
+    "opt": Arch(attention={"self": r"^model\.decoder\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv),
     "t5": Arch(
         attention={
             "encoder": r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
@@ -74,22 +131,25 @@ ARCHITECTURES: dict[str, Arch] = {
         relative_bias="relative_attention_bias",
         hidden_size=lambda c: c.d_model,
     ),
-    "bart": Arch(
-        attention={
-            "encoder": r"^model\.encoder\.layers\.(\d+)\.self_attn$",
-            "decoder": r"^model\.decoder\.layers\.(\d+)\.self_attn$",
-            "cross": r"^model\.decoder\.layers\.(\d+)\.encoder_attn$",
-        },
-        kv_shape=lambda c, kind: (
-            (c.encoder_attention_heads, c.d_model // c.encoder_attention_heads)
-            if kind == "encoder"
-            else (c.decoder_attention_heads, c.d_model // c.decoder_attention_heads)
-        ),
-        # BART's learned positions are added to the embeddings inside the model; like the paper's
-        # BART code, real tokens keep positions 0.. and the prefix is position-free.
-        shift_positions=False,
-        hidden_size=lambda c: c.d_model,
-    ),
+    "bart": _bart_like(offset=2),
+    "mbart": _bart_like(offset=2),
+    "pegasus": _bart_like(offset=0),  # sinusoidal, but absolute all the same
+    "marian": _bart_like(offset=0),
+    # encoders for P-tuning v2 (base model or any task head: the optional prefix is the base-model attribute)
+    "bert": Arch(attention={"self": r"^(?:bert\.)?encoder\.layer\.(\d+)\.attention\.self$"}, kv_shape=_llama_kv,
+                 encoder_only=True),
+    "roberta": Arch(attention={"self": r"^(?:roberta\.)?encoder\.layer\.(\d+)\.attention\.self$"},
+                    kv_shape=_llama_kv, position_offset=lambda c: c.pad_token_id + 1, encoder_only=True),
+    # mapped, but refused at attach time by the probe (engine.layout_of)
+    "falcon": Arch(attention={"self": r"^transformer\.h\.(\d+)\.self_attention$"},
+                   kv_shape=lambda c, kind: (c.num_kv_heads if c.new_decoder_architecture else
+                                             (1 if c.multi_query else c.num_attention_heads),
+                                             c.hidden_size // c.num_attention_heads),
+                   refused=_NO_INTERFACE),
+    "bloom": Arch(attention={"self": r"^transformer\.h\.(\d+)\.self_attention$"},
+                  kv_shape=lambda c, kind: (c.n_head, c.hidden_size // c.n_head), refused=_NO_INTERFACE),
+    "deberta-v2": Arch(attention={"self": r"^(?:deberta\.)?encoder\.layer\.(\d+)\.attention\.self$"},
+                       kv_shape=_llama_kv, encoder_only=True, refused=_NO_INTERFACE),
 }
 ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
 
@@ -172,21 +232,38 @@ def freeze(model):
     return model
 
 
+def _numbered(model, patterns: dict[str, str]) -> dict[str, dict[int, torch.nn.Module]]:
+    """kind -> {layer number: module} for the module names matching each kind's regex."""
+    compiled = {k: re.compile(p) for k, p in patterns.items()}
+    found: dict[str, dict[int, torch.nn.Module]] = {k: {} for k in patterns}
+    for name, module in model.named_modules():
+        for kind, pattern in compiled.items():
+            m = pattern.match(name)
+            if m:
+                found[kind][int(m.group(1)) if m.groups() else 0] = module
+    return found
+
+
 def attention_modules(model) -> dict[str, list[torch.nn.Module]]:
     """Attention kind -> modules in layer order, found with the architecture's regexes."""
     arch = arch_of(model)
-    found: dict[str, dict[int, torch.nn.Module]] = {k: {} for k in arch.attention}
-    patterns = {k: re.compile(p) for k, p in arch.attention.items()}
-    for name, module in model.named_modules():
-        for kind, pattern in patterns.items():
-            m = pattern.match(name)
-            if m:
-                found[kind][int(m.group(1))] = module
     out = {}
-    for kind, by_layer in found.items():
+    for kind, by_layer in _numbered(model, arch.attention).items():
         if not by_layer:
             raise ValueError(f"no {kind!r} attention modules matched {arch.attention[kind]!r} in {type(model).__name__}")
         if sorted(by_layer) != list(range(len(by_layer))):
             raise ValueError(f"{kind!r} attention layers are not numbered 0..n-1: {sorted(by_layer)}")
         out[kind] = [by_layer[i] for i in range(len(by_layer))]
+    return out
+
+
+def position_modules(model) -> dict[torch.nn.Module, str]:
+    """The architecture's self-counting absolute position embeddings -> the attention kind they feed."""
+    arch = arch_of(model)
+    out = {}
+    for kind, found in _numbered(model, arch.position_modules).items():
+        if not found:
+            raise ValueError(f"no {kind!r} position embedding matched {arch.position_modules[kind]!r} in "
+                             f"{type(model).__name__}")
+        out.update({m: kind for m in found.values()})
     return out
