@@ -151,6 +151,13 @@ def test_refused_at_attach_with_a_reason(model_type):
     assert torch.equal(model(input_ids=x)[0], before)  # the model is left as it was
 
 
+def test_unknown_model_type_is_refused_with_the_supported_list():
+    model = make("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(ValueError, match=r"no architecture entry for model_type='mystery'. Supported: .*'gpt2'"):
+        pt.PrefixModel(model)
+
+
 def test_probe_checks_the_table_shapes(monkeypatch):
     """A wrong kv_shape in a table row is caught at attach time, naming the row to fix."""
     import dataclasses

@@ -185,7 +185,8 @@ def arch_of(model) -> Arch:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"prefixtune has no architecture entry for model_type={model_type!r}. Supported: "
-            f"{sorted(ARCHITECTURES)}. Adding one is a row in prefixtune/models.py:ARCHITECTURES."
+            f"{sorted(t for t, a in ARCHITECTURES.items() if a.refused is None)}. Adding one is a row in "
+            f"prefixtune/models.py:ARCHITECTURES (the attach-time probe checks it)."
         )
     return ARCHITECTURES[model_type]
 
@@ -269,7 +270,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
         kwargs["attn_implementation"] = attn_implementation
     config = AutoConfig.from_pretrained(target, **{k: v for k, v in extra.items()})
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(target, **kwargs)
+    model = auto.from_pretrained(target, config=config, **kwargs)  # GGUF: parsing its metadata again costs minutes
     tokenizer = AutoTokenizer.from_pretrained(target, **extra)
     freeze(model)
     model._prefixtune_name = name_or_path
