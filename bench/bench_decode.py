@@ -1,6 +1,6 @@
 """Decoding with a prefix vs the plain model: greedy, beam-5, and a mixed batch of 8 prefixes.
 
-    python bench/bench_decode.py [--quick] [--reps 3] [--tokens 32] [--json out.json]
+    python bench/bench_decode.py [--quick] [--reps 3] [--tokens 8] [--json out.json]
 
 8 E2E sources as prompts (left-padded, one batch), exactly `tokens` new tokens each (EOS
 suppressed with min_new_tokens, so every path does the same work), HF `generate`:
@@ -28,7 +28,7 @@ PREFIX_TEXTS = ["table-to-text:", "Describe the restaurant:", "name : type : are
 
 def main() -> None:
     ap = common.parser(__doc__)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--prefix-length", type=int, default=10)
     args = ap.parse_args()
     env = common.setup(args)

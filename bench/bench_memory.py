@@ -1,6 +1,6 @@
 """Peak RSS while training: prefixtune vs PEFT + HF Trainer vs full fine-tuning, each in its own process.
 
-    python bench/bench_memory.py [--quick] [--pairs 30] [--json out.json]
+    python bench/bench_memory.py [--quick] [--pairs 20] [--json out.json]
 
 Each system runs in a fresh Python process: load the model, forget the peak so far (Linux VmHWM,
 reset through /proc/self/clear_refs), train one epoch over the same E2E pairs (bench_train.py's
@@ -41,7 +41,7 @@ def child(system: str, args) -> None:
 
 def main() -> None:
     ap = common.parser(__doc__)
-    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--child", choices=SYSTEMS, help="(internal) run one system in this process")
     args = ap.parse_args()
     if args.quick:

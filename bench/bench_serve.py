@@ -178,6 +178,8 @@ def main() -> None:
     t0 = time.monotonic()
     if args.quick:
         model, tok = common.tiny_model()
+    elif args.model == common.MODEL:
+        model, tok = common.load(False)  # run_all.py's converted folder when there is one
     else:
         model, tok = pt.load_model(args.model)
     load_s = time.monotonic() - t0

@@ -1,6 +1,6 @@
 """Training throughput: prefixtune's trainer vs PEFT PrefixTuning + HF Trainer, the floor, full fine-tuning.
 
-    python bench/bench_train.py [--quick] [--reps 3] [--pairs 80] [--json out.json]
+    python bench/bench_train.py [--quick] [--reps 3] [--pairs 30] [--json out.json]
 
 Same model (SmolLM2-135M), data (a fixed sample of E2E dev pairs, encoded once by prefixtune's
 `encode`), batch 10, lr, precision, prefix length 10 and reparametrization MLP (hidden 512, input
@@ -61,8 +61,10 @@ def token_counts(batch) -> tuple[int, int]:
 
 def throughput(step_ends: list[float], counts: list[tuple[int, int]]) -> dict:
     """Steps 2..N: seconds per step, real and target tokens per second."""
-    seconds = step_ends[-1] - step_ends[0]
     n = len(step_ends) - 1
+    if n < 1:
+        return {}  # a one-step warm-up run
+    seconds = step_ends[-1] - step_ends[0]
     real = sum(c[0] for c in counts[1:n + 1])
     target = sum(c[1] for c in counts[1:n + 1])
     return {"seconds": seconds, "s_per_step": seconds / n, "real_tok_s": real / seconds,
@@ -204,7 +206,7 @@ def step_flops(model, batches, prefix_len: int, weight_grads: bool) -> float:
 
 def main() -> None:
     ap = common.parser(__doc__)
-    ap.add_argument("--pairs", type=int, default=80, help="E2E pairs per epoch (steps = pairs / batch)")
+    ap.add_argument("--pairs", type=int, default=30, help="E2E pairs per epoch (steps = pairs / batch)")
     args = ap.parse_args()
     env = common.setup(args)
     n_pairs, reps = (12, 1) if args.quick else (args.pairs, args.reps)
@@ -223,8 +225,8 @@ def main() -> None:
         "floor": lambda: run_floor(model, tok, pairs, env, batch),
         "full-ft": lambda: run_full(full_model, tok, pairs, env, batch),
     }
-    warm = pairs[:2 * batch] if not args.quick else []
-    # untimed warm-up of every path (kernels, allocator): two steps each
+    warm = pairs[:batch] if not args.quick else []
+    # untimed warm-up of every path (kernels, allocator): one step each
     if warm:
         run_prefixtune(model, tok, warm, env, token_dim, batch)
         run_peft(peft_model, tok, warm, env, True, batch)

@@ -79,9 +79,30 @@ def tiny_model():
     return pt.models.freeze(model), tok
 
 
+MODEL_DIR_ENV = "PREFIXTUNE_BENCH_MODEL_DIR"
+
+
 def load(quick: bool):
-    """(model, tokenizer): SmolLM2-135M, or the tiny model with --quick."""
-    return tiny_model() if quick else pt.load_model(MODEL)
+    """(model, tokenizer): SmolLM2-135M, or the tiny model with --quick.
+
+    run_all.py converts the GGUF model once into a safetensors folder ($PREFIXTUNE_BENCH_MODEL_DIR):
+    building the tokenizer from GGUF takes minutes on a busy 2-core machine, loading the folder seconds.
+    """
+    if quick:
+        return tiny_model()
+    folder = os.environ.get(MODEL_DIR_ENV)
+    if folder:
+        model, tok = pt.load_model(folder)
+        model._prefixtune_name = MODEL
+        return model, tok
+    return pt.load_model(MODEL)
+
+
+def save_model_folder(folder: str) -> None:
+    """Convert the benchmark model once to a folder that `load` reads fast."""
+    model, tok = pt.load_model(MODEL)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
 
 
 def fresh_copy(model):

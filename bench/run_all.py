@@ -2,7 +2,8 @@
 
     python bench/run_all.py [--quick] [--out PATH]
 
-Runs bench_train, bench_memory, bench_scaling, bench_decode, bench_serve_scale and bench_serve,
+Runs bench_train, bench_memory, bench_scaling, bench_levers, bench_decode, bench_serve_scale and
+bench_serve,
 each in its own process (so one's memory and threads never affect another), and writes
 bench/results/DATE-CPU.json: date, CPU model, versions, the precision chosen, the machine's load
 average at start and end, and every script's figures. --quick runs the tiny random model with a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,8 +25,13 @@ from pathlib import Path
 
 import common
 
-SCRIPTS = ["bench_train.py", "bench_memory.py", "bench_scaling.py", "bench_decode.py", "bench_serve_scale.py",
-           "bench_serve.py"]
+# the goals' figures first: a run cut short keeps them
+SCRIPTS = ["bench_train.py", "bench_memory.py", "bench_decode.py", "bench_serve_scale.py", "bench_scaling.py",
+           "bench_levers.py", "bench_serve.py"]
+# bench_serve.py's own defaults (2 rounds of 32 tokens) double its time for the same ratios
+# and bench_levers.py's step in the slower precision repeats what precision.py measured (13x slower here)
+EXTRA_ARGS = {"bench_serve.py": ["--rounds", "1", "--tokens", "16"], "bench_levers.py": ["--skip-other-precision", "--reps", "2"],
+              "bench_scaling.py": ["--reps", "2"]}
 
 
 def serve_ratios(report: dict) -> list[dict]:
@@ -51,30 +58,6 @@ def main() -> None:
     print(f"prefixtune benchmarks{' (quick smoke run)' if args.quick else ''}, {start['date']}, {start['cpu']} "
           f"x{start['cores']}, load average {start['load_average']}\nprecision {precision.reason}", flush=True)
 
-    parts: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for script in args.only or SCRIPTS:
-            out = Path(tmp) / (script + ".json")
-            cmd = [sys.executable, str(here / script), "--json", str(out)] + (["--quick"] if args.quick else [])
-            print(f"\n== {script} ==", flush=True)
-            t0 = time.time()
-            proc = subprocess.run(cmd)
-            if proc.returncode:
-                raise SystemExit(f"{script} failed (exit {proc.returncode})")
-            parts[script.removesuffix(".py")] = json.loads(out.read_text())
-            parts[script.removesuffix(".py")]["wall_s"] = round(time.time() - t0, 1)
-    end = common.machine()
-
-    rows = []
-    for name, part in parts.items():
-        rows += serve_ratios(part) if name == "bench_serve" else part.get("ratios", [])
-    print(f"\n== ratios ({start['date']}, {start['cpu']}, {precision.name}, load average "
-          f"{start['load_average'][0]} at start, {end['load_average'][0]} at end) ==")
-    common.print_ratios(rows)
-    result = {"date": start["date"], "cpu": start["cpu"], "cores": start["cores"], "versions": start["versions"],
-              "precision": precision.reason, "load_average_start": start["load_average"],
-              "load_average_end": end["load_average"], "wall_s": round(time.time() - started, 1),
-              "quick": args.quick, "ratios": rows, "parts": parts}
     if args.out:
         path = Path(args.out)
     elif args.quick:
@@ -82,10 +65,43 @@ def main() -> None:
     else:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", start["cpu"]).strip("-")
         path = here / "results" / f"{start['date'][:10]}-{slug}.json"
+    result = {"date": start["date"], "cpu": start["cpu"], "cores": start["cores"], "versions": start["versions"],
+              "precision": precision.reason, "load_average_start": start["load_average"], "quick": args.quick,
+              "complete": False, "ratios": [], "parts": {}}
+    parts = result["parts"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.quick:  # convert the GGUF model once; every script then loads the folder in seconds
+            t0 = time.time()
+            common.save_model_folder(str(Path(tmp) / "model"))
+            os.environ[common.MODEL_DIR_ENV] = str(Path(tmp) / "model")
+            print(f"model converted once for all scripts in {time.time() - t0:.0f} s", flush=True)
+        for script in args.only or SCRIPTS:
+            out = Path(tmp) / (script + ".json")
+            cmd = [sys.executable, str(here / script), "--json", str(out)] + (["--quick"] if args.quick else [])
+            cmd += EXTRA_ARGS.get(script, []) if not args.quick else []
+            print(f"\n== {script} ==", flush=True)
+            t0 = time.time()
+            proc = subprocess.run(cmd)
+            if proc.returncode:
+                raise SystemExit(f"{script} failed (exit {proc.returncode})")
+            name = script.removesuffix(".py")
+            parts[name] = json.loads(out.read_text())
+            parts[name]["wall_s"] = round(time.time() - t0, 1)
+            result["ratios"] += serve_ratios(parts[name]) if name == "bench_serve" else parts[name].get("ratios", [])
+            save(path, result)  # after every part: an interrupted run keeps what it measured
+    end = common.machine()
+    result.update(load_average_end=end["load_average"], wall_s=round(time.time() - started, 1), complete=True)
+    print(f"\n== ratios ({start['date']}, {start['cpu']}, {precision.name}, load average "
+          f"{start['load_average'][0]} at start, {end['load_average'][0]} at end) ==")
+    common.print_ratios(result["ratios"])
+    save(path, result)
+    print(f"\nwrote {path} ({result['wall_s'] / 60:.1f} min)")
+
+
+def save(path: Path, result: dict) -> None:
     from prefixtune.prefix import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(result, indent=2).encode())
-    print(f"\nwrote {path} ({result['wall_s'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ Xeon), and one without it can win with bf16 (an AMD EPYC did). So the answer is 
 step-shaped workload (transformer-layer matmuls, forward + backward to the activations, as in
 prefix training) is timed in fp32 and in bf16 autocast, at a few thread counts, interleaved, best
 of a few repetitions. The faster wins. The answer is cached per machine in
-`~/.cache/prefixtune/precision.json`, keyed by CPU (or GPU) model and torch version, so the
-timing (~2 s) runs once.
+`~/.cache/prefixtune/precision.json`, keyed by CPU (or GPU) model, usable core count and torch
+version, so the timing (a few seconds; ~10 s where bf16 is emulated) runs once. The reason line
+records the load average at measurement time: on a machine shared with other jobs, fewer threads
+can win (measured here: 1 thread 6x faster than 2 at load average 18); delete the file to measure
+again.
 
     from prefixtune.precision import choose, resolve_bf16
     p = choose()                 # Precision(bf16=False, threads=2, reason="fp32: bf16 autocast measured ...")
@@ -172,8 +175,9 @@ def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str]:
     ratio = max(fp32, bf16) / min(fp32, bf16)
     slower = "fp32" if name == "bf16" else "bf16 autocast"
     thread_note = "" if device.startswith("cuda") else f", {threads} thread{'s' * (threads > 1)}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other users' work skews timings
     reason = (f"{name}: {slower} measured {ratio:.2f}x slower on {device_model(device)} (step-shaped workload: fp32 "
-              f"{fp32 * 1e3:.0f} ms, bf16 {bf16 * 1e3:.0f} ms{thread_note})")
+              f"{fp32 * 1e3:.0f} ms, bf16 {bf16 * 1e3:.0f} ms{thread_note}; load average {load:.1f})")
     return name == "bf16", threads, reason
 
 
