@@ -54,9 +54,10 @@ def our_batches(tok, pairs, batch_size: int):
             for b in length_bucketed_batches(lengths, batch_size, 0, 0)]
 
 
-def token_counts(batch) -> tuple[int, int]:
-    """(real tokens, target tokens) of a batch."""
-    return int(batch.attention_mask.sum()), int((batch.labels[:, 1:] != IGNORE).sum())
+def token_counts(batch) -> tuple[int, int, int]:
+    """(real tokens, target tokens, padded tokens) of a batch."""
+    return (int(batch.attention_mask.sum()), int((batch.labels[:, 1:] != IGNORE).sum()),
+            batch.attention_mask.numel())
 
 
 def throughput(step_ends: list[float], counts: list[tuple[int, int]]) -> dict:
@@ -67,8 +68,10 @@ def throughput(step_ends: list[float], counts: list[tuple[int, int]]) -> dict:
     seconds = step_ends[-1] - step_ends[0]
     real = sum(c[0] for c in counts[1:n + 1])
     target = sum(c[1] for c in counts[1:n + 1])
+    padded = sum(c[2] for c in counts[1:n + 1])
     return {"seconds": seconds, "s_per_step": seconds / n, "real_tok_s": real / seconds,
-            "target_tok_s": target / seconds, "steps": n, "real_tokens": real, "target_tokens": target}
+            "target_tok_s": target / seconds, "steps": n, "real_tokens": real, "target_tokens": target,
+            "padding_fraction": 1 - real / padded}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def step_flops(model, batches, prefix_len: int, weight_grads: bool) -> float:
     per_weight = 6 if weight_grads else 4
     total = 0.0
     for b in batches[1:]:
-        real, target = token_counts(b)
+        real, target, _ = token_counts(b)
         lengths = b.attention_mask.sum(-1)
         ctx = sum(int(n) * prefix_len + int(n) * (int(n) + 1) // 2 for n in lengths)  # sum over real queries
         total += per_weight * w * real + 12 * d * ctx * layers + per_weight * c.hidden_size * vocab * target

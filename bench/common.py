@@ -101,6 +101,10 @@ def load(quick: bool):
 def save_model_folder(folder: str) -> None:
     """Convert the benchmark model once to a folder that `load` reads fast."""
     model, tok = pt.load_model(MODEL)
+    # the weights are already de-quantized to float32: drop the GGUF marker that forbids saving
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
 

@@ -72,9 +72,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.quick:  # convert the GGUF model once; every script then loads the folder in seconds
             t0 = time.time()
-            common.save_model_folder(str(Path(tmp) / "model"))
-            os.environ[common.MODEL_DIR_ENV] = str(Path(tmp) / "model")
-            print(f"model converted once for all scripts in {time.time() - t0:.0f} s", flush=True)
+            try:
+                common.save_model_folder(str(Path(tmp) / "model"))
+                os.environ[common.MODEL_DIR_ENV] = str(Path(tmp) / "model")
+                print(f"model converted once for all scripts in {time.time() - t0:.0f} s", flush=True)
+            except Exception as e:  # slower, not wrong: every script loads the GGUF model itself
+                print(f"could not convert the model once ({e}); each script loads it", flush=True)
         for script in args.only or SCRIPTS:
             out = Path(tmp) / (script + ".json")
             cmd = [sys.executable, str(here / script), "--json", str(out)] + (["--quick"] if args.quick else [])
