@@ -6,7 +6,7 @@ PY       := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,)
 STAMP    := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 install: $(STAMP)
 
@@ -31,7 +31,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not real" -p no:cacheprovider
 
 bench: install
-	$(PY) bench/bench_serve.py
+	$(if $(DATA_DIR),PREFIXTUNE_DATA=$(DATA_DIR),) $(PY) bench/run_all.py
+
+bench-quick: install
+	$(if $(DATA_DIR),PREFIXTUNE_DATA=$(DATA_DIR),) $(PY) bench/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

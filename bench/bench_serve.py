@@ -34,6 +34,7 @@ import warnings
 
 import torch
 
+import common  # noqa: F401  (puts this checkout's src/ first on the path)
 import prefixtune as pt
 from prefixtune.peft_io import to_peft_model
 from prefixtune.serve.batcher import Batcher, GenerationRequest
@@ -170,12 +171,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="repeat all paths, interleaved; the best round of each is kept")
     ap.add_argument("--threads", type=int, default=available_cores())
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, 4 requests: a smoke run (bench/common.py)")
     args = ap.parse_args()
+    if args.quick:
+        args.requests, args.prefixes, args.tokens, args.rounds, args.threads = 4, 2, 4, 1, 1
     THREADS = args.threads
     torch.set_num_threads(THREADS)
 
     t0 = time.monotonic()
-    model, tok = pt.load_model(args.model)
+    if args.quick:
+        model, tok = common.tiny_model()
+    elif args.model == common.MODEL:
+        model, tok = common.load(False)  # run_all.py's converted folder when there is one
+    else:
+        model, tok = pt.load_model(args.model)
     load_s = time.monotonic() - t0
     with torch.no_grad():
         bank = [pt.PrefixModel(model, pt.PrefixConfig(length=args.prefix_length, init_text=text, reparam="flat"),
@@ -219,7 +228,7 @@ def main() -> None:
               "mixed_vs_grouped": best["mixed"]["tokens_per_s"] / best["grouped"]["tokens_per_s"]}
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": args.model, "requests": args.requests, "prefixes": args.prefixes, "new_tokens": args.tokens,
+        "model": "tiny random llama (--quick)" if args.quick else args.model, "requests": args.requests, "prefixes": args.prefixes, "new_tokens": args.tokens,
         "prefix_length": args.prefix_length, "rounds": args.rounds, "torch_threads": THREADS,
         "cpu": platform.processor() or platform.machine(), "cores": available_cores(), "torch": torch.__version__,
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],

@@ -116,19 +116,18 @@ def test_deep_prompt_of_text_in_context_equals_text_written_before(arch, attn):
     A bidirectional encoder's key/values of T depend on the input after T, so a prompt made from T
     alone cannot equal T written before; T's in-context key/values can, which checks the prompt's
     attention mask, its placement at every layer, and the real tokens' positions (BERT: after the
-    prompt; RoBERTa: its own, from padding_idx + 1). Two rows of different lengths (right padding)."""
+    prompt, counted from padding_idx + 1 for RoBERTa). Two rows of different lengths (right padding)."""
     model, tok = tiny_encoder(arch, attn), encoder_tokenizer(arch)
     method = build(model, "ptuning-v2", length=4, head_dropout=0.0).eval()
     text = torch.tensor([[11, 12, 13, 14]])
     sources = ["w20 w21 [SEP] w30 w31 w32 w33", "w22 [SEP] w34 w35"]
     batch = method.collate([method.encode(tok, s, "True", 64) for s in sources], tok.pad_token_id)
-    # where the engine puts the real tokens: BERT after the prompt, RoBERTa from padding_idx + 1
-    start = 4 if arch == "bert" else model.config.pad_token_id + 1
+    # where the engine puts the real tokens: after the prompt, counted from 0 (BERT) or padding_idx + 1 (RoBERTa)
+    offset = 0 if arch == "bert" else model.config.pad_token_id + 1
     for row, source in enumerate(sources):
         x = torch.tensor([method.encode(tok, source, None, 64).input_ids])
         n = x.shape[1]
-        positions = torch.cat([torch.arange(4) + start - 4 if arch == "bert" else torch.arange(4) + start,
-                               torch.arange(n) + start])[None]
+        positions = torch.cat([torch.arange(4) + offset, torch.arange(n) + offset + 4])[None]
         kv, full = kv_of_text_in_context(model, torch.cat([text, x], 1), 4, positions)
         method.prefix.set_values({"self": kv})
         alone = forward_with_prefix(model, method.conditioning(), input_ids=x).last_hidden_state

@@ -55,6 +55,8 @@ def train(
     exclude_categories: Optional[str] = typer.Option(None, help="WebNLG: categories kept out of training "
                                                      "(comma-separated), e.g. to study unseen categories."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (same settings only)."),
+    precision: str = typer.Option("auto", help="auto (fp32 or bf16, whichever a step-shaped workload runs faster "
+                                  "on this machine: measured once, cached), fp32 or bf16. --bf16/--no-bf16 wins."),
     **options,
 ):
     """Train any method (prefix, infix, prompt, ptuning, ... see `prefixtune methods`) on a frozen LM.
@@ -75,6 +77,10 @@ def train(
             _fail(f"--{name.replace('_', '-')} is not an option of method {cls.name!r} (it belongs to {owners})")
     method_cfg, train_cfg = configs_for(dataset, cls.name, **given)
     check_model_name(model)
+    if "bf16" not in given:  # a CPU flag is not a measurement: bf16 autocast can be 2-20x slower on a CPU
+        from .precision import resolve_bf16
+
+        train_cfg = dataclasses.replace(train_cfg, bf16=resolve_bf16(precision, print_fn=progress_print))
     plan = DataPlan(dataset=dataset, data_dir=data_dir, train_split=train_split, eval_split=eval_split,
                     train_size=train_size, seed=train_cfg.seed, path=path,
                     exclude_categories=tuple(c.strip() for c in exclude_categories.split(",")) if exclude_categories else None)

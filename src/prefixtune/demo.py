@@ -22,29 +22,18 @@ INSTRUCTION = ("Write one fluent English sentence that describes this restaurant
                "and nothing else: {source}")
 
 
-def fast_bf16() -> bool:
-    """bfloat16 autocast pays off on GPUs and on CPUs with native bf16 instructions (else it is slower)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: int = 400, minutes: float | None = None,
-             train_size: int = 200,
-             eval_size: int = 60, seed: int = 0, num_beams: int = 1, model_name: str = "smollm2-135m",
-             print_fn=print) -> dict:
+             train_size: int = 200,             eval_size: int = 60, seed: int = 0, num_beams: int = 1, model_name: str = "smollm2-135m",
+             precision: str | None = None, print_fn=print) -> dict:
+    """`precision`: "auto" (measured once per machine, cached), "fp32" or "bf16"; None reads $PREFIXTUNE_PRECISION."""
     from .models import load_model
+    from .precision import resolve_bf16
 
     out = Path(out)
     started = time.time()
     print_fn(f"prefixtune demo: {model_name}, E2E low-data ({train_size} training pairs), {steps} training steps"
              + (f", time budget {minutes:g} min" if minutes else ""))
+    bf16 = resolve_bf16(precision, print_fn=print_fn)  # a CPU flag is not a measurement: bf16 can be 2-20x slower
     model, tok = load_model(model_name)
     plan = DataPlan("e2e", data_dir=data_dir, train_split="dev", eval_split="dev", train_size=train_size, seed=seed,
                     eval_size=eval_size)
@@ -58,7 +47,7 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
     train_cfg = TrainConfig(lr=1e-3, epochs=20, batch_size=10, warmup_steps=10, max_steps=steps,
                             time_budget_s=minutes * 60 if minutes else None,
                             eval_every=40, checkpoint_every=40, dev_max_examples=60, seed=seed, log_every=10,
-                            bf16=fast_bf16())
+                            bf16=bf16)
     resume = (out / "checkpoint.safetensors").exists()
     run = run_training(model_name, plan, prefix_cfg, train_cfg, out, resume=resume, print_fn=print_fn,
                        model_and_tokenizer=(model, tok))

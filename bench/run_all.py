@@ -1,0 +1,111 @@
+"""`make bench`: every benchmark, one after another, then one table of ratios and one JSON file.
+
+    python bench/run_all.py [--quick] [--out PATH]
+
+Runs bench_train, bench_memory, bench_scaling, bench_levers, bench_decode, bench_serve_scale and
+bench_serve,
+each in its own process (so one's memory and threads never affect another), and writes
+bench/results/DATE-CPU.json: date, CPU model, versions, the precision chosen, the machine's load
+average at start and end, and every script's figures. --quick runs the tiny random model with a
+few steps (about 2 minutes): it checks that the suite runs, and writes to --out (default: a
+temporary file), never to bench/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+# the goals' figures first: a run cut short keeps them
+SCRIPTS = ["bench_train.py", "bench_memory.py", "bench_decode.py", "bench_serve_scale.py", "bench_scaling.py",
+           "bench_levers.py", "bench_serve.py"]
+# bench_serve.py's own defaults (2 rounds of 32 tokens) double its time for the same ratios
+# and bench_levers.py's step in the slower precision repeats what precision.py measured (13x slower here)
+EXTRA_ARGS = {"bench_serve.py": ["--rounds", "1", "--tokens", "16"], "bench_levers.py": ["--skip-other-precision", "--reps", "2"],
+              "bench_scaling.py": ["--reps", "2"]}
+
+
+def serve_ratios(report: dict) -> list[dict]:
+    """bench_serve.py predates common.py: turn its ratios into table rows."""
+    r = report["ratios"]
+    return [common.ratio("serve: mixed batch / PEFT grouped by prefix", r["mixed_vs_peft"], ">= 3.0",
+                         report.get("peft_equal_to_mixed", "")),
+            common.ratio("serve: mixed batch / same-prefix batch", r["mixed_vs_same"], ">= 0.9"),
+            common.ratio("serve: mixed batch / our engine one group at a time", r["mixed_vs_grouped"], None)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", help="results file (default: bench/results/DATE-CPU.json; --quick: a temporary file)")
+    ap.add_argument("--only", nargs="*", help="run only these scripts (e.g. bench_decode.py)")
+    args = ap.parse_args()
+    here = Path(__file__).resolve().parent
+    started = time.time()
+    start = common.machine()
+    from prefixtune.precision import choose
+
+    precision = choose("fp32" if args.quick else "auto")  # measured once per machine, before any script runs
+    print(f"prefixtune benchmarks{' (quick smoke run)' if args.quick else ''}, {start['date']}, {start['cpu']} "
+          f"x{start['cores']}, load average {start['load_average']}\nprecision {precision.reason}", flush=True)
+
+    if args.out:
+        path = Path(args.out)
+    elif args.quick:
+        path = Path(tempfile.gettempdir()) / "prefixtune-bench-quick.json"
+    else:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", start["cpu"]).strip("-")
+        path = here / "results" / f"{start['date'][:10]}-{slug}.json"
+    result = {"date": start["date"], "cpu": start["cpu"], "cores": start["cores"], "versions": start["versions"],
+              "precision": precision.reason, "load_average_start": start["load_average"], "quick": args.quick,
+              "complete": False, "ratios": [], "parts": {}}
+    parts = result["parts"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.quick:  # convert the GGUF model once; every script then loads the folder in seconds
+            t0 = time.time()
+            try:
+                common.save_model_folder(str(Path(tmp) / "model"))
+                os.environ[common.MODEL_DIR_ENV] = str(Path(tmp) / "model")
+                print(f"model converted once for all scripts in {time.time() - t0:.0f} s", flush=True)
+            except Exception as e:  # slower, not wrong: every script loads the GGUF model itself
+                print(f"could not convert the model once ({e}); each script loads it", flush=True)
+        for script in args.only or SCRIPTS:
+            out = Path(tmp) / (script + ".json")
+            cmd = [sys.executable, str(here / script), "--json", str(out)] + (["--quick"] if args.quick else [])
+            cmd += EXTRA_ARGS.get(script, []) if not args.quick else []
+            print(f"\n== {script} ==", flush=True)
+            t0 = time.time()
+            proc = subprocess.run(cmd)
+            if proc.returncode:
+                raise SystemExit(f"{script} failed (exit {proc.returncode})")
+            name = script.removesuffix(".py")
+            parts[name] = json.loads(out.read_text())
+            parts[name]["wall_s"] = round(time.time() - t0, 1)
+            result["ratios"] += serve_ratios(parts[name]) if name == "bench_serve" else parts[name].get("ratios", [])
+            save(path, result)  # after every part: an interrupted run keeps what it measured
+    end = common.machine()
+    result.update(load_average_end=end["load_average"], wall_s=round(time.time() - started, 1), complete=True)
+    print(f"\n== ratios ({start['date']}, {start['cpu']}, {precision.name}, load average "
+          f"{start['load_average'][0]} at start, {end['load_average'][0]} at end) ==")
+    common.print_ratios(result["ratios"])
+    save(path, result)
+    print(f"\nwrote {path} ({result['wall_s'] / 60:.1f} min)")
+
+
+def save(path: Path, result: dict) -> None:
+    from prefixtune.prefix import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(result, indent=2).encode())
+
+
+if __name__ == "__main__":
+    main()

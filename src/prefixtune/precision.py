@@ -1,0 +1,240 @@
+"""bf16 or fp32, and how many threads: chosen by timing this machine, not by reading CPU flags.
+
+A CPU that lists `avx512_bf16` can still run bf16 autocast 2x slower than fp32 (measured on a
+Xeon), and one without it can win with bf16 (an AMD EPYC did). So the answer is measured: a
+step-shaped workload (transformer-layer matmuls, forward + backward to the activations, as in
+prefix training) is timed in fp32 and in bf16 autocast, at a few thread counts, interleaved, best
+of a few repetitions. The faster wins. The answer is cached per machine in
+`~/.cache/prefixtune/precision.json`, keyed by CPU (or GPU) model, usable core count and torch
+version, so the timing (a few seconds; ~10 s where bf16 is emulated) runs once. The reason line
+records the load average at measurement time: on a machine shared with other jobs, fewer threads
+can win (measured here: 1 thread 6x faster than 2 at load average 18); delete the file to measure
+again.
+
+    from prefixtune.precision import choose, resolve_bf16
+    p = choose()                 # Precision(bf16=False, threads=2, reason="fp32: bf16 autocast measured ...")
+    bf16 = resolve_bf16("auto")  # choose + set the thread count + print the one-line reason
+
+An explicit choice ("fp32", "bf16", or $PREFIXTUNE_PRECISION) skips the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ConfigError
+
+OPTIONS = ("auto", "fp32", "bf16")
+ENV_VAR = "PREFIXTUNE_PRECISION"
+CACHE_FILE = "precision.json"
+
+
+@dataclass(frozen=True)
+class Precision:
+    bf16: bool
+    threads: int
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def device_model(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(device: str = "cpu") -> str:
+    """What the answer depends on: the chip, the core count we may use, and torch's kernels."""
+    cores = "" if device.startswith("cuda") else f" x{available_cores()}"
+    return f"{device_model(device)}{cores} | torch {torch.__version__}"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "prefixtune"
+
+
+def thread_candidates(cores: int) -> list[int]:
+    return sorted({1, max(1, cores // 2), cores})
+
+
+def _step_workload(device: str, rows: int = 4, seq: int = 32, layers: int = 2):
+    """Two layers shaped like SmolLM2-135M's (576 wide, 9 query / 3 key-value heads, MLP 1536), frozen
+    weights; gradients flow to the activations only, as in prefix training."""
+    d, heads, kv_heads, ffn = 576, 9, 3, 1536
+    head_dim = d // heads
+    kv_d = kv_heads * head_dim
+    g = torch.Generator().manual_seed(0)
+    shapes = [(d + 2 * kv_d, d), (d, d), (ffn, d), (ffn, d), (d, ffn)] * layers
+    weights = [(torch.randn(s, generator=g) / s[1] ** 0.5).to(device) for s in shapes]
+    x0 = torch.randn(rows, seq, d, generator=g).to(device)
+
+    def step():
+        x = x0.clone().requires_grad_(True)
+        h = x
+        for i in range(0, len(weights), 5):
+            qkv, o, gate, up, down = weights[i:i + 5]
+            q, k, v = (h @ qkv.T).split([d, kv_d, kv_d], dim=-1)
+            q = q.view(rows, seq, heads, head_dim).transpose(1, 2)
+            k, v = (t.view(rows, seq, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+                    for t in (k, v))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + a.transpose(1, 2).reshape(rows, seq, d) @ o.T
+            h = h + (torch.nn.functional.silu(h @ gate.T) * (h @ up.T)) @ down.T
+        h.float().square().mean().backward()
+        return x.grad
+
+    return step
+
+
+def time_workload(device: str, bf16: bool, threads: int | None, reps: int = 3, give_up_after: float = float("inf")
+                  ) -> float:
+    """Best-of-`reps` seconds of one step-shaped forward+backward (after one untimed warm-up).
+
+    Stops early once a timed run takes longer than `give_up_after` seconds (clearly the slower one).
+    """
+    before = torch.get_num_threads()
+    if threads and not device.startswith("cuda"):
+        torch.set_num_threads(threads)
+    try:
+        step = _step_workload(device)
+        best = float("inf")
+        for i in range(reps + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i:  # the first run warms kernels and the allocator
+                best = min(best, time.perf_counter() - t0)
+                if best > give_up_after:
+                    break
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(device: str = "cpu", reps: int = 3, timer: Callable[..., float] = time_workload) -> dict:
+    """Seconds per workload step: fp32 at each thread count, then bf16 vs fp32 at the best one.
+
+    Rounds are interleaved so that other load on the machine hits every candidate alike. A bf16
+    run more than 2x slower than fp32 stops early (on CPUs without native bf16 it is 10x slower).
+    """
+    cuda = device.startswith("cuda")
+    candidates = [None] if cuda else thread_candidates(available_cores())
+    times: dict[str, float] = {}
+    for _ in range(2):
+        for t in candidates:
+            key = f"fp32@{t or 0}"
+            times[key] = min(times.get(key, float("inf")), timer(device, False, t, reps))
+    # more threads unless fewer are clearly faster (10%): other users' load makes small gaps noise
+    fastest = min(times.values())
+    best_t = max((t for t in candidates if times[f"fp32@{t or 0}"] <= 1.1 * fastest), key=lambda t: t or 0)
+    key = f"@{best_t or 0}"
+    for _ in range(2):
+        times["bf16" + key] = min(times.get("bf16" + key, float("inf")),
+                                  timer(device, True, best_t, reps, give_up_after=2 * times["fp32" + key]))
+        if times["bf16" + key] > 2 * times["fp32" + key]:
+            break
+        times["fp32" + key] = min(times["fp32" + key], timer(device, False, best_t, reps))
+    return times
+
+
+def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str]:
+    at = next(k for k in times if k.startswith("bf16@")).split("@")[1]
+    fp32, bf16 = times[f"fp32@{at}"], times[f"bf16@{at}"]
+    threads = int(at) or torch.get_num_threads()
+    name = "bf16" if bf16 < fp32 else "fp32"
+    ratio = max(fp32, bf16) / min(fp32, bf16)
+    slower = "fp32" if name == "bf16" else "bf16 autocast"
+    thread_note = "" if device.startswith("cuda") else f", {threads} thread{'s' * (threads > 1)}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other users' work skews timings
+    reason = (f"{name}: {slower} measured {ratio:.2f}x slower on {device_model(device)} (step-shaped workload: fp32 "
+              f"{fp32 * 1e3:.0f} ms, bf16 {bf16 * 1e3:.0f} ms{thread_note}; load average {load:.1f})")
+    return name == "bf16", threads, reason
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again and rewrite it
+
+
+def choose(option: str | None = None, device: str | None = None, cache: Path | None | bool = None,
+           timer: Callable[..., float] = time_workload) -> Precision:
+    """The precision (and CPU thread count) to train and decode with.
+
+    option: "auto" (measure, cached), "fp32" or "bf16"; None reads $PREFIXTUNE_PRECISION (default "auto").
+    cache: folder of the cache file (default ~/.cache/prefixtune); False: measure without caching.
+    """
+    source = "argument"
+    if option is None:
+        option, source = os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}"
+    option = option.strip().lower()
+    if option not in OPTIONS:
+        raise ConfigError(f"precision ({source}): must be one of {OPTIONS}, got {option!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_threads = torch.get_num_threads() if device.startswith("cuda") else available_cores()
+    if option != "auto":
+        return Precision(option == "bf16", default_threads, f"{option}: chosen explicitly ({source})")
+
+    key = machine_key(device)
+    path = None if cache is False else Path(cache or cache_dir()) / CACHE_FILE
+    entries = _read_cache(path) if path is not None else {}
+    hit = entries.get(key)
+    if isinstance(hit, dict) and {"bf16", "threads", "reason"} <= set(hit):
+        return Precision(bool(hit["bf16"]), int(hit["threads"]), f"{hit['reason']}; cached in {path}")
+    times = measure(device, timer=timer)
+    bf16, threads, reason = _decide(times, device)
+    if path is not None:
+        from .prefix import atomic_write_bytes  # atomic: two processes measuring at once never leave half a file
+
+        entries[key] = {"bf16": bf16, "threads": threads, "reason": reason, "times_s": times,
+                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_bytes(path, json.dumps(entries, indent=2).encode())
+    return Precision(bf16, threads, reason)
+
+
+def apply(precision: Precision, device: str = "cpu") -> None:
+    """Set the thread count the choice was made with (CPU only)."""
+    if not device.startswith("cuda"):
+        torch.set_num_threads(precision.threads)
+
+
+def resolve_bf16(option: str | None = "auto", print_fn: Callable[[str], None] | None = print) -> bool:
+    """For `TrainConfig.bf16`: choose, set the thread count, print which and why; returns True for bf16."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = choose(option, device=device)
+    apply(p, device)
+    if print_fn is not None:
+        print_fn(f"precision {p.reason}")
+    return p.bf16
