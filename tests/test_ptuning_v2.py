@@ -147,9 +147,11 @@ def test_pair_encoding_matches_the_tokenizer_and_truncates_the_passage(arch):
     long_passage = " ".join(f"w{6 + i % 80}" for i in range(200))
     cut = method.encode(tok, f"w10 w11 [SEP] {long_passage}", "True", 40)
     assert len(cut.input_ids) == 40 and cut.input_ids[:4] == e.input_ids[:4] and cut.labels == [1]
-    # BERT's real tokens stand after the prompt: position table (64) minus the prompt (4) bounds the input
+    # real tokens stand after the prompt: the position table minus the prompt (4) and the first
+    # position id (RoBERTa: padding_idx + 1) bounds the input
     limit = method.encode(tok, f"w10 [SEP] {long_passage}", "True", 512)
-    assert len(limit.input_ids) == (60 if arch == "bert" else 1 + 1 + 2 + 200 + 1)  # RoBERTa: its tokenizer's limit
+    offset = 0 if arch == "bert" else model.config.pad_token_id + 1
+    assert len(limit.input_ids) == model.config.max_position_embeddings - 4 - offset
 
 
 # ---------------------------------------------------------------------------------------------

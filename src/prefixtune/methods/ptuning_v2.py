@@ -96,8 +96,8 @@ class PTuningV2Model(Method):
         if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
             limit = min(limit, tokenizer.model_max_length)
         table = getattr(self.model.config, "max_position_embeddings", None)
-        if table and self.layout.arch.shift_positions:
-            limit = min(limit, table - self.config.length)
+        if table and self.layout.arch.shift_positions:  # real tokens stand after the prompt (from the offset)
+            limit = min(limit, table - self.config.length - self.layout.position_offset)
         return limit
 
     # -- data -> loss -------------------------------------------------------------------------------
