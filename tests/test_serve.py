@@ -396,6 +396,11 @@ def test_timeout_gives_504_and_graceful_shutdown_finishes_accepted_requests(worl
         assert r.status_code == 504 and "did not finish" in r.json()["error"]["message"]
         assert c.get("/health").json()["status"] == "ok"
     state = server.app.state.prefixtune
+    # The 504 cancels its rows; wait until they are gone so that "running" below means the new request.
+    deadline = time.monotonic() + 30
+    while state.batcher.running and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert state.batcher.running == 0, "the timed-out request's rows were never cancelled"
     state.config.request_timeout_s = 60
     result = {}
 
@@ -405,9 +410,10 @@ def test_timeout_gives_504_and_graceful_shutdown_finishes_accepted_requests(worl
 
     t = threading.Thread(target=long_request)
     t.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while state.batcher.running == 0 and time.monotonic() < deadline:
         time.sleep(0.005)
+    assert state.batcher.running > 0, "the long request never started"
     server.stop()  # uvicorn stops listening, lets the open request finish, then the worker drains
     t.join(30)
     r = result["response"]
