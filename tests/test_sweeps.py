@@ -212,11 +212,30 @@ def test_unregistered_method_or_unknown_experiment_is_refused_by_name():
         paper.build("low-data", "tiny", methods=["prefix", "no-such-method"])
     with pytest.raises(paper.ExperimentError, match="unknown experiment 'nope'"):
         paper.build("nope")
-    from prefixtune.methods import METHODS
+    with pytest.raises(paper.ExperimentError, match="ptuning-v2"):
+        paper.build("ptuning-v2", "quick", methods=["ptuning-v2", "ptuning-v3"])
 
-    if "ptuning-v2" not in METHODS:  # being added in another branch: the definition says what is missing
-        with pytest.raises(paper.ExperimentError, match="ptuning-v2"):
-            paper.build("ptuning-v2", "quick")
+
+def test_seeds_and_sizes_replace_the_scale_and_are_checked():
+    exp = paper.build("low-data", "quick", methods=["prefix"], seeds=[3], sizes=[50, 100])
+    assert [r.id for r in exp.runs] == ["prefix-n50-s3", "prefix-n100-s3"]
+    assert "sizes [50, 100], seeds [3]" in exp.notes[0]
+    assert {r.plan["seed"] for r in exp.runs} == {3} and {r.overrides["seed"] for r in exp.runs} == {3}
+    with pytest.raises(paper.ExperimentError, match="--sizes must be integers >= 1"):
+        paper.build("low-data", "quick", sizes=[0])
+    with pytest.raises(paper.ExperimentError, match="--seeds must be integers >= 0"):
+        paper.build("low-data", "quick", seeds=[])
+
+
+def test_experiment_cli_rejects_bad_seed_lists_in_one_line(tmp_path):
+    from test_cli_errors import _run
+
+    r = _run("experiment", "low-data", "--out", tmp_path / "x", "--seeds", "0,one", "--dry-run")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --seeds takes comma-separated integers, got '0,one'"
+    r = _run("experiment", "init", "--out", tmp_path / "x", "--seeds", "1", "--sizes", "50", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert [line.split(": ")[0] for line in r.stdout.splitlines()[1:]] == [
+        "init=random-n50-s1", "init=table-to-text:-n50-s1", "init=elephant-n50-s1"]
 
 
 def test_plot_command_draws_a_run_loss_curves(assets, tmp_path):

@@ -491,6 +491,9 @@ def experiment(
     path: Optional[str] = typer.Option(None, help="File for the jsonl dataset."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's."),
     scale: str = typer.Option("quick", help="quick (about an hour on 2 CPU cores), paper, or tiny (tests)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds instead of the scale's (e.g. 0)."),
+    sizes: Optional[str] = typer.Option(None, help="Comma-separated training sizes instead of the scale's "
+                                        "(low-data, init)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
 ):
@@ -498,8 +501,19 @@ def experiment(
     from .paper import build, run_experiment
     from .train import TrainingError
 
+    from .paper import ExperimentError
+
+    def int_list(option: str, text: Optional[str]):
+        if text is None:
+            return None
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ExperimentError(f"--{option} takes comma-separated integers, got {text!r}") from None
+
     exp = build(name, scale, model=model, dataset=dataset, data_dir=data_dir, path=path,
-                methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
+                methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                seeds=int_list("seeds", seeds), sizes=int_list("sizes", sizes))
     if dry_run:
         for n in exp.notes:
             typer.echo(n)

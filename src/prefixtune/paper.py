@@ -109,7 +109,9 @@ def _plan(dataset: str, data_dir, path, size: int | None, seed: int, **extra) ->
 
 
 def build(name: str, scale: str = "quick", model: str | None = None, dataset: str | None = None,
-          data_dir: str | None = None, path: str | None = None, methods=None) -> Experiment:
+          data_dir: str | None = None, path: str | None = None, methods=None, seeds=None,
+          sizes=None) -> Experiment:
+    """`seeds`/`sizes` replace the scale's (a subset now, more later: completed runs are skipped)."""
     if name not in DEFAULTS:
         raise ExperimentError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
     if scale not in SCALES:
@@ -119,6 +121,13 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
     methods = tuple(methods) if methods else d_methods
     _check_available(name, dataset, methods)
     s = SCALES[scale]
+    for what, values, least in (("seeds", seeds, 0), ("sizes", sizes, 1)):
+        if values is None:
+            continue
+        values = tuple(values)
+        if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < least for v in values):
+            raise ExperimentError(f"--{what} must be integers >= {least}, got {list(values)}")
+        s = dataclasses.replace(s, **{what: tuple(dict.fromkeys(values))})
     if s.full_size is None and _needs_size(dataset):  # no training split here: sample a large part of the one split
         s = dataclasses.replace(s, full_size=SAME_SPLIT_FULL)
     train = {k: v for k, v in (("max_steps", s.max_steps), ("epochs", s.epochs)) if v is not None}
