@@ -415,3 +415,38 @@ def test_prompt_export_refuses_templates_peft_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="in front of the input only"):
         pt.export_peft(shaped, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# run_training hands back the base model: evaluation applies the artifact exactly once
+
+@pytest.mark.parametrize("method", WEIGHT_METHODS)
+def test_run_training_returns_the_base_model_so_the_artifact_applies_once(method, tmp_path):
+    """The sweep and scripts/method_table.py train, then evaluate `run["artifact"]` on `run["model"]`.
+    A model still carrying the trained weights or hooks made that fail (finetune, ft-top: the
+    fingerprint changed) or apply adapters and LoRA twice. Reference: the artifact on a fresh base."""
+    from prefixtune.decode import DecodeConfig, generate_texts
+    from prefixtune.experiments import DataPlan, run_training
+    from prefixtune.models import fingerprint
+    from prefixtune.recipes import configs_for
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": p.source, "target": p.target}) + "\n" for p in reversal_pairs(40)))
+    model, tok = tiny("llama"), tiny_tokenizer("llama")
+    base = fingerprint(model)
+    method_cfg, train_cfg = configs_for("jsonl", method, lr=1e-2, max_steps=3, batch_size=4, eval_every=100,
+                                        checkpoint_every=100, log_every=100)
+    torch.manual_seed(0)
+    run = run_training("tiny-llama", DataPlan("jsonl", path=str(data), train_split="all", eval_split="all",
+                                              train_size=24, dev_sources=4), method_cfg, train_cfg, tmp_path / "out",
+                       print_fn=lambda s: None, model_and_tokenizer=(model, tok))
+    assert run["model"] is model and fingerprint(model) == base
+    cfg = DecodeConfig(num_beams=1, max_new_tokens=4, batch_size=2)
+    sources = ["w5 w6 w7", "w8 w9 w10"]
+    fresh = tiny("llama")
+    assert generate_texts(model, tok, sources, None, cfg) == generate_texts(fresh, tok, sources, None, cfg)
+    with torch.no_grad():
+        pt.attach(model, run["artifact"])  # weight methods change or hook the model itself
+        pt.attach(fresh, run["artifact"])
+        trained, reference = logits(model), logits(fresh)
+        assert torch.equal(trained, reference) and not torch.equal(reference, logits(tiny("llama")))

@@ -105,7 +105,11 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
                  resume: bool = False, print_fn: Callable[[str], None] = print, model_and_tokenizer=None,
                  progress=None) -> dict:
     """Load data, then the model; train `method_cfg.method` on it. Data and the output folder are checked
-    before the model is loaded, and run.json is written only for a run that goes ahead."""
+    before the model is loaded, and run.json is written only for a run that goes ahead.
+
+    The returned "model" is the base model again: a weight method (finetune, ft-top, adapter, LoRA) is
+    detached after training (its hooks removed, the original weights put back), so that applying the
+    returned "artifact" to it, as evaluation does, gives the trained model exactly once."""
     from .methods import get_method
     from .models import load_model
 
@@ -135,6 +139,8 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
              f"({100 * method.num_trainable() / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
     result = train(method, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
                    extra_meta={"base_model": model_name, "dataset": plan.dataset}, progress=progress)
+    if hasattr(method, "detach"):  # weight methods changed the model in place or hooked it
+        method.detach()
     return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items, "method": method}
 
 
