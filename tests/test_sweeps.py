@@ -87,6 +87,14 @@ def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path
     assert "2 runs: 2 already done, 0 to run" in said
     assert again["rows"] == rows and {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
+    # another seed later: its row joins the rows on record, and the table averages both seeds
+    model_dir, data = assets
+    more = paper.build("low-data", "tiny", model=str(model_dir), dataset="jsonl", path=str(data), methods=["prefix"],
+                       seeds=[1], sizes=[20])
+    result = paper.run_experiment(more, tmp_path, print_fn=lambda s: None)
+    assert [r["id"] for r in read_results(tmp_path)] == ["prefix-n20-s1", "prefix-n20-s0", "prefix-n40-s0"]
+    assert "| prefix | 20 | 2 |" in result["table"] and "| prefix | 40 | 1 |" in result["table"]
+
 
 def test_killed_run_resumes_from_its_checkpoint(assets, local_ray, tmp_path):
     model_dir, data = assets

@@ -134,7 +134,8 @@ def local_cpus() -> int:
 def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_address: str | None = None,
               cpus_per_run: int | None = None, print_fn: Callable[[str], None] = print,
               progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Run every spec not yet done as a Ray task; returns all rows (earlier ones included), in spec order.
+    """Run every spec not yet done as a Ray task; returns all rows (earlier ones included), in spec order,
+    then rows on record from earlier commands with other specs (other seeds, sizes or methods: kept).
 
     Local (no address): a private Ray instance with this machine's cores, and each run asks for all
     of them (one run at a time: on a small CPU box two runs would only fight over cores).
@@ -154,6 +155,10 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
         if s.id not in done and row_path.exists():
             done[s.id] = json.loads(row_path.read_text())
     todo = [s for s in specs if s.id not in done]
+
+    def on_record() -> list[dict]:  # this command's runs in spec order, then every earlier row kept
+        return [done[i] for i in ids if i in done] + [r for i, r in done.items() if i not in set(ids)]
+
     print_fn(f"{len(specs)} runs: {len(specs) - len(todo)} already done, {len(todo)} to run")
     if todo:
         started_here = not ray.is_initialized()
@@ -199,7 +204,7 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
                     print_fn(f"[{finished}/{len(todo)}] {spec.id} FAILED: {str(e).splitlines()[-1] if str(e) else e}")
                     continue
                 done[spec.id] = row
-                write_results(out, [done[i] for i in ids if i in done])
+                write_results(out, on_record())
                 elapsed = time.time() - t0
                 eta = elapsed / finished * (len(todo) - finished)
                 print_fn(f"[{finished}/{len(todo)}] {spec.id}: {_headline(row)} "
@@ -210,7 +215,7 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
         if failures:
             raise RuntimeError(f"{len(failures)} run(s) failed ({', '.join(i for i, _ in failures)}); "
                                f"see {out}/runs/<id>/stdout.log; rerun the command to retry them")
-    rows = [done[i] for i in ids if i in done]
+    rows = on_record()
     write_results(out, rows)
     return rows
 
