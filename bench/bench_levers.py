@@ -5,14 +5,15 @@
 One batch of 10 E2E pairs, prefix length 10 + MLP 512, SmolLM2-135M; each variant is one training
 step (forward, loss, backward, AdamW), interleaved, best and median of `reps` after a warm-up:
 
-  base             prefixtune's step as the trainer takes it: LM head at target positions only
+  base             prefixtune's step as the trainer takes it: LM head + cross-entropy at target
+                   positions only, 64 targets at a time (engine.LOSS_CHUNK)
   full-logits      LM head and cross-entropy at every position (what PEFT + HF Trainer compute)
-  chunked-ce       LM head + cross-entropy over the target positions in chunks of 64 (bounds logits memory)
+  unchunked-ce     LM head + cross-entropy over all target positions at once (the base before 2026-11-28)
   1-thread         the base step with 1 torch thread (the machine's cores: see "threads")
   checkpointing    the base step with gradient checkpointing (prefixtune.checkpointing)
   bf16             the base step under bf16 autocast (one run only when it is > 2x slower)
 
-Peak RSS of a step (VmHWM reset before it) is recorded for base, full-logits, chunked-ce and
+Peak RSS of a step (VmHWM reset before it) is recorded for base, full-logits, unchunked-ce and
 checkpointing. Padding (packing, length buckets) is measured by bench_train.py (real vs padded
 tokens per system); torch.compile is not measured here (see docs/performance.md).
 """
@@ -28,17 +29,14 @@ from prefixtune.batching import IGNORE, collate
 from prefixtune.engine import forward_with_prefix, target_loss, trainable_state
 
 
-def chunked_target_loss(model, rows, input_ids, attention_mask, labels, chunk: int = 64) -> torch.Tensor:
-    """target_loss with the LM head + cross-entropy run over `chunk` target positions at a time."""
+def unchunked_target_loss(model, rows, input_ids, attention_mask, labels) -> torch.Tensor:
+    """target_loss with the LM head + cross-entropy over every target position in one piece."""
     hidden = forward_with_prefix(model, rows, input_ids=input_ids, attention_mask=attention_mask,
                                  run=model.base_model, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    h, t = hidden[:, :-1][keep], targets[keep]
-    head = model.get_output_embeddings()
-    total = sum(torch.nn.functional.cross_entropy(head(h[i:i + chunk]).float(), t[i:i + chunk], reduction="sum")
-                for i in range(0, len(t), chunk))
-    return total / len(t)
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 def full_logits_loss(model, rows, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -89,7 +87,7 @@ def main() -> None:
         return step
 
     systems = {"base": variant(target_loss), "full-logits": variant(full_logits_loss),
-               "chunked-ce": variant(chunked_target_loss), "checkpointing": variant(target_loss, ckpt_model,
+               "unchunked-ce": variant(unchunked_target_loss), "checkpointing": variant(target_loss, ckpt_model,
                                                                                    checkpointing=True)}
     if threads > 1:
         systems["1-thread"] = variant(target_loss, n_threads=1)
@@ -106,7 +104,7 @@ def main() -> None:
         runs[other] = other_runs
     load_end = common.machine()["load_average"]
     losses = {name: rs[0]["loss"] for name, rs in runs.items()}
-    for name in ("full-logits", "chunked-ce", "checkpointing", "1-thread"):  # the same computation, reorganised
+    for name in ("full-logits", "unchunked-ce", "checkpointing", "1-thread"):  # the same computation, reorganised
         if name in losses and abs(losses[name] - losses["base"]) > 1e-4 * max(1.0, abs(losses["base"])):
             raise SystemExit(f"lever {name!r} changed the loss: {losses[name]} vs base {losses['base']}")
     results = {name: {"seconds": common.stats([r["seconds"] for r in rs]),

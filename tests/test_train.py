@@ -45,6 +45,34 @@ def test_target_loss_equals_full_logits_loss(arch):
         assert (batch.labels[0, : len(tok(pairs[0].source)["input_ids"])] == -100).all()
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_target_loss_gives_the_full_logits_loss_and_gradients(chunk, monkeypatch):
+    """The LM head + cross-entropy run LOSS_CHUNK targets at a time: same loss, same prefix gradients
+    as every position's logits at once (chunk 1 and 3 split the targets, 1000 does not)."""
+    from prefixtune import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LOSS_CHUNK", chunk)
+    model, tok = tiny("llama"), tiny_tokenizer("llama")
+    batch = collate([encode(tok, p.source, p.target, False) for p in reversal_pairs(4)], tok.pad_token_id, False)
+    assert (batch.labels[:, 1:] != -100).sum() > 3  # more targets than a chunk of 3
+    pm = pt.PrefixModel(model, pt.PrefixConfig(length=3))
+
+    def loss_and_grads(fn):
+        pm.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), {k: v.grad.clone() for k, v in pt.trainable_state(pm).items()}
+
+    got, got_grads = loss_and_grads(lambda: target_loss(model, pm.rows(), batch.input_ids, batch.attention_mask,
+                                                        batch.labels))
+    logits = lambda: forward_with_prefix(model, pm.rows(), input_ids=batch.input_ids,  # noqa: E731
+                                         attention_mask=batch.attention_mask).logits
+    ref, ref_grads = loss_and_grads(lambda: torch.nn.functional.cross_entropy(
+        logits()[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100))
+    assert abs(got - ref) < 1e-5
+    assert all(torch.allclose(got_grads[k], ref_grads[k], atol=1e-6, rtol=1e-4) for k in ref_grads)
+
+
 def test_training_learns_and_changes_only_the_prefix(tmp_path):
     model, tok = tiny("llama"), tiny_tokenizer("llama")
     before = {n: p.clone() for n, p in model.state_dict().items()}
