@@ -9,7 +9,7 @@ step (forward, loss, backward, AdamW), interleaved, best and median of `reps` af
                    positions only, 64 targets at a time (engine.LOSS_CHUNK)
   full-logits      LM head and cross-entropy at every position (what PEFT + HF Trainer compute)
   unchunked-ce     LM head + cross-entropy over all target positions at once (the base before 2026-11-28)
-  1-thread         the base step with 1 torch thread (the machine's cores: see "threads")
+  1-thread         the base step with 1 torch thread (the machine's cores: see "threads"; --skip-threads)
   checkpointing    the base step with gradient checkpointing (prefixtune.checkpointing)
   bf16             the base step under bf16 autocast (one run only when it is > 2x slower)
 
@@ -53,6 +53,8 @@ def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--skip-other-precision", action="store_true",
                     help="do not time a step in the other precision (precision.py measured it already)")
+    ap.add_argument("--skip-threads", action="store_true",
+                    help="do not time a 1-thread step (precision.py measures the thread count already)")
     args = ap.parse_args()
     env = common.setup(args)
     reps = 1 if args.quick else args.reps
@@ -89,7 +91,7 @@ def main() -> None:
     systems = {"base": variant(target_loss), "full-logits": variant(full_logits_loss),
                "unchunked-ce": variant(unchunked_target_loss), "checkpointing": variant(target_loss, ckpt_model,
                                                                                    checkpointing=True)}
-    if threads > 1:
+    if threads > 1 and not args.skip_threads:
         systems["1-thread"] = variant(target_loss, n_threads=1)
     other = "fp32" if env.bf16 else "bf16"
     other_step = variant(target_loss, bf16=not env.bf16)

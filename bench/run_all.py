@@ -30,8 +30,11 @@ SCRIPTS = ["bench_train.py", "bench_memory.py", "bench_decode.py", "bench_serve_
            "bench_levers.py", "bench_serve.py"]
 # bench_serve.py's own defaults (2 rounds of 32 tokens) double its time for the same ratios
 # and bench_levers.py's step in the slower precision repeats what precision.py measured (13x slower here)
-EXTRA_ARGS = {"bench_serve.py": ["--rounds", "1", "--tokens", "16"], "bench_levers.py": ["--skip-other-precision", "--reps", "2"],
-              "bench_scaling.py": ["--reps", "2"]}
+# and its 1-thread step what precision.py measured too; scaling's ratios need one repetition (the suite
+# took 20.8 min on a 2-core EPYC without AVX-512 with both at 2; about 19 min without them)
+EXTRA_ARGS = {"bench_serve.py": ["--rounds", "1", "--tokens", "16"],
+              "bench_levers.py": ["--skip-other-precision", "--skip-threads", "--reps", "2"],
+              "bench_scaling.py": ["--reps", "1"]}
 
 
 def serve_ratios(report: dict) -> list[dict]:
