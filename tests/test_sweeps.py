@@ -95,6 +95,13 @@ def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path
     assert [r["id"] for r in read_results(tmp_path)] == ["prefix-n20-s1", "prefix-n20-s0", "prefix-n40-s0"]
     assert "| prefix | 20 | 2 |" in result["table"] and "| prefix | 40 | 1 |" in result["table"]
 
+    # the same run id asked for with other settings is refused, naming the run (nothing is trained)
+    import dataclasses
+
+    changed = dataclasses.replace(more.runs[0], overrides={**more.runs[0].overrides, "lr": 0.5})
+    with pytest.raises(ValueError, match="run prefix-n20-s1 .* finished with other settings"):
+        run_sweep([changed], str(model_dir), tmp_path, print_fn=lambda s: None)
+
 
 def test_killed_run_resumes_from_its_checkpoint(assets, local_ray, tmp_path):
     model_dir, data = assets
@@ -227,7 +234,10 @@ def test_unregistered_method_or_unknown_experiment_is_refused_by_name():
 def test_seeds_and_sizes_replace_the_scale_and_are_checked():
     exp = paper.build("low-data", "quick", methods=["prefix"], seeds=[3], sizes=[50, 100])
     assert [r.id for r in exp.runs] == ["prefix-n50-s3", "prefix-n100-s3"]
-    assert "sizes [50, 100], seeds [3]" in exp.notes[0]
+    assert "sizes [50, 100], seeds [3]" in exp.notes[0] and "prefix/infix lr 0.001" in exp.notes[0]
+    assert all(r.overrides["lr"] == 1e-3 for r in exp.runs)  # capped steps: not the paper's 8e-5
+    ft = paper.build("low-data", "quick", methods=["finetune"], seeds=[0], sizes=[50]).runs
+    assert "lr" not in ft[0].overrides  # the recipe's fine-tuning rate
     assert {r.plan["seed"] for r in exp.runs} == {3} and {r.overrides["seed"] for r in exp.runs} == {3}
     with pytest.raises(paper.ExperimentError, match="--sizes must be integers >= 1"):
         paper.build("low-data", "quick", sizes=[0])

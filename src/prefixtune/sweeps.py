@@ -154,6 +154,12 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
         row_path = out / "runs" / s.id / "row.json"
         if s.id not in done and row_path.exists():
             done[s.id] = json.loads(row_path.read_text())
+    for s in specs:  # a finished run under this id with other settings: never mixed into the table silently
+        recorded = done.get(s.id, {}).get("overrides")
+        if recorded is not None and recorded != json.loads(json.dumps(s.overrides, default=str)):
+            raise ValueError(f"run {s.id} in {out} finished with other settings ({recorded}) than this command "
+                             f"asks for ({s.overrides}); use another --out, or delete {out / 'runs' / s.id} and "
+                             f"its line in results.jsonl to rerun it")
     todo = [s for s in specs if s.id not in done]
 
     def on_record() -> list[dict]:  # this command's runs in spec order, then every earlier row kept
