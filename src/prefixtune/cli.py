@@ -490,7 +490,7 @@ def experiment(
     dataset: Optional[str] = typer.Option(None, help="Override the experiment's dataset (e.g. jsonl with --path)."),
     path: Optional[str] = typer.Option(None, help="File for the jsonl dataset."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's."),
-    scale: str = typer.Option("quick", help="quick (about an hour on 2 CPU cores), paper, or tiny (tests)."),
+    scale: str = typer.Option("quick", help="quick (80-step runs: ~1 s a step on a 2-core CPU with native bf16, 7-12 s without; see docs/results.md), paper, or tiny (tests)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds instead of the scale's (e.g. 0)."),
     sizes: Optional[str] = typer.Option(None, help="Comma-separated training sizes instead of the scale's "
                                         "(low-data, init)."),

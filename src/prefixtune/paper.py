@@ -2,8 +2,9 @@
 
 `build(name, scale, ...)` returns an Experiment: the RunSpecs of its sweep plus how to tabulate and
 draw it. `run_experiment` fans the runs out (sweeps.run_sweep) and writes table.md and the figure.
-Scales: `paper` (the paper's sizes, seeds and recipe epochs), `quick` (fewer sizes/seeds/steps: each
-experiment in about an hour on 2 CPU cores with SmolLM2-135M), `tiny` (tests).
+Scales: `paper` (the paper's sizes, seeds and recipe epochs), `quick` (fewer sizes/seeds/steps, 80-step
+runs: about an hour per experiment where a SmolLM2-135M step takes ~1 s, as on a 2-core CPU with
+native bf16; several hours on an fp32-only one, measured in docs/results.md), `tiny` (tests).
 """
 
 from __future__ import annotations
