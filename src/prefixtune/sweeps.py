@@ -162,8 +162,10 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
                              f"its line in results.jsonl to rerun it")
     todo = [s for s in specs if s.id not in done]
 
+    asked = set(ids)
+
     def on_record() -> list[dict]:  # this command's runs in spec order, then every earlier row kept
-        return [done[i] for i in ids if i in done] + [r for i, r in done.items() if i not in set(ids)]
+        return [done[i] for i in ids if i in done] + [r for i, r in done.items() if i not in asked]
 
     print_fn(f"{len(specs)} runs: {len(specs) - len(todo)} already done, {len(todo)} to run")
     if todo:
