@@ -2,7 +2,7 @@
 
 Every script takes `--quick` (a tiny random Llama and a few steps: checks that the script runs, its
 numbers mean nothing) and `--json PATH` (its results, merged by bench/run_all.py into
-bench/results/DATE-CPU.json). A result is a dict {"figures": {...}, "ratios": [...]}: each ratio
+bench/results/DATE-HHMM-CPU.json). A result is a dict {"figures": {...}, "ratios": [...]}: each ratio
 names its goal so that the table printed by run_all.py says at a glance what is met.
 """
 

@@ -5,7 +5,7 @@
 Runs bench_train, bench_memory, bench_scaling, bench_levers, bench_decode, bench_serve_scale and
 bench_serve,
 each in its own process (so one's memory and threads never affect another), and writes
-bench/results/DATE-CPU.json: date, CPU model, versions, the precision chosen, the machine's load
+bench/results/DATE-HHMM-CPU.json: date, CPU model, versions, the precision chosen, the machine's load
 average at start and end, and every script's figures. --quick runs the tiny random model with a
 few steps (about 2 minutes): it checks that the suite runs, and writes to --out (default: a
 temporary file), never to bench/results.
@@ -49,7 +49,7 @@ def serve_ratios(report: dict) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", help="results file (default: bench/results/DATE-CPU.json; --quick: a temporary file)")
+    ap.add_argument("--out", help="results file (default: bench/results/DATE-HHMM-CPU.json; --quick: a temporary file)")
     ap.add_argument("--only", nargs="*", help="run only these scripts (e.g. bench_decode.py)")
     args = ap.parse_args()
     here = Path(__file__).resolve().parent
@@ -67,7 +67,8 @@ def main() -> None:
         path = Path(tempfile.gettempdir()) / "prefixtune-bench-quick.json"
     else:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", start["cpu"]).strip("-")
-        path = here / "results" / f"{start['date'][:10]}-{slug}.json"
+        # the start time in the name: a second run on the same day and CPU keeps the first one's record
+        path = here / "results" / f"{start['date'][:10]}-{start['date'][11:16].replace(':', '')}-{slug}.json"
     result = {"date": start["date"], "cpu": start["cpu"], "cores": start["cores"], "versions": start["versions"],
               "precision": precision.reason, "load_average_start": start["load_average"], "quick": args.quick,
               "complete": False, "ratios": [], "parts": {}}
