@@ -203,7 +203,7 @@ def test_training_changes_only_prompt_and_head_and_file_round_trips(arch, repara
     assert not method.mixable
 
 
-def test_learns_a_toy_task_and_accuracy_matches_row_by_row_predictions():
+def test_learns_a_toy_task_and_accuracy_matches_row_by_row_predictions(tmp_path):
     model, tok = tiny_encoder("bert"), encoder_tokenizer("bert")
     torch.manual_seed(0)
     method = build(model, "ptuning-v2", length=4, head_dropout=0.0)
@@ -221,9 +221,92 @@ def test_learns_a_toy_task_and_accuracy_matches_row_by_row_predictions():
                                                                          .input_ids]))[0].argmax())]
             for d in held_out]
     assert classify(method, tok, [d.source for d in held_out], batch_size=7) == want
+    assert [method.config.labels[i] for i in result["predictions"]] == want
     assert result["accuracy"] == sum(w == d.target for w, d in zip(want, held_out)) / len(held_out)
     assert result["accuracy"] >= 0.8, result  # chance is 0.5 (measured: 0.85)
     assert score("accuracy", want, [[d.target] for d in held_out])["accuracy"] == result["accuracy"]
+    # the experiments' evaluation: the same accuracy, predictions written, and the majority-class bar
+    from prefixtune.data import EvalItem
+    from prefixtune.decode import DecodeConfig
+    from prefixtune.experiments import evaluate
+
+    items = [EvalItem(d.source, (d.target,)) for d in held_out[:15]]
+    got = evaluate(method.model, tok, method.export(), items, "accuracy", DecodeConfig(), tmp_path / "eval")
+    assert got["outputs"] == want[:15] and got["scores"]["n"] == 15
+    assert got["scores"]["accuracy"] == sum(w == d.target for w, d in zip(want, held_out[:15])) / 15
+    assert got["scores"]["majority"] == max(sum(d.target == t for d in held_out[:15]) for t in ("True", "False")) / 15
+    assert [json.loads(x)["output"] for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()] == want[:15]
+
+
+# ---------------------------------------------------------------------------------------------
+# The P-tuning v2 paper's baselines as options: input-only prompts, linear probe, fine-tuning
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ENCODERS)
+def test_input_prompt_equals_its_vectors_written_into_the_input_embeddings(arch, attn):
+    """prompt_depth='input': the stock encoder run on [CLS], the prompt's vectors and the text, built by
+    hand as inputs_embeds (no engine, no padding), gives the logits of the padded batch."""
+    model, tok = tiny_encoder(arch, attn), encoder_tokenizer(arch)
+    torch.manual_seed(0)
+    method = build(model, "ptuning-v2", length=3, prompt_depth="input", head_dropout=0.0).eval()
+    with torch.no_grad():
+        method.embeds.normal_(0.0, 1.0)  # unlike any token's embedding
+    sources = ["w7 w8 [SEP] w9 w10 w11 w12", "w13 [SEP] w14"]
+    encoded = [method.encode(tok, s, None, 64) for s in sources]
+    assert encoded[1].input_ids[:4] == [tok.cls_token_id, -1, -2, -3]  # [CLS] first: the head reads it
+    batch = method.collate(encoded, tok.pad_token_id)
+    got = method.logits(batch.input_ids, batch.attention_mask)
+    embed = model.get_input_embeddings()
+    for row, source in enumerate(sources):
+        ids = torch.tensor(tok(*source.split(" [SEP] "))["input_ids"])
+        inputs = torch.cat([embed(ids[:1]), method.embeds, embed(ids[1:])])[None]     # (1, 3 + len, hidden)
+        want = method.head(model(inputs_embeds=inputs).last_hidden_state[:, 0])
+        torch.testing.assert_close(got[row:row + 1], want, atol=1e-5, rtol=1e-5)
+    # the position table holds the prompt too: the text is cut to make room for it
+    long = " ".join(["w9"] * 100)
+    assert len(method.encode(tok, f"w7 [SEP] {long}", None, 512).input_ids) == model.config.max_position_embeddings - (
+        2 if arch == "roberta" else 0)
+
+
+@pytest.mark.parametrize("depth,tune", [("input", False), ("none", False), ("none", True), ("deep", True)])
+def test_baselines_train_what_they_declare_and_their_files_apply_to_the_base_model(depth, tune, tmp_path):
+    """Input prompt, linear probe, fine-tuning (and deep prompts + encoder): exactly the declared tensors
+    train; the file holds them; detach() gives the base model back; the file on a fresh copy of the
+    base gives the trained classifier's logits; a model already carrying tuned weights is refused."""
+    from prefixtune.models import fingerprint
+    from prefixtune.train import TrainConfig, train
+
+    model, tok = tiny_encoder("bert"), encoder_tokenizer("bert")
+    base, base_fp = {k: v.clone() for k, v in model.state_dict().items()}, fingerprint(model)
+    torch.manual_seed(0)
+    method = build(model, "ptuning-v2", length=3, prompt_depth=depth, tune_encoder=tune)
+    encoder = {f"encoder.{n}" for n, _ in model.named_parameters()} if tune else set()
+    prompt = {"deep": {"prefix.flat.self"}, "input": {"embeds"}, "none": set()}[depth]
+    assert set(method.trainable()) == {"head.weight", "head.bias"} | prompt | encoder
+    before = {k: v.detach().clone() for k, v in method.trainable().items()}
+    data = contains_pairs(24)
+    train(method, tok, data[:16], data[16:], TrainConfig(lr=1e-2, epochs=1, batch_size=4, max_steps=4, log_every=100,
+                                                         max_source_len=64), tmp_path, print_fn=lambda s: None)
+    for k, v in method.trainable().items():
+        if "pooler" not in k:  # the pooler's output is unused: no gradient reaches it
+            assert not torch.equal(v, before[k]), f"{k} did not train"
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items()) != tune
+    assert set(load_artifact(tmp_path / "ptuning-v2.safetensors").tensors) == \
+        {"head.weight", "head.bias"} | {"deep": {"prefix.self"}, "input": {"prompt.input"}, "none": set()}[depth] | encoder
+    method.eval()
+    batch = method.collate([method.encode(tok, d.source, d.target, 64) for d in data[16:]], tok.pad_token_id)
+    want, art = method.logits(batch.input_ids, batch.attention_mask), method.export()
+    method.detach()
+    assert fingerprint(model) == base_fp and all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    fresh = tiny_encoder("bert")
+    loaded = PTuningV2Model.from_artifact(fresh, art).eval()
+    assert torch.equal(loaded.logits(batch.input_ids, batch.attention_mask), want)
+    if tune:
+        with pytest.raises(PrefixFileError, match="fingerprint"):
+            PTuningV2Model.from_artifact(fresh, art)
+    loaded.detach()
+    assert fingerprint(fresh) == base_fp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +332,15 @@ def test_bad_input_is_refused_by_name(tmp_path):
     with pytest.raises(PrefixFileError, match="fingerprint"):
         PTuningV2Model.from_artifact(other, art)
     extra = WeightArtifact({**art.tensors, "head.extra": torch.zeros(1)}, dict(art.meta))
-    with pytest.raises(PrefixFileError, match="holds tensors"):
+    with pytest.raises(PrefixFileError, match=r"unexpected \['head.extra'\]"):
         PTuningV2Model.from_artifact(model, extra)
     short = WeightArtifact({**art.tensors, "head.weight": torch.zeros(3, 32)}, dict(art.meta))
-    with pytest.raises(PrefixFileError, match="head has shapes"):
+    with pytest.raises(PrefixFileError, match=r"'head.weight' has shape \(3, 32\).*needs \(2, 32\)"):
         PTuningV2Model.from_artifact(model, short)
+    with pytest.raises(ConfigError, match="prompt_depth"):
+        PTuningV2Config(prompt_depth="shallow")
+    with pytest.raises(ConfigError, match="reparam"):
+        PTuningV2Config(prompt_depth="input", reparam="mlp")
     method.save(tmp_path / "a.safetensors")
     with pytest.raises(PrefixFileError, match="fingerprint"):
         PTuningV2Model.load(tmp_path / "a.safetensors", other)

@@ -227,7 +227,8 @@ def test_unregistered_method_or_unknown_experiment_is_refused_by_name():
         paper.build("low-data", "tiny", methods=["prefix", "no-such-method"])
     with pytest.raises(paper.ExperimentError, match="unknown experiment 'nope'"):
         paper.build("nope")
-    with pytest.raises(paper.ExperimentError, match="ptuning-v2"):
+    with pytest.raises(paper.ExperimentError, match="compares classifiers ptuning-v2, prompt, finetune, probe; "
+                                                    "unknown: ptuning-v3"):
         paper.build("ptuning-v2", "quick", methods=["ptuning-v2", "ptuning-v3"])
 
 
@@ -243,6 +244,18 @@ def test_seeds_and_sizes_replace_the_scale_and_are_checked():
         paper.build("low-data", "quick", sizes=[0])
     with pytest.raises(paper.ExperimentError, match="--seeds must be integers >= 0"):
         paper.build("low-data", "quick", seeds=[])
+
+
+def test_classifier_experiment_scores_many_held_out_questions():
+    # accuracy on the 40 generation sources of quick scale would have a standard error of about 0.08
+    runs = paper.build("ptuning-v2", "quick", seeds=[0]).runs
+    assert [r.labels["label"] for r in runs] == ["ptuning-v2", "prompt", "finetune", "probe"]
+    assert {r.method for r in runs} == {"ptuning-v2"}  # one classifier, its arms are options
+    assert [(r.overrides.get("prompt_depth", "deep"), r.overrides.get("tune_encoder", False)) for r in runs] == [
+        ("deep", False), ("input", False), ("none", True), ("none", False)]
+    assert all(r.eval_limit == 1000 for r in runs) and {r.plan["train_split"] for r in runs} == {"all"}
+    assert all(r.eval_limit is None for r in paper.build("ptuning-v2", "paper", seeds=[0]).runs)
+    assert all(r.eval_limit == 40 for r in paper.build("low-data", "quick", seeds=[0]).runs)
 
 
 def test_experiment_cli_rejects_bad_seed_lists_in_one_line(tmp_path):

@@ -47,7 +47,8 @@ def classify(method, tokenizer, sources: list[str], batch_size: int = 32, max_so
 
 
 def evaluate_classifier(method, tokenizer, items, batch_size: int = 32, max_source_len: int = 512) -> dict:
-    """{"accuracy", "correct", "n"} of `method` on `items` (labels must be among the method's labels)."""
+    """{"accuracy", "correct", "n", "predictions"} of `method` on `items` (labels must be among the method's
+    labels; "predictions": the predicted class index of each item, in order)."""
     items = list(items)
     if not items:
         raise ValueError("evaluate_classifier: no items to evaluate")
@@ -56,7 +57,7 @@ def evaluate_classifier(method, tokenizer, items, batch_size: int = 32, max_sour
         raise ValueError("evaluate_classifier: every item needs a label")
     pred = predict_indices(method, tokenizer, [it.source for it in items], batch_size, max_source_len)
     correct = sum(int(p == g) for p, g in zip(pred, gold))
-    return {"accuracy": correct / len(items), "correct": correct, "n": len(items)}
+    return {"accuracy": correct / len(items), "correct": correct, "n": len(items), "predictions": pred}
 
 
 def majority_baseline(train_items, eval_items) -> dict:

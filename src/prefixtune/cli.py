@@ -489,7 +489,8 @@ def experiment(
     data_dir: Optional[str] = typer.Option(None, help="Data folder (default: $PREFIXTUNE_DATA or the cache)."),
     dataset: Optional[str] = typer.Option(None, help="Override the experiment's dataset (e.g. jsonl with --path)."),
     path: Optional[str] = typer.Option(None, help="File for the jsonl dataset."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's "
+                                          "(ptuning-v2: its arms ptuning-v2, prompt, finetune, probe)."),
     scale: str = typer.Option("quick", help="quick (80-step runs: ~1 s a step on a 2-core CPU with native bf16, 7-12 s without; see docs/results.md), paper, or tiny (tests)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds instead of the scale's (e.g. 0)."),
     sizes: Optional[str] = typer.Option(None, help="Comma-separated training sizes instead of the scale's "

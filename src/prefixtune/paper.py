@@ -32,20 +32,25 @@ class Scale:
     # E2E, 5e-5 on WebNLG), set for thousands of steps; in 80 steps a prefix at 8e-5 barely moves
     # (measured 2026-11-28: E2E n50, dev loss still falling at step 80, BLEU 0.29)
     soft_lr: float | None = None
+    # held-out questions a classifier (ptuning-v2) is scored on: one forward pass each, so many more than
+    # generation sources; accuracy on 40 would have a standard error of about 0.08, on 1,000 about 0.015
+    classifier_eval: int | None = None
 
 
 SCALES = {
     "paper": Scale(sizes=(50, 100, 200, 500), seeds=(0, 1, 2, 3, 4), full_size=None, max_steps=None,
                    eval_limit=None, num_beams=5, max_new_tokens=60),
     "quick": Scale(sizes=(50, 200), seeds=(0, 1), full_size=200, max_steps=80, eval_limit=40, num_beams=1,
-                   max_new_tokens=40, epochs=20, soft_lr=1e-3),
+                   max_new_tokens=40, epochs=20, soft_lr=1e-3, classifier_eval=1000),
     "tiny": Scale(sizes=(20, 40), seeds=(0,), full_size=40, max_steps=4, eval_limit=4, num_beams=1,
-                  max_new_tokens=6, epochs=2),
+                  max_new_tokens=6, epochs=2, classifier_eval=4),
 }
 
 # Where training sets are sampled from when the data here has no separate training split: the
-# shared E2E and BoolQ are their dev splits only (see ../shared/data/README.md); jsonl files are "all".
-_SAME_SPLIT = {"e2e": "dev", "boolq": "dev", "jsonl": "all", "xsum": "validation"}
+# shared E2E and BoolQ are their dev splits only (see ../shared/data/README.md; BoolQ's loader carves
+# its small train/dev/test parts from that file, the sweep samples from all of it); jsonl files are "all".
+_SAME_SPLIT = {"e2e": "dev", "boolq": "all", "jsonl": "all", "xsum": "validation"}
+
 
 # WebNLG 2017 categories held out of training for `extrapolation` (5 of the 10 in train/dev; the
 # official unseen test categories are not available here).
@@ -58,7 +63,15 @@ DEFAULTS = {  # experiment -> (dataset, model, methods)
     "embedding-only": ("e2e", "smollm2-135m", ("prompt", "prefix")),
     "infix": ("e2e", "smollm2-135m", ("infix", "prefix")),
     "init": ("e2e", "smollm2-135m", ("prefix",)),
-    "ptuning-v2": ("boolq", "minilm-l6", ("ptuning-v2", "prompt", "finetune")),
+    "ptuning-v2": ("boolq", "minilm-l6", ("ptuning-v2", "prompt", "finetune", "probe")),
+}
+# The arms of `ptuning-v2`: one classifier (a linear head on [CLS], methods/ptuning_v2.py) with the prompt
+# at every layer, at the input only, or absent, and the encoder frozen or trained. --methods takes these names.
+CLASSIFIER_ARMS = {
+    "ptuning-v2": {},                                                          # deep prompts, frozen encoder
+    "prompt": {"prompt_depth": "input"},                                       # shallow prompt tuning (Lester et al.)
+    "finetune": {"prompt_depth": "none", "tune_encoder": True, "lr": 5e-5},    # encoder + head, BERT's usual rate
+    "probe": {"prompt_depth": "none"},                                         # the head alone on frozen features
 }
 EXPERIMENTS = tuple(DEFAULTS)
 # "Full data" where the only split here is a dev split (E2E 4,672 pairs, BoolQ 3,270): train on this
@@ -86,6 +99,12 @@ def _check_available(name: str, dataset: str, methods) -> None:
     from .data.registry import get_spec
     from .methods import METHODS
 
+    if name == "ptuning-v2":
+        unknown = [m for m in methods if m not in CLASSIFIER_ARMS]
+        if unknown:
+            raise ExperimentError(f"experiment 'ptuning-v2' compares classifiers {', '.join(CLASSIFIER_ARMS)}; "
+                                  f"unknown: {', '.join(unknown)}")
+        methods = ("ptuning-v2",)
     missing = [m for m in methods if m not in METHODS]
     if missing:
         raise ExperimentError(f"experiment {name!r} needs method(s) {', '.join(missing)}, not registered in this "
@@ -139,7 +158,7 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
     decode = {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens}
     runs: list[RunSpec] = []
 
-    def add(label: str, method: str, size, seed, overrides=None, plan_extra=None, **labels):
+    def add(label: str, method: str, size, seed, overrides=None, plan_extra=None, eval_limit=s.eval_limit, **labels):
         overrides = {**train, "seed": seed, **(overrides or {})}
         if s.soft_lr is not None and method in ("prefix", "infix"):
             overrides.setdefault("lr", s.soft_lr)
@@ -150,7 +169,7 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
         rid = "-".join(str(p) for p in (label, f"n{size}" if size else "full", f"s{seed}"))
         runs.append(RunSpec(id=rid, method=method, dataset=dataset,
                             plan=_plan(dataset, data_dir, path, size, seed, **(plan_extra or {})),
-                            overrides=overrides, decode=decode, eval_limit=s.eval_limit,
+                            overrides=overrides, decode=decode, eval_limit=eval_limit,
                             labels={"label": label, **labels}))
 
     notes = [f"scale {scale}: sizes {list(s.sizes)}, seeds {list(s.seeds)}, "
@@ -203,7 +222,10 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
     # ptuning-v2: deep prompts vs shallow prompt tuning vs fine-tuning on BoolQ, accuracy
     for m in methods:
         for seed in s.seeds:
-            add(m, m, s.full_size, seed)
+            add(m, "ptuning-v2", s.full_size, seed, CLASSIFIER_ARMS[m], eval_limit=s.classifier_eval)
+    notes.append(f"BoolQ: accuracy on {s.classifier_eval or 'all'} held-out questions; arms: the ptuning-v2 classifier "
+                 "with deep prompts, input-only prompts (prompt), no prompt and the encoder trained (finetune), "
+                 "or the head alone (probe)")
     return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
 
 

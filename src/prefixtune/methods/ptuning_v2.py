@@ -7,8 +7,15 @@ linear head reads the first token's ([CLS] / <s>) last hidden state. Only the pr
 train. A source "QUESTION [SEP] PASSAGE" is encoded as a sentence pair (the passage is cut first);
 the target is one of `labels`.
 
+The P-tuning v2 paper's baselines are the same classifier with the prompt elsewhere or the encoder
+trained, so they are options here, not other methods: `prompt_depth='input'` puts soft tokens after
+[CLS] at the input embeddings only (Lester et al.'s shallow prompt tuning), `prompt_depth='none'`
+has no prompt (a linear probe), and `tune_encoder=True` also trains every encoder weight (with
+'none': the fine-tuning baseline).
+
 The artifact is a `WeightArtifact` (not a mixable soft artifact): the merged key/values
-('prefix.self', as in prefix files) plus the head ('head.weight', 'head.bias') and the labels. A
+('prefix.self', as in prefix files) or the input prompt ('prompt.input'), the head ('head.weight',
+'head.bias'), the encoder's weights when it was trained ('encoder.<name>'), and the labels. A
 classifier answers with a label, not text, so it does not share generation batches.
 """
 
@@ -28,7 +35,10 @@ from ..engine import RowPrefixes, activations_of_text, forward_with_prefix
 from ..models import fingerprint, model_name
 from ..prefix import Prefix, PrefixFileError
 from .base import Method
+from .prompt import initial_embeddings
 from .weights import WeightArtifact
+
+DEPTHS = ("deep", "input", "none")
 
 @dataclass
 class PTuningV2Config(PrefixConfig):
@@ -41,6 +51,13 @@ class PTuningV2Config(PrefixConfig):
     labels: tuple[str, ...] = field(default=("False", "True"), metadata={
         "help": "Class names in head order; training targets must be one of them (BoolQ: False, True)."})
     head_dropout: float = field(default=0.1, metadata={"help": "Dropout on the [CLS] state before the head (training only)."})
+    prompt_depth: Literal["deep", "input", "none"] = field(default="deep", metadata={
+        "help": "'deep': key/values at every encoder layer (P-tuning v2); 'input': `length` soft tokens after [CLS] "
+                "at the input embeddings only (shallow prompt tuning, the paper's PT baseline; init 'text' uses the "
+                "text's token embeddings); 'none': no prompt (a linear probe, or fine-tuning with tune_encoder)."})
+    tune_encoder: bool = field(default=False, metadata={
+        "help": "Also train every encoder weight (with prompt_depth 'none': the fine-tuning baseline); the saved "
+                "file then holds the whole encoder."})
     method: str = field(default="ptuning-v2", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
@@ -57,6 +74,10 @@ class PTuningV2Config(PrefixConfig):
                f"must be distinct non-empty names, got {list(self.labels)}")
         _check(0.0 <= self.head_dropout < 1.0, c, "head_dropout", f"must be in [0, 1), got {self.head_dropout!r}")
         _check(self.kinds in (None, ("self",)), c, "kinds", "deep prompts live in the encoder's self-attention ('self')")
+        _check(self.prompt_depth in DEPTHS, c, "prompt_depth", f"must be one of {DEPTHS}, got {self.prompt_depth!r}")
+        _check(isinstance(self.tune_encoder, bool), c, "tune_encoder", f"must be true or false, got {self.tune_encoder!r}")
+        _check(self.reparam == "flat" or self.prompt_depth == "deep", c, "reparam",
+               f"'mlp' reparametrizes deep prompts only; prompt_depth {self.prompt_depth!r} needs 'flat'")
 
 
 class PTuningV2Model(Method):
@@ -65,7 +86,8 @@ class PTuningV2Model(Method):
     name = "ptuning-v2"
     config_class = PTuningV2Config
     mixable = False
-    summary = "deep prompts (key/values at every encoder layer) + a linear head on [CLS], for classification"
+    summary = ("deep prompts (key/values at every encoder layer) + a linear head on [CLS], for classification; "
+               "input-only prompts, a linear probe and fine-tuning as options")
 
     def __init__(self, model, config: PTuningV2Config | None = None, tokenizer=None):
         super().__init__(model, config, tokenizer)
@@ -74,20 +96,48 @@ class PTuningV2Model(Method):
                 any(getattr(m, "is_causal", False) for m in layout.modules):
             raise ValueError(f"ptuning-v2 needs a bidirectional encoder (BERT, RoBERTa: load_model(..., "
                              f"task='encoder')); {model_name(model)} ({type(model).__name__}) is not one")
-        self.prefix = Prefix({"self": layout.shapes["self"]}, cfg, layout.hidden_size).to(model.device)
-        if cfg.init == "text":
-            if tokenizer is None:
-                raise ValueError("PTuningV2Config.init_text needs the tokenizer: PTuningV2Model(model, cfg, tokenizer=tok)")
-            self.prefix.set_values({"self": activations_of_text(model, tokenizer, cfg.init_text, cfg.length)["self"]})
+        if cfg.init == "text" and cfg.prompt_depth != "none" and tokenizer is None:
+            raise ValueError("PTuningV2Config.init_text needs the tokenizer: PTuningV2Model(model, cfg, tokenizer=tok)")
+        if cfg.prompt_depth == "deep":
+            self.prefix = Prefix({"self": layout.shapes["self"]}, cfg, layout.hidden_size).to(model.device)
+            if cfg.init == "text":
+                self.prefix.set_values({"self": activations_of_text(model, tokenizer, cfg.init_text, cfg.length)["self"]})
+        elif cfg.prompt_depth == "input":
+            start = (torch.zeros(cfg.length, layout.hidden_size) if cfg.init == "zeros" else
+                     initial_embeddings(model, tokenizer, cfg.length, cfg.init, cfg.init_text, cfg.init_std))
+            self.embeds = nn.Parameter(start.to(model.device))                  # (length, hidden)
         self.dropout = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(layout.hidden_size, cfg.num_labels).to(model.device)
         with torch.no_grad():  # small logits at the start: the loss begins near log(num_labels)
             self.head.weight.normal_(0.0, 0.02)
             self.head.bias.zero_()
+        # the encoder's weights, when they train: originals kept (on CPU) so detach() restores the base model
+        self._encoder: dict[str, nn.Parameter] = dict(model.named_parameters()) if cfg.tune_encoder else {}
+        self._originals = {n: p.detach().to("cpu", copy=True) for n, p in self._encoder.items()}
+        for p in self._encoder.values():
+            p.requires_grad_(True)
+
+    # -- what trains ---------------------------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The prompt and head, plus the encoder's weights ('encoder.<name>') with tune_encoder."""
+        return {**super().trainable(), **{f"encoder.{n}": p for n, p in self._encoder.items()}}
+
+    @torch.no_grad()
+    def detach(self) -> None:
+        """Give the base model back as it was: original encoder weights, frozen (no-op without tune_encoder)."""
+        for name, value in self._originals.items():
+            self.model.get_parameter(name).copy_(value)
+        self._originals.clear()
+        self._encoder.clear()
+        self.model.requires_grad_(False)
 
     # -- how it enters the model ------------------------------------------------------------------
-    def conditioning(self) -> RowPrefixes:
-        return RowPrefixes.shared({k: v.to(self.model.dtype) for k, v in self.prefix().items()})
+    def conditioning(self) -> RowPrefixes | None:
+        if self.config.prompt_depth == "deep":
+            return RowPrefixes.shared({k: v.to(self.model.dtype) for k, v in self.prefix().items()})
+        if self.config.prompt_depth == "input":  # virtual token k (id -(k+1)) takes embeds[k]
+            return RowPrefixes.shared({}, soft=self.embeds.to(self.model.dtype))
+        return None
 
     def max_input_len(self, tokenizer, max_source_len: int) -> int:
         """Tokens an input may have: the caller's limit, the tokenizer's, and (when real tokens' positions
@@ -96,8 +146,10 @@ class PTuningV2Model(Method):
         if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
             limit = min(limit, tokenizer.model_max_length)
         table = getattr(self.model.config, "max_position_embeddings", None)
-        if table and self.layout.arch.shift_positions:  # real tokens stand after the prompt (from the offset)
-            limit = min(limit, table - self.config.length - self.layout.position_offset)
+        if self.config.prompt_depth == "input":  # the soft tokens take positions (and length) in the input
+            limit = min(limit, (table or limit + self.config.length) - self.layout.position_offset) - self.config.length
+        elif table and self.config.prompt_depth == "deep" and self.layout.arch.shift_positions:
+            limit = min(limit, table - self.config.length - self.layout.position_offset)  # real tokens stand after it
         return limit
 
     # -- data -> loss -------------------------------------------------------------------------------
@@ -117,8 +169,10 @@ class PTuningV2Model(Method):
         labels: [index of target in `labels`] (IGNORE when target is None)."""
         first, sep, second = source.partition(PAIR_SEPARATOR)
         limit = self.max_input_len(tokenizer, max_source_len)
-        ids = tokenizer(first, second if sep else None, truncation="longest_first", max_length=limit)["input_ids"]
-        return Encoded(list(ids), [self.label_index(target)])
+        ids = list(tokenizer(first, second if sep else None, truncation="longest_first", max_length=limit)["input_ids"])
+        if self.config.prompt_depth == "input":  # [CLS] v1..vL text [SEP]: the head still reads [CLS]
+            ids = ids[:1] + [-(k + 1) for k in range(self.config.length)] + ids[1:]
+        return Encoded(ids, [self.label_index(target)])
 
     def collate(self, items: list[Encoded], pad_id: int) -> Batch:
         """Right-padded ids; labels (rows,) class indices; no target tokens (dev loss weighs rows)."""
@@ -160,9 +214,14 @@ class PTuningV2Model(Method):
 
     # -- what is saved ------------------------------------------------------------------------------
     def export(self) -> WeightArtifact:
-        kv = self.prefix.merge().kv["self"]                                 # (layers, 2, heads, L, head_dim)
-        tensors = {"prefix.self": kv, "head.weight": self.head.weight.detach().float().cpu().clone(),
+        tensors = {"head.weight": self.head.weight.detach().float().cpu().clone(),
                    "head.bias": self.head.bias.detach().float().cpu().clone()}
+        if self.config.prompt_depth == "deep":
+            tensors["prefix.self"] = self.prefix.merge().kv["self"]          # (layers, 2, heads, L, head_dim)
+        elif self.config.prompt_depth == "input":
+            tensors["prompt.input"] = self.embeds.detach().float().cpu().clone()  # (L, hidden)
+        for name, p in self._encoder.items():
+            tensors[f"encoder.{name}"] = p.detach().cpu().clone()
         layers, heads, head_dim = self.layout.shapes["self"]
         meta = {**self.base_meta(), "labels": list(self.config.labels), "length": self.config.length,
                 "shapes": {"self": [layers, heads, head_dim]}}
@@ -175,10 +234,6 @@ class PTuningV2Model(Method):
         meta, tensors = artifact.meta, artifact.tensors
         if meta.get("method") != cls.name:
             raise PrefixFileError(f"{source}: was made by method {meta.get('method')!r}, not {cls.name!r}")
-        want = {"prefix.self", "head.weight", "head.bias"}
-        if set(tensors) != want:
-            raise PrefixFileError(f"{source}: a ptuning-v2 artifact holds tensors {sorted(want)}, this one "
-                                  f"{sorted(tensors)}")
         if check_fingerprint and meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
             raise PrefixFileError(f"{source}: made for base model {meta.get('base_model')!r} (fingerprint "
                                   f"{meta['fingerprint']}), but {model_name(model)!r} has fingerprint "
@@ -190,20 +245,42 @@ class PTuningV2Model(Method):
         # the merged values are loaded flat; the MLP (if any) was only a training device
         config = dataclasses.replace(saved, reparam="flat", init="random", init_text=None)
         method = cls(model, config, tokenizer=tokenizer)
-        kv, weight, bias = tensors["prefix.self"], tensors["head.weight"], tensors["head.bias"]
-        layers, heads, head_dim = method.layout.shapes["self"]
-        if tuple(kv.shape) != (layers, 2, heads, config.length, head_dim):
-            raise PrefixFileError(f"{source}: 'prefix.self' has shape {tuple(kv.shape)}, but {model_name(model)} "
-                                  f"with length {config.length} needs {(layers, 2, heads, config.length, head_dim)}")
-        if tuple(weight.shape) != tuple(method.head.weight.shape) or tuple(bias.shape) != tuple(method.head.bias.shape):
-            raise PrefixFileError(f"{source}: head has shapes {tuple(weight.shape)}/{tuple(bias.shape)}, expected "
-                                  f"{tuple(method.head.weight.shape)}/{tuple(method.head.bias.shape)} "
-                                  f"({config.num_labels} labels, hidden size {method.layout.hidden_size})")
-        method.prefix.set_values({"self": kv})
-        with torch.no_grad():
-            method.head.weight.copy_(weight)
-            method.head.bias.copy_(bias)
+        try:
+            method._load_tensors(tensors, source)
+        except BaseException:
+            method.detach()
+            raise
+        method.requires_grad_(False)
         return method
+
+    @torch.no_grad()
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        config, layout = self.config, self.layout
+        layers, heads, head_dim = layout.shapes["self"]
+        want = {"head.weight": tuple(self.head.weight.shape), "head.bias": tuple(self.head.bias.shape),
+                **{f"encoder.{n}": tuple(p.shape) for n, p in self._encoder.items()}}
+        if config.prompt_depth == "deep":
+            want["prefix.self"] = (layers, 2, heads, config.length, head_dim)
+        elif config.prompt_depth == "input":
+            want["prompt.input"] = (config.length, layout.hidden_size)
+        missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+        if missing or extra:
+            raise PrefixFileError(f"{source}: a ptuning-v2 artifact with prompt_depth {config.prompt_depth!r} and "
+                                  f"tune_encoder {config.tune_encoder} holds {len(want)} tensors; missing "
+                                  f"{missing[:5]}, unexpected {extra[:5]}")
+        for name, shape in want.items():
+            if tuple(tensors[name].shape) != shape:
+                raise PrefixFileError(f"{source}: {name!r} has shape {tuple(tensors[name].shape)}, but "
+                                      f"{model_name(self.model)} with length {config.length} and {config.num_labels} "
+                                      f"labels needs {shape}")
+        if config.prompt_depth == "deep":
+            self.prefix.set_values({"self": tensors["prefix.self"]})
+        elif config.prompt_depth == "input":
+            self.embeds.copy_(tensors["prompt.input"])
+        self.head.weight.copy_(tensors["head.weight"])
+        self.head.bias.copy_(tensors["head.bias"])
+        for name, p in self._encoder.items():
+            p.copy_(tensors[f"encoder.{name}"])
 
     @classmethod
     def load(cls, path, model, tokenizer=None) -> "PTuningV2Model":
