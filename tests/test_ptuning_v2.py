@@ -317,6 +317,9 @@ def test_bad_input_is_refused_by_name(tmp_path):
     model, tok = tiny_encoder("bert"), encoder_tokenizer("bert")
     with pytest.raises(ValueError, match="bidirectional encoder"):
         build(tiny("llama"), "ptuning-v2")
+    for name in ("prefix", "prompt", "finetune", "lora"):  # generation methods need an LM head: said at build
+        with pytest.raises(ValueError, match=f"method '{name}' trains text generation.*no LM head.*use ptuning-v2"):
+            build(model, name)
     with pytest.raises(ConfigError, match="labels"):
         PTuningV2Config(num_labels=3)
     with pytest.raises(ConfigError, match="head_dropout"):

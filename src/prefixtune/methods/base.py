@@ -38,6 +38,8 @@ class Method(nn.Module):
     mixable: ClassVar[bool] = True
     # One line for `prefixtune methods` and docs/methods.md.
     summary: ClassVar[str] = ""
+    # Trains text generation (an LM head is needed); False for classifiers, which bring their own head.
+    generates: ClassVar[bool] = True
 
     def __init__(self, model, config=None, tokenizer=None):
         super().__init__()
@@ -45,7 +47,12 @@ class Method(nn.Module):
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"method {self.name!r} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
-        self.layout = layout_of(model)
+        self.layout = layout_of(model)  # refuses architectures it cannot condition, with the reason
+        if self.generates and model.get_output_embeddings() is None:
+            raise ValueError(f"method {self.name!r} trains text generation, but {model_name(model)} "
+                             f"({type(model).__name__}) has no LM head (an encoder such as BERT); for classification "
+                             "on an encoder use ptuning-v2 (its prompt_depth and tune_encoder options give shallow "
+                             "prompts, a linear probe and fine-tuning)")
         self.base_fingerprint = fingerprint(model)  # before training: weight methods change the weights
 
     # -- what trains ---------------------------------------------------------------------------

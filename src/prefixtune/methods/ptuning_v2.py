@@ -86,6 +86,7 @@ class PTuningV2Model(Method):
     name = "ptuning-v2"
     config_class = PTuningV2Config
     mixable = False
+    generates = False
     summary = ("deep prompts (key/values at every encoder layer) + a linear head on [CLS], for classification; "
                "input-only prompts, a linear probe and fine-tuning as options")
 
