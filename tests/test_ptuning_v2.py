@@ -286,8 +286,11 @@ def test_baselines_train_what_they_declare_and_their_files_apply_to_the_base_mod
     assert set(method.trainable()) == {"head.weight", "head.bias"} | prompt | encoder
     before = {k: v.detach().clone() for k, v in method.trainable().items()}
     data = contains_pairs(24)
-    train(method, tok, data[:16], data[16:], TrainConfig(lr=1e-2, epochs=1, batch_size=4, max_steps=4, log_every=100,
-                                                         max_source_len=64), tmp_path, print_fn=lambda s: None)
+    lines: list[str] = []
+    train(method, tok, data[:16], data[16:], TrainConfig(lr=1e-2, epochs=1, batch_size=4, max_steps=4, log_every=2,
+                                                         max_source_len=64), tmp_path, print_fn=lines.append)
+    steps = [line for line in lines if line.startswith("step ")]  # a classifier's speed is in examples, not tokens
+    assert len(steps) == 2 and all(" examples/s ETA" in line and "tok/s" not in line for line in steps), steps
     for k, v in method.trainable().items():
         if "pooler" not in k:  # the pooler's output is unused: no gradient reaches it
             assert not torch.equal(v, before[k]), f"{k} did not train"

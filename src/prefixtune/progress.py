@@ -35,7 +35,9 @@ def training_progress():
     def progress(record: dict) -> None:
         bar.total = record["total"]
         bar.n = record["step"]
-        bar.set_postfix_str(f"loss {record['loss']:.4f} · {record['tokens_per_s']:.0f} tok/s", refresh=False)
+        speed = (f"{record['tokens_per_s']:.0f} tok/s" if record.get("tokens_per_s") else
+                 f"{record.get('examples_per_s', 0):.1f} examples/s")  # classifiers: no target tokens
+        bar.set_postfix_str(f"loss {record['loss']:.4f} · {speed}", refresh=False)
         bar.refresh()
 
     try:

@@ -300,7 +300,7 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
         return cfg.patience is not None and state.bad_evals >= cfg.patience
 
     started = time.time() - state.train_seconds
-    tokens_seen, window_start = 0, time.time()
+    tokens_seen, rows_seen, window_start = 0, 0, time.time()
     stop = state.done
     while not stop and state.epoch < cfg.epochs:
         # every process sees the same batch list and takes every world-th batch (equal counts: DDP steps in lockstep)
@@ -319,6 +319,7 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
                                     f"{'' if ckpt_path.exists() else ' (none written yet)'}; try a lower --lr")
             accelerator.backward(loss / cfg.grad_accum)
             tokens_seen += batch.n_target_tokens
+            rows_seen += batch.input_ids.shape[0]
             if (bi // world + 1) % cfg.grad_accum and bi + world < len(batches):
                 continue
             if cfg.max_grad_norm:
@@ -339,14 +340,17 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
             eta = state.train_seconds / state.step * (total_steps - state.step)
             if progress is not None:
                 progress({**record, "total": total_steps, "eta_s": eta,
-                          "tokens_per_s": batch.n_target_tokens / max(1e-9, time.time() - window_start)})
+                          "tokens_per_s": batch.n_target_tokens / max(1e-9, time.time() - window_start),
+                          "examples_per_s": batch.input_ids.shape[0] / max(1e-9, time.time() - window_start)})
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                elapsed = time.time() - window_start
-                print_fn(f"step {state.step}/{total_steps} epoch {state.epoch + 1} loss {loss.item():.4f} "
-                         f"{tokens_seen / max(elapsed, 1e-9):.0f} target tok/s ETA {eta:.0f}s")
-                tokens_seen, window_start = 0, time.time()
+                elapsed = max(time.time() - window_start, 1e-9)
+                # classifiers have no target tokens: their speed is in examples
+                speed = f"{tokens_seen / elapsed:.0f} target tok/s" if tokens_seen else f"{rows_seen / elapsed:.1f} examples/s"
+                print_fn(f"step {state.step}/{total_steps} epoch {state.epoch + 1} loss {loss.item():.4f} {speed} "
+                         f"ETA {eta:.0f}s")
+                tokens_seen, rows_seen, window_start = 0, 0, time.time()
             elif progress is not None:
-                window_start, tokens_seen = time.time(), 0
+                window_start, tokens_seen, rows_seen = time.time(), 0, 0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and evaluate():
                 stop = True
             out_of_time = cfg.time_budget_s is not None and state.train_seconds >= cfg.time_budget_s
