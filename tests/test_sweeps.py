@@ -233,6 +233,8 @@ def test_unregistered_method_or_unknown_experiment_is_refused_by_name():
 
 
 def test_seeds_and_sizes_replace_the_scale_and_are_checked():
+    # quick scale is one seed and one size (about an hour per experiment on 2 cores); more are options
+    assert [r.id for r in paper.build("low-data", "quick").runs] == ["prefix-n50-s0", "finetune-n50-s0"]
     exp = paper.build("low-data", "quick", methods=["prefix"], seeds=[3], sizes=[50, 100])
     assert [r.id for r in exp.runs] == ["prefix-n50-s3", "prefix-n100-s3"]
     assert "sizes [50, 100], seeds [3]" in exp.notes[0] and "prefix/infix lr 0.001" in exp.notes[0]

@@ -491,7 +491,7 @@ def experiment(
     path: Optional[str] = typer.Option(None, help="File for the jsonl dataset."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's "
                                           "(ptuning-v2: its arms ptuning-v2, prompt, finetune, probe)."),
-    scale: str = typer.Option("quick", help="quick (80-step runs: ~1 s a step on a 2-core CPU with native bf16, 7-12 s without; see docs/results.md), paper, or tiny (tests)."),
+    scale: str = typer.Option("quick", help="quick (one seed, size 50, 80-step runs: 18-50 min per experiment on 2 CPU cores without native bf16, measured; see docs/results.md), paper, or tiny (tests)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds instead of the scale's (e.g. 0)."),
     sizes: Optional[str] = typer.Option(None, help="Comma-separated training sizes instead of the scale's "
                                         "(low-data, init)."),
