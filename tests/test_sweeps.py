@@ -241,6 +241,9 @@ def test_seeds_and_sizes_replace_the_scale_and_are_checked():
     assert all(r.overrides["lr"] == 1e-3 for r in exp.runs)  # capped steps: not the paper's 8e-5
     ft = paper.build("low-data", "quick", methods=["finetune"], seeds=[0], sizes=[50]).runs
     assert "lr" not in ft[0].overrides  # the recipe's fine-tuning rate
+    ad = paper.build("extrapolation", "quick", methods=["adapter", "lora"], seeds=[0]).runs
+    assert ad[0].overrides["lr"] == 1e-3 and "lr" not in ad[1].overrides  # adapters too; LoRA: the recipe's
+    assert "adapter lr 0.001" in paper.build("extrapolation", "quick", methods=["adapter"]).notes[0]
     assert {r.plan["seed"] for r in exp.runs} == {3} and {r.overrides["seed"] for r in exp.runs} == {3}
     with pytest.raises(paper.ExperimentError, match="--sizes must be integers >= 1"):
         paper.build("low-data", "quick", sizes=[0])
