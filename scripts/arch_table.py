@@ -32,6 +32,12 @@ def _positions(arch) -> str:
 def _verified(arch) -> str:
     if arch.refused:
         return f"**refused** at attach (probe): {arch.refused}"
+    if arch.modality == "image":
+        return ("images (`tests/test_vision.py`): VPT-shallow ≡ the encoder on [CLS, prompts, patches], VPT-deep ≡ a "
+                "layer loop, key/value prompt ≡ masked prompt tokens, batch ≡ rows")
+    if arch.modality == "image-text":
+        return ("`tests/test_vision_clip.py`: CoOp/CoCoOp/DAPL context from word embeddings ≡ the words written in "
+                "the prompt, batch of classes ≡ one by one")
     if arch.encoder_only:
         return "text ≡ text (masked), left-padded batch ≡ rows"
     if len(arch.attention) > 1:

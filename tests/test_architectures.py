@@ -88,9 +88,19 @@ TINY = {
                                                            num_attention_heads=4)),
     "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(_IDS, hidden_size=32, n_layer=2, n_head=4)),
     "deberta-v2": (tf.DebertaV2Config, tf.DebertaV2Model, _BERT),
+    # image rows: their exactness tests take images (tests/test_vision.py, tests/test_vision_clip.py)
+    "vit": (tf.ViTConfig, tf.ViTModel, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, image_size=28, patch_size=7)),
+    "dinov2": (tf.Dinov2Config, tf.Dinov2Model, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=64, image_size=28, patch_size=7)),
+    "clip": (tf.CLIPConfig, tf.CLIPModel, dict(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=7), projection_dim=16)),
 }
 
-ACCEPTED = sorted(t for t, a in ARCHITECTURES.items() if a.refused is None)
+ACCEPTED = sorted(t for t, a in ARCHITECTURES.items() if a.refused is None and a.modality == "text")
 REFUSED = sorted(t for t, a in ARCHITECTURES.items() if a.refused is not None)
 MATRIX = [pytest.param(t, impl, id=f"{t}-{impl}") for t in ACCEPTED for impl in ARCHITECTURES[t].impls]
 GENERATIVE = [p for p in MATRIX if not ARCHITECTURES[p.values[0]].encoder_only]

@@ -339,15 +339,31 @@ def _shift_learned_positions(module, args, kwargs, output):
     return nn.functional.embedding(ids, module.weight).to(output.dtype)           # (batch, seq, hidden)
 
 
+def _probe_inputs(model, layout: PrefixLayout) -> dict:
+    """One token for text models; one blank image (config.image_size) for image encoders (ViT, DINOv2),
+    both for image-text models (CLIP), whose forward needs both."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    x = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    inputs = {"input_ids": x} if "input_ids" in params else {}
+    if "pixel_values" in params:
+        vision = getattr(model.config, "vision_config", model.config)
+        size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+        inputs["pixel_values"] = torch.zeros(1, vision.num_channels, size, size, dtype=model.dtype, device=model.device)
+    if layout.is_encoder_decoder:
+        inputs["decoder_input_ids"] = x
+    return inputs
+
+
 def _probe(model, layout: PrefixLayout) -> None:
     """One-token forward: every mapped attention module must reach prefixtune's attention function
     with keys of the shape the table says, or a prefix would be silently ignored (Falcon, BLOOM)."""
     captured: dict = {}
     token = _ACTIVE.set(_Active(layout=layout, rows=None, capture=captured))
     try:
-        x = torch.zeros(1, 1, dtype=torch.long, device=model.device)
         with torch.no_grad():
-            model(input_ids=x, **({"decoder_input_ids": x} if layout.is_encoder_decoder else {}))
+            model(**_probe_inputs(model, layout))
     finally:
         _ACTIVE.reset(token)
     names = {m: n for n, m in model.named_modules()}

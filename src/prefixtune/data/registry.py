@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import boolq, dart, e2e, jsonl, webnlg, xsum
+from . import boolq, cifar10, dart, e2e, jsonl, webnlg, xsum
 from .base import Dataset, MissingDataError
 from .fetch import Fetcher, Resource, place_all, urllib_fetch
 
@@ -72,6 +72,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "boolq": DatasetSpec(
         "boolq", boolq.load, ("train", "dev", "test", "all"), "train", boolq.RESOURCES, boolq.HOMEPAGE,
         boolq.LICENSE, "BoolQ: yes/no question + Wikipedia passage -> True/False (official dev, carved 80/10/10)",
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10", cifar10.load, ("train", "dev", "test", "all"), "train", (), cifar10.HOMEPAGE, cifar10.LICENSE,
+        "CIFAR-10 images -> class (VTAB-1k: seeded 800 train + 200 dev from the training file; test file; .npz)",
     ),
     "jsonl": DatasetSpec(
         "jsonl", jsonl.load, (), "train", (), "", "",

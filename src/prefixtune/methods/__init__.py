@@ -19,9 +19,11 @@ from .finetune import FinetuneModel
 from .ft_top import FtTopModel
 from .lora import LoRAModel
 from .ptuning_v2 import PTuningV2Config, PTuningV2Model
+from .vpt import VPTDeepModel, VPTModel, VPTShallowModel
 
 _REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model,
-                                   FinetuneModel, FtTopModel, AdapterModel, LoRAModel]
+                                   FinetuneModel, FtTopModel, AdapterModel, LoRAModel,
+                                   VPTModel, VPTShallowModel, VPTDeepModel]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
 
 
