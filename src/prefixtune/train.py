@@ -91,6 +91,8 @@ class LoopState:
     epoch: int = 0
     batch_in_epoch: int = 0
     best_dev_loss: float = math.inf
+    best_step: int | None = None      # the step whose state is the best artifact
+    evaluated_step: int | None = None  # the step last measured on the dev set (never measured twice)
     bad_evals: int = 0
     train_seconds: float = 0.0
     done: bool = False
@@ -279,21 +281,28 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
             save_checkpoint(ckpt_path, method, optimizer, scheduler, state, best, meta, cfg)
 
     def evaluate() -> bool:
-        """Dev loss; keeps the best artifact. Returns True when early stopping says stop."""
+        """Dev loss of the current state; keeps the best artifact. Returns True when early stopping says stop.
+
+        Dropout is off while measuring and exporting (eval mode), and back on for the next steps."""
         nonlocal best
-        if not dev_enc:
+        if not dev_enc or state.evaluated_step == state.step:
             return False
-        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = dev_loss(method, dev_enc, pad_id, cfg.batch_size)
-        if not math.isfinite(loss):
-            raise TrainingError(f"dev loss became {loss} at step {state.step}; the last good checkpoint is kept at "
-                                f"{ckpt_path}; try a lower --lr")
-        improved = loss < state.best_dev_loss
-        if improved:
-            state.best_dev_loss, state.bad_evals = loss, 0
-            best = method.export()
-        else:
-            state.bad_evals += 1
+        method.eval()
+        try:
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = dev_loss(method, dev_enc, pad_id, cfg.batch_size)
+            if not math.isfinite(loss):
+                raise TrainingError(f"dev loss became {loss} at step {state.step}; the last good checkpoint is kept "
+                                    f"at {ckpt_path}; try a lower --lr")
+            improved = loss < state.best_dev_loss
+            if improved:
+                state.best_dev_loss, state.best_step, state.bad_evals = loss, state.step, 0
+                best = method.export()
+            else:
+                state.bad_evals += 1
+        finally:
+            method.train()
+        state.evaluated_step = state.step
         print_fn(f"  dev loss {loss:.4f}{' (best)' if improved else ''} at step {state.step}")
         if accelerator.is_main_process:
             _append_log(log_path, {"step": state.step, "epoch": state.epoch, "dev_loss": loss})
@@ -302,6 +311,7 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
     started = time.time() - state.train_seconds
     tokens_seen, rows_seen, window_start = 0, 0, time.time()
     stop = state.done
+    method.train()  # the method's own modules (e.g. LoRA dropout); the frozen base stays in eval mode
     while not stop and state.epoch < cfg.epochs:
         # every process sees the same batch list and takes every world-th batch (equal counts: DDP steps in lockstep)
         batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, state.epoch)[:n_batches]
@@ -358,8 +368,8 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
                 print_fn(f"time budget of {cfg.time_budget_s:g} s reached at step {state.step}/{total_steps}")
             if state.step >= total_steps or out_of_time:
                 stop = True
-            if stop and not cfg.eval_every:
-                evaluate()  # the last steps since the previous dev evaluation count too
+            if stop:
+                evaluate()  # the final state always competes for best (a no-op if this step was just evaluated)
             if stop or state.step % cfg.checkpoint_every == 0:
                 state.done = stop
                 checkpoint()
@@ -370,13 +380,15 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
             if not cfg.eval_every and evaluate():
                 stop = state.done = True
             checkpoint()
-    if not cfg.eval_every and dev_enc and best is None:
-        evaluate()
+    if dev_enc and state.evaluated_step != state.step:
+        evaluate()  # e.g. a run resumed after its last step, or one with no step at all
+    method.eval()  # the artifact is exported (and the method handed back) with dropout off
     final = best if best is not None else method.export()
     final.meta.update({"train": asdict(cfg), **meta})
     if accelerator.is_main_process:
         save_artifact(final, artifact_path, model=method.model)
-    return {"steps": state.step, "best_dev_loss": state.best_dev_loss, "train_seconds": state.train_seconds,
+    return {"steps": state.step, "best_dev_loss": state.best_dev_loss, "best_step": state.best_step,
+            "stopped_early": state.step < total_steps, "total_steps": total_steps, "train_seconds": state.train_seconds,
             "artifact_path": str(artifact_path), "prefix_path": str(artifact_path), "artifact": final,
             "prefix": final, "trainable_params": method.num_trainable()}
 

@@ -77,12 +77,13 @@ def load_artifact(path: str | Path, model=None):
 
 
 def attach(model, artifact, tokenizer=None) -> Method:
-    """A method module carrying a loaded artifact, ready to generate (weight methods: applied)."""
+    """A method module carrying a loaded artifact, ready to generate (weight methods: applied), in eval
+    mode: dropout (LoRA's, a classifier head's) is a training device, never on at inference."""
     from ..prefix import MergedPrefix
 
     if isinstance(artifact, MergedPrefix):
         raise TypeError("soft artifacts need no attaching: pass them to generate_mixed / generate_texts")
-    return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer)
+    return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer).eval()
 
 
 __all__ = ["Method", "METHODS", "register", "get_method", "build", "trainable_state", "save_artifact",
