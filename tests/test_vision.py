@@ -291,3 +291,27 @@ def test_load_model_dinov2_small_is_the_shared_encoder_with_its_processor():
     vpt = build(model, "vpt-deep", proc, length=2, image_size=56)
     x = vpt.pixels([np.zeros((32, 32, 3), np.uint8)])
     assert x.shape == (1, 3, 56, 56) and vpt.image_logits(x).shape == (1, 10)
+
+
+def test_experiment_vpt_arms_train_pick_lr_on_val_and_tabulate(tmp_path):
+    from prefixtune import vision_experiments as vx
+
+    model = tiny_image_model("dinov2")
+    proc = ImageProcessor(size=SIZE)
+    labels = ("airplane", "cat")
+    splits = {"train": random_images(8, 0, labels), "dev": random_images(4, 1, labels), "test": random_images(6, 2, labels)}
+    sc = vx.VisionScale(image_size=SIZE, seeds=(0, 1), epochs=1, batch_size=4, n_test=6, bf16=False)
+    rows = []
+    for name in ("probe", "vpt-deep", "lora"):
+        arm = vx.VPT_ARMS[name]
+        arm = vx.Arm(arm.method, {**arm.options, "num_labels": 2, "labels": labels}, arm.lrs)
+        row = vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path)
+        assert row["steps"] == 2 and row["n_test"] == 6 and 0 <= row["test_accuracy"] <= 1
+        again = vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path)
+        assert again == row, "a finished run is read back, not redone"
+        rows.append(dict(row, chosen=True))
+    with torch.no_grad():  # every arm detached: the base model is untouched
+        assert torch.equal(model(pixel_values=pixels(1, 0)).last_hidden_state,
+                           tiny_image_model("dinov2")(pixel_values=pixels(1, 0)).last_hidden_state)
+    table = vx.vpt_table(rows, sc, "tiny")
+    assert "| vpt-deep |" in table and "| lora |" in table

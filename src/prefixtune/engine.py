@@ -387,6 +387,13 @@ def _probe(model, layout: PrefixLayout) -> None:
                              f"(prefixtune/models.py:ARCHITECTURES[{model_type!r}].kv_shape)")
 
 
+def _input_embeddings(model):
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:  # CLIPModel: two towers, no one input embedding (soft prompts need none there)
+        return None
+
+
 def describe(model) -> PrefixLayout:
     """Describe `model`'s attention modules and prefix shapes. A pure query: changes nothing."""
     impl = model.config._attn_implementation
@@ -409,7 +416,7 @@ def describe(model) -> PrefixLayout:
     rotary = getattr(model.base_model, arch.rotary, None) if arch.rotary else None
     layout = PrefixLayout(arch=arch, modules=modules, shapes=shapes, hidden_size=arch.hidden_size(model.config),
                           is_encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)),
-                          bias_modules=bias_modules, rotary=rotary, embeddings=model.get_input_embeddings(),
+                          bias_modules=bias_modules, rotary=rotary, embeddings=_input_embeddings(model),
                           position_offset=arch.position_offset(model.config), position_modules=position_modules(model))
     _LAYOUTS[model] = layout
     return layout

@@ -20,10 +20,11 @@ from .ft_top import FtTopModel
 from .lora import LoRAModel
 from .ptuning_v2 import PTuningV2Config, PTuningV2Model
 from .vpt import VPTDeepModel, VPTModel, VPTShallowModel
+from .coop import CoCoOpModel, CoOpModel, DAPLModel
 
 _REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model,
                                    FinetuneModel, FtTopModel, AdapterModel, LoRAModel,
-                                   VPTModel, VPTShallowModel, VPTDeepModel]
+                                   VPTModel, VPTShallowModel, VPTDeepModel, CoOpModel, CoCoOpModel, DAPLModel]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
 
 

@@ -333,8 +333,14 @@ class ImageClassifier(Method):
     @classmethod
     def from_artifact(cls, model, artifact: WeightArtifact, tokenizer=None, source: str = "artifact",
                       check_fingerprint: bool = True):
+        from ..vision import ImageProcessor
+
         config = cls._check_artifact(model, artifact, source, check_fingerprint)
-        method = cls(model, config, tokenizer=cls._processor_of(artifact.meta))
+        processor = cls._processor_of(artifact.meta)           # the preprocessing it was trained with
+        text = getattr(tokenizer, "tokenizer", None) or (None if isinstance(tokenizer, ImageProcessor) else tokenizer)
+        if text is not None:                                   # CLIP methods: the text tokenizer
+            processor.tokenizer = text
+        method = cls(model, config, tokenizer=processor)
         try:
             method._load_named(artifact.tensors, source)
         except BaseException:

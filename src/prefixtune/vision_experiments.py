@@ -1,0 +1,348 @@
+"""The vision experiments: linear probes of a frozen image encoder, `experiment vpt` and `experiment l2p`.
+
+    prefixtune experiment probe --out runs/exp-probe      # logistic regression on frozen CLS / mean-patch features
+    prefixtune experiment vpt --out runs/exp-vpt          # probe vs VPT-shallow vs VPT-deep vs full FT vs LoRA
+    prefixtune experiment l2p --out runs/exp-l2p          # split CIFAR-10, 5 tasks x 2 classes, class-incremental
+
+Every trained arm goes through the one trainer (`train.train`) with the method's own checkpoints and
+artifacts in OUT/runs/<id>/; a finished run (row.json) is skipped when the command is run again, a
+half-finished one resumes from its checkpoint. Learning rates are chosen on the 200 VTAB-1k validation
+images (seed 0), then every seed trains at the chosen rate; test accuracy is on a fixed, class-balanced
+sample of the test file with a 95% Wilson interval per run and mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .prefix import atomic_write_bytes
+
+DEFAULT_MODEL = "dinov2-small"
+
+
+def _data_dir(data_dir):
+    if data_dir:
+        return data_dir
+    here = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return str(here) if (here / "cifar10").exists() else None
+
+
+def balanced_test(examples, n: int, seed: int = 0):
+    """A fixed class-balanced sample of n test examples (n / classes per class), seeded."""
+    by_class: dict[str, list] = {}
+    for e in examples:
+        by_class.setdefault(e.target, []).append(e)
+    per = n // len(by_class)
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        out += [items[i] for i in sorted(rng.permutation(len(items))[:per])]
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probes on cached frozen features
+
+
+@torch.no_grad()
+def encoder_features(model, processor, images, batch_size: int = 50, bf16: bool = False,
+                     progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """{"cls": (N, hidden), "mean": (N, hidden)} last-layer features of a frozen image encoder."""
+    cls, mean = [], []
+    for start in range(0, len(images), batch_size):
+        x = processor([im.pixels for im in images[start:start + batch_size]]).to(model.dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = model(pixel_values=x).last_hidden_state.float()
+        cls.append(h[:, 0])
+        mean.append(h[:, 1:].mean(1))
+        if progress:
+            progress(start + x.shape[0])
+    return {"cls": torch.cat(cls), "mean": torch.cat(mean)}
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, steps: int = 300) -> tuple:
+    """Multinomial logistic regression on standardized features (full-batch L-BFGS, L2 penalty)."""
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ w + b, y) + weight_decay * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (mu, sd, w.detach(), b.detach())
+
+
+def predict_logistic(params, x):
+    mu, sd, w, b = params
+    return (((x - mu) / sd) @ w + b).argmax(-1)
+
+
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def probe_scores(feats: dict, labels: dict, classes: int) -> dict:
+    """Per pool: the weight decay chosen on val, val and test accuracy (+ Wilson interval)."""
+    from .vision import wilson_interval
+
+    out = {}
+    for pool in ("cls", "mean"):
+        best = None
+        for wd in WEIGHT_DECAYS:
+            params = fit_logistic(feats["train"][pool], labels["train"], classes, wd)
+            val = (predict_logistic(params, feats["dev"][pool]) == labels["dev"]).float().mean().item()
+            if best is None or val > best[1]:
+                best = (wd, val, params)
+        wd, val, params = best
+        correct = int((predict_logistic(params, feats["test"][pool]) == labels["test"]).sum())
+        n = len(labels["test"])
+        out[pool] = {"weight_decay": wd, "val_accuracy": val, "test_accuracy": correct / n,
+                     "ci95": list(wilson_interval(correct, n)), "n_test": n}
+    return out
+
+
+def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, sizes=(224, 112), n_test: int = 2000,
+                         seed: int = 0, bf16: bool = False, print_fn=print) -> dict:
+    """Linear probes (CLS and mean-pooled patches) on frozen features at each image size."""
+    from .data import load_dataset
+    from .models import load_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = _data_dir(data_dir)
+    splits = {"train": load_dataset("cifar10", "train", data_dir=data_dir, seed=seed).examples,
+              "dev": load_dataset("cifar10", "dev", data_dir=data_dir, seed=seed).examples,
+              "test": balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, n_test)}
+    classes = sorted({e.target for e in splits["train"]} | {e.target for e in splits["test"]})
+    labels = {k: torch.tensor([classes.index(e.target) for e in v]) for k, v in splits.items()}
+    model, proc = load_model(model_name)
+    results = {"model": model_name, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "bf16": bf16,
+               "n": {k: len(v) for k, v in splits.items()}, "sizes": {}}
+    path = out / "probe.json"
+    if path.exists():
+        results = json.loads(path.read_text())
+    for size in sizes:
+        if str(size) in results["sizes"]:
+            print_fn(f"{size} px: done before, kept")
+            continue
+        p = proc.resized(size)
+        started = time.time()
+        feats = {}
+        for k, v in splits.items():
+            feats[k] = encoder_features(model, p, [e.source for e in v], bf16=bf16)
+            print_fn(f"{size} px: {k} features ({len(v)} images) after {time.time() - started:.0f} s")
+        seconds = time.time() - started
+        scores = probe_scores(feats, labels, len(classes))
+        results["sizes"][str(size)] = {**scores, "feature_seconds": round(seconds, 1),
+                                       "images_per_s": round(sum(len(v) for v in splits.values()) / seconds, 1)}
+        print_fn(f"{size} px: " + ", ".join(f"{pool} {s['test_accuracy']:.3f}" for pool, s in scores.items()))
+        atomic_write_bytes(path, json.dumps(results, indent=2).encode())
+    lines = [f"# Linear probes: {model_name} on CIFAR-10 (VTAB-1k: 800 train, 200 val; {n_test} test images)", "",
+             f"{results['date']}, {results['machine']}; logistic regression (L-BFGS) on frozen last-layer "
+             f"features, L2 chosen on val from {list(WEIGHT_DECAYS)}", "",
+             "| image size | pool | val acc | test acc (95% CI) | feature extraction |", "| --- | --- | --- | --- | --- |"]
+    for size, s in results["sizes"].items():
+        for pool in ("cls", "mean"):
+            r = s[pool]
+            lines.append(f"| {size} px | {pool} | {r['val_accuracy']:.3f} | {r['test_accuracy']:.3f} "
+                         f"({r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}) | {s['feature_seconds']:.0f} s ({s['images_per_s']} img/s) |")
+    atomic_write_bytes(out / "probe.md", ("\n".join(lines) + "\n").encode())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment vpt: probe vs VPT-shallow vs VPT-deep vs full fine-tuning vs LoRA, on the one trainer
+
+
+@dataclass(frozen=True)
+class Arm:
+    method: str
+    options: dict
+    lrs: tuple[float, ...]   # the grid chosen from on the 200 validation images (seed 0)
+
+
+VPT_ARMS = {
+    "probe": Arm("vpt", {"depth": "none"}, (1e-3, 1e-2)),                       # head only, cached features
+    "vpt-shallow": Arm("vpt-shallow", {"length": 10}, (3e-3, 3e-2)),
+    "vpt-deep": Arm("vpt-deep", {"length": 10}, (3e-3, 3e-2)),
+    "finetune": Arm("vpt", {"depth": "none", "tune": "full"}, (1e-5, 1e-4)),
+    "lora": Arm("vpt", {"depth": "none", "tune": "lora", "rank": 8}, (1e-3, 1e-2)),
+}
+
+
+@dataclass
+class VisionScale:
+    image_size: int = 112
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 3
+    batch_size: int = 32
+    n_test: int = 2000
+    bf16: bool = True
+
+
+VISION_SCALES = {"quick": VisionScale(), "tiny": VisionScale(image_size=28, seeds=(0, 1), epochs=1, batch_size=4, n_test=20)}
+
+
+def _run_id(arm: str, lr: float, seed: int) -> str:
+    return f"{arm}-lr{lr:g}-s{seed}"
+
+
+def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits: dict, scale: VisionScale, out: Path,
+              print_fn=print) -> dict:
+    """Train one arm at one lr and seed through the one trainer; val and test accuracy. Resumable; a finished
+    run (row.json) is read back, not redone."""
+    from .methods import build
+    from .train import TrainConfig, train
+    from .vision import evaluate_images
+
+    run_dir = out / "runs" / _run_id(arm_name, lr, seed)
+    done = run_dir / "row.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    torch.manual_seed(seed)
+    method = build(model, arm.method, proc, image_size=scale.image_size, **arm.options)
+    cfg = TrainConfig(lr=lr, epochs=scale.epochs, batch_size=scale.batch_size, seed=seed, bf16=scale.bf16,
+                      checkpoint_every=25, log_every=25, warmup_steps=5)
+    started = time.time()
+    try:
+        res = train(method, proc, splits["train"], splits["dev"], cfg, run_dir,
+                    resume=(run_dir / "checkpoint.safetensors").exists(), print_fn=print_fn)
+        # evaluate the best-dev-loss artifact, as `prefixtune evaluate` would
+        best = res["artifact"]
+        method._load_named(best.tensors, str(run_dir))
+        val = evaluate_images(method, splits["dev"], bf16=scale.bf16)
+        test = evaluate_images(method, splits["test"], bf16=scale.bf16)
+    finally:
+        method.detach()
+    artifact = Path(res["artifact_path"])
+    row = {"arm": arm_name, "method": arm.method, "options": arm.options, "lr": lr, "seed": seed,
+           "image_size": scale.image_size, "epochs": scale.epochs, "steps": res["steps"],
+           "trainable_params": res["trainable_params"], "file_bytes": artifact.stat().st_size,
+           "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "test_ci95": test["ci95"],
+           "test_per_class": test["per_class"], "n_test": test["n"], "train_seconds": round(res["train_seconds"], 1),
+           "seconds": round(time.time() - started, 1)}
+    atomic_write_bytes(done, json.dumps(row, indent=2).encode())
+    return json.loads(done.read_text())
+
+
+def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
+    from .data import load_dataset
+
+    data_dir = _data_dir(data_dir)
+    return {"train": load_dataset("cifar10", "train", data_dir=data_dir, seed=seed).examples,
+            "dev": load_dataset("cifar10", "dev", data_dir=data_dir, seed=seed).examples,
+            "test": balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, n_test)}
+
+
+def mean_std(values):
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
+                       seeds=None, print_fn=print, model_and_processor=None) -> dict:
+    """lr per arm chosen on val (seed 0), then every seed at that lr; rows in OUT/results.jsonl, table.md, vpt.png."""
+    from .models import load_model
+
+    sc = VISION_SCALES[scale]
+    if seeds is not None:
+        sc = VisionScale(**{**asdict(sc), "seeds": tuple(seeds)})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = vision_splits(data_dir, sc.n_test)    # the VTAB-1k split is fixed (seed 0); seeds vary training
+    model, proc = model_and_processor or load_model(model_name)
+    chosen = {}
+    rows = []
+    for name in arms or VPT_ARMS:
+        arm = VPT_ARMS[name]
+        tried = [train_arm(model, proc, name, arm, lr, sc.seeds[0], splits, sc, out, print_fn) for lr in arm.lrs]
+        best = max(tried, key=lambda r: r["val_accuracy"])
+        chosen[name] = best["lr"]
+        print_fn(f"{name}: val accuracy " + ", ".join(f"lr {r['lr']:g}: {r['val_accuracy']:.3f}" for r in tried)
+                 + f" -> lr {best['lr']:g}")
+        rows += [dict(r, chosen=(r["lr"] == best["lr"])) for r in tried]
+        for seed in sc.seeds[1:]:
+            rows.append(dict(train_arm(model, proc, name, arm, best["lr"], seed, splits, sc, out, print_fn), chosen=True))
+            print_fn(f"{name} seed {seed}: test {rows[-1]['test_accuracy']:.3f}")
+        atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    table = vpt_table(rows, sc, model_name)
+    atomic_write_bytes(out / "table.md", table.encode())
+    figure = vpt_figure(rows, out / "vpt.png")
+    return {"rows": rows, "table": table, "chosen": chosen, "figure": figure}
+
+
+def vpt_table(rows, sc: VisionScale, model_name: str) -> str:
+    lines = [f"# experiment vpt: {model_name}, CIFAR-10 VTAB-1k (800 train / 200 val), {sc.image_size} px, "
+             f"{sc.epochs} epochs, batch {sc.batch_size}, bf16={sc.bf16}; test: {sc.n_test} balanced test images", "",
+             f"{time.strftime('%Y-%m-%d')}, {machine()}", "",
+             "| arm | lr (chosen on val) | seeds | val acc | test acc mean ± std | per-seed test acc [95% CI] | "
+             "trainable params | file | train s/run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    for arm in arms:
+        chosen = [r for r in rows if r["arm"] == arm and r["chosen"]]
+        if not chosen:
+            continue
+        m, s = mean_std([r["test_accuracy"] for r in chosen])
+        vm, _ = mean_std([r["val_accuracy"] for r in chosen])
+        per = "; ".join(f"{r['test_accuracy']:.3f} [{r['test_ci95'][0]:.3f}-{r['test_ci95'][1]:.3f}]" for r in chosen)
+        tried = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in rows if r["arm"] == arm and r["seed"] == chosen[0]["seed"])
+        lines.append(f"| {arm} | {chosen[0]['lr']:g} (val {tried}) | {len(chosen)} | {vm:.3f} | {m:.3f} ± {s:.3f} | {per} | "
+                     f"{chosen[0]['trainable_params']:,} | {chosen[0]['file_bytes'] / 1024:.0f} KiB | "
+                     f"{mean_std([r['train_seconds'] for r in chosen])[0]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def vpt_figure(rows, path: Path):
+    try:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    arms = [a for a in dict.fromkeys(r["arm"] for r in rows) if any(r["arm"] == a and r["chosen"] for r in rows)]
+    stats = [mean_std([r["test_accuracy"] for r in rows if r["arm"] == a and r["chosen"]]) for a in arms]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(arms, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4c72b0")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("DINOv2-S, CIFAR-10 VTAB-1k")
+    for i, (m, _) in enumerate(stats):
+        ax.text(i, m + 0.02, f"{m:.3f}", ha="center", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
