@@ -315,3 +315,56 @@ def test_experiment_vpt_arms_train_pick_lr_on_val_and_tabulate(tmp_path):
                            tiny_image_model("dinov2")(pixel_values=pixels(1, 0)).last_hidden_state)
     table = vx.vpt_table(rows, sc, "tiny")
     assert "| vpt-deep |" in table and "| lora |" in table
+
+
+# -------------------------------------------------------------------------------------------
+# L2P
+
+
+def test_l2p_picks_the_nearest_keys_per_row_and_classifies_the_mean_prompt_output():
+    model = tiny_image_model("dinov2")
+    l2p = build(model, "l2p", ImageProcessor(size=SIZE), pool_size=6, top_n=2, length=3)
+    x = pixels(3, 11)
+    with torch.no_grad():
+        q = model(pixel_values=x).last_hidden_state[:, 0]                   # the frozen [CLS] query
+        l2p.keys.copy_(torch.randn(6, 32))
+        l2p.keys[4] = q[0] * 3                                              # row 0's nearest key is 4
+        logits = l2p.image_logits(x)
+        cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(l2p.keys, dim=-1).T
+        for r in range(3):
+            chosen = cos[r].topk(2).indices
+            if r == 0:
+                assert int(chosen[0]) == 4
+            prompts = l2p.prompts[chosen].reshape(1, 6, 32)
+            h = model.embeddings(x[r:r + 1])
+            ref_h = run_tokens(model, torch.cat([h[:, :1], prompts, h[:, 1:]], 1))
+            ref = l2p.head(ref_h[:, 1:7].mean(1))
+            assert (logits[r] - ref[0]).abs().max() <= 1e-5, f"row {r}"
+        distance = (1 - cos.topk(2, dim=-1).values).sum(-1)
+        assert torch.allclose(l2p._last_distance, distance, atol=1e-6)
+    # loss = CE over the current task's classes + lambda * distance
+    l2p.task_classes = [2, 3]
+    batch = l2p.collate([l2p.encode(None, np.zeros((8, 8, 3), np.uint8), "bird")], 0)
+    loss = l2p.loss(batch)
+    lg = l2p.image_logits(batch.input_ids)[0]
+    want = -torch.log_softmax(lg[[2, 3]], -1)[0] + 0.1 * l2p._last_distance[0]
+    assert abs(loss.item() - want.item()) <= 1e-5
+
+
+def test_l2p_training_pulls_the_chosen_keys_towards_their_queries(tmp_path):
+    from prefixtune.train import TrainConfig, train
+
+    model = tiny_image_model("vit")
+    torch.manual_seed(0)
+    l2p = build(model, "l2p", ImageProcessor(size=SIZE), pool_size=4, top_n=1, length=2, pull=1.0,
+                num_labels=2, labels=("airplane", "cat"))
+    items = random_images(8, 3)
+    x = l2p.pixels([e.source for e in items])
+    with torch.no_grad():
+        l2p.image_logits(x)
+        before = float(l2p._last_distance.mean())
+    train(l2p, l2p.processor, items, [], TrainConfig(lr=5e-2, epochs=5, batch_size=4, log_every=100), tmp_path,
+          print_fn=lambda s: None)
+    with torch.no_grad():
+        l2p.image_logits(x)
+        assert float(l2p._last_distance.mean()) < before - 0.05

@@ -346,3 +346,129 @@ def vpt_figure(rows, path: Path):
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment l2p: split CIFAR-10, 5 tasks x 2 classes, class-incremental (task identity unknown at test)
+
+L2P_TASKS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+L2P_ARMS = {
+    "seq-head": ("vpt", {"depth": "none"}, True),     # sequential fine-tuning of a linear head: the lower bound
+    "joint-head": ("vpt", {"depth": "none"}, False),  # the same head trained on all tasks at once
+    "l2p": ("l2p", {}, True),                         # L2P with the paper's defaults (M 10, N 5, L_p 5, lambda 0.1)
+    "joint-l2p": ("l2p", {"train_mask": False}, False),  # L2P's model trained on all tasks at once: the upper bound
+}
+
+
+@dataclass
+class L2PScale:
+    image_size: int = 112
+    per_class: int = 100          # training images per class (of the 500 per class in the training file)
+    epochs: int = 3               # per task (joint: over all tasks' data)
+    batch_size: int = 32
+    lr: float = 1e-2
+    test_per_class: int = 200
+    seeds: tuple[int, ...] = (0,)
+    bf16: bool = True
+
+
+L2P_SCALES = {"quick": L2PScale(), "tiny": L2PScale(image_size=28, per_class=2, epochs=1, batch_size=4, test_per_class=2)}
+
+
+def continual_scores(acc: list[list[float]]) -> dict:
+    """acc[t][j]: accuracy on task j's test images after training task t (j <= t). Average accuracy and
+    forgetting after the last task (Chaudhry et al.: mean over earlier tasks of best-before minus final)."""
+    last = acc[-1]
+    forgetting = [max(acc[t][j] for t in range(j, len(acc) - 1)) - last[j] for j in range(len(acc) - 1)]
+    return {"average_accuracy": sum(last) / len(last),
+            "forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0}
+
+
+def l2p_splits(data_dir, sc: L2PScale, seed: int = 0) -> dict:
+    from .data import load_dataset
+
+    data_dir = _data_dir(data_dir)
+    train = balanced_test(load_dataset("cifar10", "all", data_dir=data_dir).examples, sc.per_class * 10, seed=seed)
+    test = balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, sc.test_per_class * 10)
+    return {"train": train, "test": test}
+
+
+def run_l2p_arm(model, proc, arm: str, seed: int, splits: dict, sc: L2PScale, out: Path, tasks=L2P_TASKS,
+                print_fn=print) -> dict:
+    from .methods import build
+    from .train import TrainConfig, train
+    from .vision import evaluate_images
+
+    run_dir = out / "runs" / f"{arm}-s{seed}"
+    if (run_dir / "row.json").exists():
+        return json.loads((run_dir / "row.json").read_text())
+    method_name, options, sequential = L2P_ARMS[arm]
+    torch.manual_seed(seed)
+    method = build(model, method_name, proc, image_size=sc.image_size, **options)
+    labels = list(method.config.labels)
+    task_of = {c: t for t, classes in enumerate(tasks) for c in classes}
+    by_task = {k: [[e for e in splits[k] if task_of[labels.index(e.target)] == t] for t in range(len(tasks))]
+               for k in ("train", "test")}
+    cfg = TrainConfig(lr=sc.lr, epochs=sc.epochs, batch_size=sc.batch_size, seed=seed, bf16=sc.bf16,
+                      checkpoint_every=25, log_every=25, warmup_steps=0)
+    started, acc = time.time(), []
+    stages = [(t, by_task["train"][t], tasks[t]) for t in range(len(tasks))] if sequential else \
+        [(len(tasks) - 1, [e for part in by_task["train"] for e in part], None)]
+    try:
+        for t, items, classes in stages:
+            if hasattr(method, "task_classes"):
+                method.task_classes = list(classes) if classes is not None else None
+            stage_dir = run_dir / (f"task{t}" if sequential else "joint")
+            train(method, proc, items, [], cfg, stage_dir, resume=(stage_dir / "checkpoint.safetensors").exists(),
+                  print_fn=print_fn)
+            seen = range(t + 1) if sequential else range(len(tasks))
+            acc.append([evaluate_images(method, by_task["test"][j], bf16=sc.bf16)["accuracy"] for j in seen])
+            print_fn(f"{arm} seed {seed} after task {t}: " + " ".join(f"{a:.3f}" for a in acc[-1]))
+        total = evaluate_images(method, splits["test"], bf16=sc.bf16)
+    finally:
+        method.detach()
+    scores = continual_scores(acc) if sequential else {"average_accuracy": sum(acc[-1]) / len(acc[-1]), "forgetting": None}
+    row = {"arm": arm, "seed": seed, **scores, "accuracy_matrix": acc, "test_accuracy": total["accuracy"],
+           "test_ci95": total["ci95"], "n_test": total["n"], "per_class": total["per_class"],
+           "trainable_params": method.num_trainable(), "image_size": sc.image_size, "per_class_train": sc.per_class,
+           "epochs": sc.epochs, "lr": sc.lr, "seconds": round(time.time() - started, 1)}
+    atomic_write_bytes(run_dir / "row.json", json.dumps(row, indent=2).encode())
+    return json.loads((run_dir / "row.json").read_text())
+
+
+def run_l2p_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
+                       seeds=None, print_fn=print, model_and_processor=None) -> dict:
+    from .models import load_model
+
+    sc = L2P_SCALES[scale]
+    if seeds is not None:
+        sc = L2PScale(**{**asdict(sc), "seeds": tuple(seeds)})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, proc = model_and_processor or load_model(model_name)
+    rows = []
+    for seed in sc.seeds:
+        splits = l2p_splits(data_dir, sc, seed)
+        for arm in arms or L2P_ARMS:
+            rows.append(run_l2p_arm(model, proc, arm, seed, splits, sc, out, print_fn=print_fn))
+            atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    table = l2p_table(rows, sc, model_name)
+    atomic_write_bytes(out / "table.md", table.encode())
+    return {"rows": rows, "table": table}
+
+
+def l2p_table(rows, sc: L2PScale, model_name: str) -> str:
+    lines = [f"# experiment l2p: {model_name}, split CIFAR-10 (5 tasks x 2 classes, class-incremental), "
+             f"{sc.per_class} training images per class, {sc.epochs} epochs per task, {sc.image_size} px, lr {sc.lr:g}; "
+             f"test: {sc.test_per_class} per class", "", f"{time.strftime('%Y-%m-%d')}, {machine()}", "",
+             "| arm | seeds | average accuracy after task 5 | forgetting | test acc (all 10 classes) [95% CI] | "
+             "trainable params | s/run |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm]
+        m, s = mean_std([r["average_accuracy"] for r in rs])
+        f = [r["forgetting"] for r in rs if r["forgetting"] is not None]
+        fs = f"{mean_std(f)[0]:.3f}" if f else "— (joint)"
+        ci = "; ".join(f"{r['test_accuracy']:.3f} [{r['test_ci95'][0]:.3f}-{r['test_ci95'][1]:.3f}]" for r in rs)
+        lines.append(f"| {arm} | {len(rs)} | {m:.3f}{f' ± {s:.3f}' if len(rs) > 1 else ''} | {fs} | {ci} | "
+                     f"{rs[0]['trainable_params']:,} | {mean_std([r['seconds'] for r in rs])[0]:.0f} |")
+    return "\n".join(lines) + "\n"

@@ -21,10 +21,12 @@ from .lora import LoRAModel
 from .ptuning_v2 import PTuningV2Config, PTuningV2Model
 from .vpt import VPTDeepModel, VPTModel, VPTShallowModel
 from .coop import CoCoOpModel, CoOpModel, DAPLModel
+from .l2p import L2PModel
 
 _REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model,
                                    FinetuneModel, FtTopModel, AdapterModel, LoRAModel,
-                                   VPTModel, VPTShallowModel, VPTDeepModel, CoOpModel, CoCoOpModel, DAPLModel]
+                                   VPTModel, VPTShallowModel, VPTDeepModel, CoOpModel, CoCoOpModel, DAPLModel,
+                                   L2PModel]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
 
 
