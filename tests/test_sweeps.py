@@ -21,7 +21,8 @@ import torch
 from conftest import SHARED, reversal_pairs, tiny, tiny_tokenizer
 
 from prefixtune import paper
-from prefixtune.sweeps import RunSpec, mean_std, read_results, run_one, run_sweep
+from prefixtune.stats import mean_std
+from prefixtune.sweeps import RunSpec, read_results, run_one, run_sweep
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -59,32 +60,50 @@ def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path
     exp = _tiny_experiment(assets)
     assert [r.id for r in exp.runs] == ["prefix-n20-s0", "prefix-n40-s0"]  # 2 sizes x 1 seed
     result = paper.run_experiment(exp, tmp_path, print_fn=lambda s: None)
+    choices = json.loads((tmp_path / "lr_choice.json").read_text())
+    assert set(choices) == {"prefix-n20", "prefix-n40"}
     rows = read_results(tmp_path)
-    assert [r["id"] for r in rows] == ["prefix-n20-s0", "prefix-n40-s0"]
+    lr = {g: c["chosen"] for g, c in choices.items()}
+    want = [f"prefix-n20-s0-lr{lr['prefix-n20']:g}", f"prefix-n40-s0-lr{lr['prefix-n40']:g}", "zero-step-n20-s0",
+            "zero-step-n40-s0"]
+    assert [r["id"] for r in rows] == want
     for r, size in zip(rows, (20, 40)):
         assert r["train_size"] == size and r["seed"] == 0 and r["steps"] == 4 and r["n_eval"] == 4
         assert r["method"] == "prefix" and r["trainable_params"] > 0 and r["wall_seconds"] > 0
         assert set(r["scores"]) >= {"bleu", "chrf"} and r["versions"]["torch"] == torch.__version__
+        assert r["lr"] == lr[r["group"]] and r["dev_curve"] and r["machine"]["cpus"] >= 1
         # what the row says was trained is what run.json and the log say
         run = json.loads((tmp_path / "runs" / r["id"] / "run.json").read_text())
         assert run["trainable_params"] == r["trainable_params"] and run["data"]["train_size"] == size
         assert run["method_config"]["length"] == 6 and run["train"]["batch_size"] == 10  # §6.3 low-data settings
+        # seed 0 at the chosen rate IS the selection run at that rate: trained once, evaluated once
+        assert (tmp_path / "runs" / r["id"] / "select.json").exists()
         # evaluation sources were never trained on
         from prefixtune.experiments import DataPlan, plan_data
 
         train_pairs, _, _ = plan_data(DataPlan(**exp.runs[(20, 40).index(size)].plan))
         preds = [json.loads(x) for x in (tmp_path / "runs" / r["id"] / "eval" / "predictions.jsonl").read_text().splitlines()]
         assert len(preds) == 4 and not {p["source"] for p in preds} & {e.source for e in train_pairs}
+        zero = [json.loads(x) for x in (tmp_path / "runs" / f"zero-step-n{size}-s0" / "eval" /
+                                        "predictions.jsonl").read_text().splitlines()]
+        assert [p["source"] for p in zero] == [p["source"] for p in preds]  # the zero-step row: same sources
+    # every grid point is recorded with its dev loss, and the choice is the lowest
+    selection = read_results(tmp_path, "lr_selection.jsonl")
+    for g, c in choices.items():
+        points = {r["lr"]: r["best_dev_loss"] for r in selection if r["group"] == g}
+        assert len(points) >= 3 and c["chosen"] == min(points, key=points.get)
+        assert max(points) / min(points) >= 10 - 1e-9
     table = (tmp_path / "table.md").read_text()
     assert "tiny scale" in table and table == result["table"]
-    for r in rows:  # one seed: the cell is the row's own value
-        assert f"| prefix | {r['train_size']} | 1 |" in table and f"{r['scores']['bleu']:.4g}" in table
-    assert _png(tmp_path / "low-data.png")
+    for r in rows[:2]:  # one seed: the cell is the row's own value
+        assert f"| prefix | {r['train_size']} | 1 | {r['lr']:g} |" in table and f"{r['scores']['bleu']:.4g}" in table
+    assert "| zero-step |" in table and "Learning rates (chosen on the dev loss" in table
+    assert _png(tmp_path / "low-data.png") and _png(tmp_path / "dev_curves.png")
 
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/row.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/*.json")}
     said = []
     again = paper.run_experiment(exp, tmp_path, print_fn=said.append)
-    assert "2 runs: 2 already done, 0 to run" in said
+    assert "4 runs: 4 already done, 0 to run" in said
     assert again["rows"] == rows and {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # another seed later: its row joins the rows on record, and the table averages both seeds
@@ -92,15 +111,16 @@ def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path
     more = paper.build("low-data", "tiny", model=str(model_dir), dataset="jsonl", path=str(data), methods=["prefix"],
                        seeds=[1], sizes=[20])
     result = paper.run_experiment(more, tmp_path, print_fn=lambda s: None)
-    assert [r["id"] for r in read_results(tmp_path)] == ["prefix-n20-s1", "prefix-n20-s0", "prefix-n40-s0"]
-    assert "| prefix | 20 | 2 |" in result["table"] and "| prefix | 40 | 1 |" in result["table"]
+    assert f"prefix-n20-s1-lr{lr['prefix-n20']:g}" in [r["id"] for r in read_results(tmp_path)]
 
     # the same run id asked for with other settings is refused, naming the run (nothing is trained)
     import dataclasses
 
-    changed = dataclasses.replace(more.runs[0], overrides={**more.runs[0].overrides, "lr": 0.5})
-    with pytest.raises(ValueError, match="run prefix-n20-s1 .* finished with other settings"):
-        run_sweep([changed], str(model_dir), tmp_path, print_fn=lambda s: None)
+    rid = f"prefix-n20-s0-lr{lr['prefix-n20']:g}"
+    spec = dataclasses.replace(exp.runs[0], id=rid, overrides={**exp.runs[0].overrides, "lr": lr["prefix-n20"],
+                                                               "length": 2})
+    with pytest.raises(ValueError, match=f"run {rid} .* finished with other settings"):
+        run_sweep([spec], str(model_dir), tmp_path, print_fn=lambda s: None)
 
 
 def test_killed_run_resumes_from_its_checkpoint(assets, local_ray, tmp_path):
@@ -169,7 +189,8 @@ def test_experiment_command_against_a_ray_start_head_cluster(assets, tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert "ray: 1 CPUs" in r.stdout and "1 CPU(s) per run" in r.stdout
         rows = read_results(tmp_path / "exp")
-        assert [x["id"] for x in rows] == ["prefix-n20-s0", "prefix-n40-s0"]
+        assert [x["id"].split("-lr")[0] for x in rows] == ["prefix-n20-s0", "prefix-n40-s0", "zero-step-n20-s0",
+                                                          "zero-step-n40-s0"]
         assert _png(tmp_path / "exp" / "low-data.png") and "tiny scale" in (tmp_path / "exp" / "table.md").read_text()
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # the head's own process group: raylet, GCS, workers
@@ -214,12 +235,12 @@ def test_webnlg_split_keeps_unseen_categories_out_of_training():
 
 
 def test_table_means_and_sample_std_over_seeds():
-    rows = [{"label": "prefix", "train_size": 50, "seed": s, "trainable_params": 7, "scores": {"bleu": b},
-             "best_dev_loss": 1.0, "train_seconds": 2.0} for s, b in enumerate([0.25, 0.5, 0.75])]
+    rows = [{"label": "prefix", "train_size": 50, "seed": s, "trainable_params": 7, "scores": {"bleu": b}, "lr": 1e-3,
+             "stopped_early": s > 0, "best_dev_loss": 1.0, "train_seconds": 2.0} for s, b in enumerate([0.25, 0.5, 0.75])]
     m, sd = mean_std([0.25, 0.5, 0.75])
     assert m == pytest.approx(statistics.mean([0.25, 0.5, 0.75])) and sd == pytest.approx(statistics.stdev([0.25, 0.5, 0.75]))
     exp = paper.Experiment("low-data", "quick", "m", "e2e", [], ("label", "train_size"), x="train_size")
-    assert "| prefix | 50 | 3 | 7 | 0.5 ± 0.25 |" in paper.table_markdown(exp, rows)
+    assert "| prefix | 50 | 3 | 0.001 | 2/3 | 7 | 0.5 ± 0.25 |" in paper.table_markdown(exp, rows)
 
 
 def test_unregistered_method_or_unknown_experiment_is_refused_by_name():
@@ -233,22 +254,40 @@ def test_unregistered_method_or_unknown_experiment_is_refused_by_name():
 
 
 def test_seeds_and_sizes_replace_the_scale_and_are_checked():
-    # quick scale is one seed and one size (about an hour per experiment on 2 cores); more are options
-    assert [r.id for r in paper.build("low-data", "quick").runs] == ["prefix-n50-s0", "finetune-n50-s0"]
+    # quick scale: 3 seeds, sizes 50 and 200, the four methods; a subset can run now, more later
+    assert [r.id for r in paper.build("low-data", "quick", sizes=[50], seeds=[0]).runs] == [
+        "prefix-n50-s0", "finetune-n50-s0", "adapter-n50-s0", "lora-n50-s0"]
+    assert len(paper.build("low-data", "quick").runs) == 4 * 2 * 3
     exp = paper.build("low-data", "quick", methods=["prefix"], seeds=[3], sizes=[50, 100])
     assert [r.id for r in exp.runs] == ["prefix-n50-s3", "prefix-n100-s3"]
+    assert [r.group for r in exp.runs] == ["prefix-n50", "prefix-n100"]
     assert "sizes [50, 100], seeds [3]" in exp.notes[0] and "prefix/infix lr 0.001" in exp.notes[0]
-    assert all(r.overrides["lr"] == 1e-3 for r in exp.runs)  # capped steps: not the paper's 8e-5
+    assert all(r.overrides["lr"] == 1e-3 for r in exp.runs)  # the grid's centre at capped steps: not 8e-5
     ft = paper.build("low-data", "quick", methods=["finetune"], seeds=[0], sizes=[50]).runs
-    assert "lr" not in ft[0].overrides  # the recipe's fine-tuning rate
+    assert ft[0].overrides["lr"] == 5e-5  # the recipe's fine-tuning rate centres its grid
+    assert "length" not in ft[0].overrides and "init_text" not in ft[0].overrides  # options it does not have
     ad = paper.build("extrapolation", "quick", methods=["adapter", "lora"], seeds=[0]).runs
-    assert ad[0].overrides["lr"] == 1e-3 and "lr" not in ad[1].overrides  # adapters too; LoRA: the recipe's
+    assert ad[0].overrides["lr"] == 1e-3 and ad[1].overrides["lr"] == 2e-4
     assert "adapter lr 0.001" in paper.build("extrapolation", "quick", methods=["adapter"]).notes[0]
     assert {r.plan["seed"] for r in exp.runs} == {3} and {r.overrides["seed"] for r in exp.runs} == {3}
+    assert all(r.overrides["patience"] == 3 and r.overrides["eval_every"] == 10 for r in exp.runs)
+    assert "bf16" not in exp.runs[0].overrides
+    assert paper.build("low-data", "quick", sizes=[50], seeds=[0], bf16=True).runs[0].overrides["bf16"] is True
     with pytest.raises(paper.ExperimentError, match="--sizes must be integers >= 1"):
         paper.build("low-data", "quick", sizes=[0])
     with pytest.raises(paper.ExperimentError, match="--seeds must be integers >= 0"):
         paper.build("low-data", "quick", seeds=[])
+
+
+def test_method_table_experiment_covers_every_registered_generation_method():
+    from prefixtune.methods import METHODS
+
+    runs = paper.build("methods", "quick", seeds=[0]).runs
+    assert [r.method for r in runs] == [n for n, cls in METHODS.items() if cls.generates]
+    assert {r.plan["train_size"] for r in runs} == {paper.METHOD_TABLE_SIZE}
+    for r in runs:  # soft methods get the table's length and init text; weight methods none of it
+        fields = {f.name for f in __import__("dataclasses").fields(METHODS[r.method].config_class)}
+        assert ("length" in r.overrides) == ("length" in fields)
 
 
 def test_classifier_experiment_scores_many_held_out_questions():
@@ -260,7 +299,7 @@ def test_classifier_experiment_scores_many_held_out_questions():
         ("deep", False), ("input", False), ("none", True), ("none", False)]
     assert all(r.eval_limit == 1000 for r in runs) and {r.plan["train_split"] for r in runs} == {"all"}
     assert all(r.eval_limit is None for r in paper.build("ptuning-v2", "paper", seeds=[0]).runs)
-    assert all(r.eval_limit == 40 for r in paper.build("low-data", "quick", seeds=[0]).runs)
+    assert all(r.eval_limit == 200 for r in paper.build("low-data", "quick", seeds=[0]).runs)
 
 
 def test_experiment_cli_rejects_bad_seed_lists_in_one_line(tmp_path):
@@ -298,7 +337,7 @@ def test_extrapolation_table_and_bar_figure_from_rows(tmp_path):
             for m, b in (("prefix", 0.5), ("finetune", 0.4)) for s in (0, 1)]
     exp = paper.Experiment("extrapolation", "quick", "m", "webnlg2017", [], ("label",))
     table = paper.table_markdown(exp, rows)
-    assert "bleu seen" in table and "| prefix | 2 | 5 | 0.5 ± 0 | 0.6 ± 0 | 0.4 ± 0 |" in table
+    assert "bleu seen" in table and "| prefix | 2 | – | – | 5 | 0.5 ± 0 | 0.6 ± 0 | 0.4 ± 0 |" in table
     assert _png(paper.draw_figure(exp, rows, tmp_path / "fig.png"))
 
 

@@ -29,6 +29,66 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_at_least(option: str, value, least) -> None:
+    if value is not None and value < least:
+        _fail(f"--{option} must be at least {least}, got {value}")
+
+
+def _check_sampling(temperature: float, top_p: float) -> None:
+    import math
+
+    if not (math.isfinite(temperature) and temperature > 0):
+        _fail(f"--temperature must be a number above 0, got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        _fail(f"--top-p must be above 0 and at most 1, got {top_p}")
+
+
+def _check_artifacts(paths: list[Path]) -> None:
+    """What the artifact files alone decide (damage, truncation, shapes vs metadata, NaN, one base model
+    for an ensemble), before the model is loaded."""
+    from .prefix import check_artifact_file
+
+    prints = {}
+    for p in paths:
+        prints[str(p)] = check_artifact_file(p).get("fingerprint")
+    if len({str(f) for f in prints.values() if f is not None}) > 1:
+        _fail("the files were made for different base models (fingerprints "
+              + ", ".join(f"{p}: {f}" for p, f in prints.items()) + "); an ensemble needs one base model")
+
+
+def _check_writable_folder(option: str, folder: Path) -> None:
+    """Fail now (not after the model load) if `folder` cannot be created or written."""
+    import tempfile
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail(f"--{option} {folder}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prefixtune-write-check-", dir=existing)
+    except OSError as e:
+        _fail(f"--{option} {folder}: cannot write in {existing} ({e.strerror})")
+    import os
+
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _read_run_json(path: Path) -> dict:
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        _fail(f"{path}: not UTF-8 text (byte {e.start}); it should be the run.json prefixtune wrote")
+    except json.JSONDecodeError as e:
+        _fail(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); it should be the run.json prefixtune wrote")
+    except OSError as e:
+        _fail(f"{path}: cannot read ({e.strerror})")
+    if not isinstance(run, dict):
+        _fail(f"{path}: not a JSON object; it should be the run.json prefixtune wrote")
+    return run
+
+
 def _method_fields():
     from .methods import METHODS
     from .train import TrainConfig
@@ -138,11 +198,15 @@ def generate(
     from .experiments import artifact_base_model, load_run_artifact
     from .models import check_model_name, load_model
 
+    _check_at_least("num-beams", num_beams, 1)
+    _check_at_least("max-new-tokens", max_new_tokens, 1)
+    _check_sampling(temperature, top_p)
     sources = list(input)
     if input_file:
         sources += _read_lines(input_file)
     if not sources:
         _fail("give --input TEXT or --input-file FILE")
+    _check_artifacts(prefix)
     if len(prefix) > 1 and num_beams > 1 and not do_sample:
         num_beams = 1  # an ensemble decodes greedily
     cfg = DecodeConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -191,10 +255,17 @@ def evaluate(
 
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is a file, not a folder")
+    for option, value in (("eval-size", eval_size), ("train-size", train_size), ("num-beams", num_beams),
+                          ("max-new-tokens", max_new_tokens)):
+        _check_at_least(option, value, 1)
+    if seed is not None and not 0 <= seed < 2**63:
+        _fail(f"--seed must be from 0 to 2**63-1, got {seed}")
+    _check_writable_folder("out", out)
+    _check_artifacts(prefix)
     task = recipe_for(dataset).metric
     run_json = prefix[0].parent / "run.json"
-    run = json.loads(run_json.read_text()) if run_json.exists() else {}
-    trained = run.get("data", {})
+    run = _read_run_json(run_json) if run_json.exists() else {}
+    trained = run.get("data") if isinstance(run.get("data"), dict) else {}
     same_split = trained.get("dataset") == dataset and trained.get("train_split") == split
     if train_size is None and same_split:
         train_size = trained.get("train_size")
@@ -214,6 +285,11 @@ def evaluate(
             _fail(f"{p} does not name its base model; pass --model")
     check_model_name(model or artifact_base_model(prefix[0]))
     loaded, base, tok = load_run_artifact(prefix, model)
+    if not isinstance(loaded, list) and (getattr(loaded, "meta", None) or {}).get("modality") in ("image", "image-text"):
+        from .vision_cli import evaluate_image_artifact  # image classifiers: accuracy and per-class accuracy
+
+        evaluate_image_artifact(base, tok, loaded, items, out, dataset, split)
+        return
     cfg = decode_config_for(dataset, num_beams=num_beams, max_new_tokens=max_new_tokens)
     if isinstance(loaded, list) and not cfg.do_sample:
         cfg.num_beams = 1  # an ensemble decodes greedily
@@ -277,7 +353,9 @@ def serve(
     batch_window_ms: float = typer.Option(10.0, help="Wait this long for more requests when idle."),
     max_queue: int = typer.Option(64, help="Waiting requests beyond this get 429 + Retry-After."),
     request_timeout: float = typer.Option(120.0, help="Seconds before a request gets 504."),
-    prefix_cache_size: int = typer.Option(64, help="Loaded prefixes kept in memory (LRU)."),
+    prefix_cache_size: int = typer.Option(64, help="Most loaded prefixes kept in memory (LRU)."),
+    max_prefix_cache_bytes: int = typer.Option(512 * 2**20, help="Memory budget of the loaded prefixes, in bytes "
+                                               "(default 512 MiB); a loaded prefix costs about its file size."),
     threads: Optional[int] = typer.Option(None, help="torch threads for the model worker (default: all cores)."),
     max_batch_tokens: int = typer.Option(16384, help="Work/KV budget in token slots (docs/serving.md#guarantees)."),
     max_prompt_tokens: int = typer.Option(4096, help="Longest prompt in tokens; longer gets 400."),
@@ -285,13 +363,17 @@ def serve(
     store_sweep: float = typer.Option(300.0, help="Sweep files left by interrupted uploads every this many seconds."),
 ):
     """Serve completions for many users' prefixes from one frozen model (OpenAI-style HTTP API)."""
+    from .models import check_model_name
     from .serve import ServeConfig, run_server
 
+    if not 0 <= port <= 65535:
+        _fail(f"--port must be from 0 to 65535, got {port}")
     config = ServeConfig(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
                          request_timeout_s=request_timeout, prefix_cache_size=prefix_cache_size, torch_threads=threads,
                          max_batch_tokens=max_batch_tokens, max_prompt_tokens=max_prompt_tokens,
-                         store_poll_s=store_poll, store_sweep_s=store_sweep)
-    run_server(model, store, host=host, port=port, config=config, files_dir=files_dir)
+                         store_poll_s=store_poll, store_sweep_s=store_sweep, prefix_cache_bytes=max_prefix_cache_bytes)
+    check_model_name(model)
+    run_server(model, store, host=host, port=port, config=config, files_dir=files_dir)  # opens the store first
 
 
 
@@ -465,9 +547,21 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    from typer._click import exceptions as click  # typer 0.29 vendors click (pinned in pyproject.toml)
+
     try:
-        app()  # click's standalone mode handles usage errors and exits itself
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)  # usage errors come here, to be said in one line
+    except click.NoArgsIsHelpError as e:  # `prefixtune keys`: the help is the answer
+        typer.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(2)
+    except click.UsageError as e:  # a wrong option, value or argument
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        typer.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
         message = user_error_message(e)
@@ -475,6 +569,8 @@ def main() -> None:
             raise
         typer.echo(f"error: {message}", err=True)
         sys.exit(2)
+    if isinstance(code, int) and code:  # typer.Exit(2) from a command (its error line is printed)
+        sys.exit(code)
 
 
 
@@ -483,7 +579,8 @@ def main() -> None:
 
 @app.command()
 def experiment(
-    name: str = typer.Argument(..., help="low-data, extrapolation, prefix-length, embedding-only, infix, init, ptuning-v2"),
+    name: str = typer.Argument(..., help="low-data, extrapolation, prefix-length, embedding-only, infix, init, "
+                               "ptuning-v2, methods"),
     out: Path = typer.Option(..., help="Experiment folder: runs/, results.jsonl, table.md, figure."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the experiment's, e.g. smollm2-135m)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder (default: $PREFIXTUNE_DATA or the cache)."),
@@ -491,14 +588,27 @@ def experiment(
     path: Optional[str] = typer.Option(None, help="File for the jsonl dataset."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's "
                                           "(ptuning-v2: its arms ptuning-v2, prompt, finetune, probe)."),
-    scale: str = typer.Option("quick", help="quick (one seed, size 50, 80-step runs: 18-50 min per experiment on 2 CPU cores without native bf16, measured; see docs/results.md), paper, or tiny (tests)."),
+    scale: str = typer.Option("quick", help="quick (3 seeds, 200 evaluation sources, learning rate chosen per "
+                              "method on dev loss, early stopping under a 300-step cap; docs/results.md gives the "
+                              "measured time per run), paper, or tiny (tests)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast; recorded in every row) or auto (measured "
+                                  "once per machine, cached)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds instead of the scale's (e.g. 0)."),
     sizes: Optional[str] = typer.Option(None, help="Comma-separated training sizes instead of the scale's "
                                         "(low-data, init)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
 ):
-    """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure."""
+    """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure.
+    Image experiments (probe, vpt, l2p: docs/vision.md) run in vision_experiments.py."""
+    from .vision_cli import VISION_EXPERIMENTS, run_vision_experiment
+
+    if name in VISION_EXPERIMENTS:
+        try:
+            run_vision_experiment(name, out, model=model, data_dir=data_dir, scale=scale, seeds=seeds, methods=methods)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        return
     from .paper import build, run_experiment
     from .train import TrainingError
 
@@ -514,7 +624,8 @@ def experiment(
 
     exp = build(name, scale, model=model, dataset=dataset, data_dir=data_dir, path=path,
                 methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-                seeds=int_list("seeds", seeds), sizes=int_list("sizes", sizes))
+                seeds=int_list("seeds", seeds), sizes=int_list("sizes", sizes),
+                bf16=_experiment_bf16(precision))
     if dry_run:
         for n in exp.notes:
             typer.echo(n)
@@ -529,6 +640,18 @@ def experiment(
     typer.echo(result["table"])
     typer.echo(f"wrote {out / 'results.jsonl'}, {result['table_path']}"
                + (f", {result['figure_path']}" if result["figure_path"] else ""))
+
+
+def _experiment_bf16(precision: str) -> bool:
+    from .paper import ExperimentError
+
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ExperimentError(f"--precision must be fp32, bf16 or auto, got {precision!r}")
+    if precision == "auto":
+        from .precision import resolve_bf16
+
+        return resolve_bf16("auto", print_fn=progress_print)
+    return precision == "bf16"
 
 
 def _runs_progress(label: str):
@@ -559,6 +682,27 @@ def _runs_progress(label: str):
             bar.close()
 
     return bar_cm()
+
+
+@app.command()
+def classify(
+    artifact: Path = typer.Option(..., "--artifact", help="An image classifier's artifact (vpt, vpt-shallow, vpt-deep, "
+                                  "l2p, coop, cocoop, dapl)."),
+    image: list[Path] = typer.Option(..., "--image", help="Image file (any format Pillow reads); repeat for several."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one the artifact file names)."),
+    top: int = typer.Option(3, help="Labels shown per image, with their probabilities."),
+):
+    """Classify image files with a trained image classifier (prints the top labels per image)."""
+    from .vision_cli import classify_files
+
+    if top < 1:
+        _fail(f"--top must be at least 1, got {top}")
+    if not artifact.is_file():
+        _fail(f"--artifact {artifact}: no such file")
+    try:
+        classify_files(artifact, list(image), model, top)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
 
 
 @app.command()

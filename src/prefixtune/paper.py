@@ -10,12 +10,15 @@ native bf16; several hours on an fp32-only one, measured in docs/results.md), `t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .sweeps import RunSpec, mean_std, read_results, run_sweep
+from .protocol import Protocol, comparison_specs, select_learning_rates
+from .stats import Interval, mean_std
+from .sweeps import RunSpec, read_results, run_sweep
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,25 @@ class Scale:
     # held-out questions a classifier (ptuning-v2) is scored on: one forward pass each, so many more than
     # generation sources; accuracy on 40 would have a standard error of about 0.08, on 1,000 about 0.015
     classifier_eval: int | None = None
+    # the budget rule (protocol.py): dev loss every `eval_every` steps, stop after `patience` evaluations
+    # without improvement, at most `max_steps`; None: the recipe's epochs with one evaluation each
+    eval_every: int | None = None
+    patience: int | None = None
+    warmup_steps: int | None = None
 
 
 SCALES = {
     "paper": Scale(sizes=(50, 100, 200, 500), seeds=(0, 1, 2, 3, 4), full_size=None, max_steps=None,
                    eval_limit=None, num_beams=5, max_new_tokens=60),
-    # quick: about an hour per experiment on 2 CPU cores (measured on an EPYC without bf16: 18-50 minutes);
-    # one seed and one low-data size - add `--seeds 0,1 --sizes 50,200` for error bars and a curve
-    "quick": Scale(sizes=(50,), seeds=(0,), full_size=200, max_steps=80, eval_limit=40, num_beams=1,
-                   max_new_tokens=40, epochs=20, soft_lr=1e-3, adapter_lr=1e-3, classifier_eval=1000),
+    # quick: three seeds, 200 evaluation sources, early stopping (dev loss every 10 steps, patience 3) under
+    # a 300-step cap. The rates searched around: the recipes carry the paper's long-run rates (8e-5 for
+    # the prefix on E2E), set for thousands of steps; at a few hundred steps the prefix and the adapter
+    # start their grid at 1e-3 (measured 2026-11-28: E2E n50, prefix at 8e-5 still falling at step 80)
+    "quick": Scale(sizes=(50, 200), seeds=(0, 1, 2), full_size=200, max_steps=300, eval_limit=200, num_beams=1,
+                   max_new_tokens=60, epochs=1000, soft_lr=1e-3, adapter_lr=1e-3, classifier_eval=1000,
+                   eval_every=10, patience=3, warmup_steps=10),
     "tiny": Scale(sizes=(20, 40), seeds=(0,), full_size=40, max_steps=4, eval_limit=4, num_beams=1,
-                  max_new_tokens=6, epochs=2, classifier_eval=4),
+                  max_new_tokens=6, epochs=2, classifier_eval=4, eval_every=2, patience=2),
 }
 
 # Where training sets are sampled from when the data here has no separate training split: the
@@ -62,14 +73,19 @@ _SAME_SPLIT = {"e2e": "dev", "boolq": "all", "jsonl": "all", "xsum": "validation
 UNSEEN_WEBNLG = ("Astronaut", "ComicsCharacter", "Food", "SportsTeam", "WrittenWork")
 
 DEFAULTS = {  # experiment -> (dataset, model, methods)
-    "low-data": ("e2e", "smollm2-135m", ("prefix", "finetune")),
+    "low-data": ("e2e", "smollm2-135m", ("prefix", "finetune", "adapter", "lora")),
     "extrapolation": ("webnlg2017", "smollm2-135m", ("prefix", "finetune", "adapter")),
     "prefix-length": ("e2e", "smollm2-135m", ("prefix",)),
     "embedding-only": ("e2e", "smollm2-135m", ("prompt", "prefix")),
     "infix": ("e2e", "smollm2-135m", ("infix", "prefix")),
     "init": ("e2e", "smollm2-135m", ("prefix",)),
     "ptuning-v2": ("boolq", "minilm-l6", ("ptuning-v2", "prompt", "finetune", "probe")),
+    # every registered generation method at one training size (docs/methods.md's table)
+    "methods": ("e2e", "smollm2-135m", None),
 }
+# The method table's soft-prompt sizes, applied to whichever methods have these options.
+METHOD_TABLE_OPTIONS = {"length": 10, "init_text": "table-to-text: restaurant description"}
+METHOD_TABLE_SIZE = 200
 # The arms of `ptuning-v2`: one classifier (a linear head on [CLS], methods/ptuning_v2.py) with the prompt
 # at every layer, at the input only, or absent, and the encoder frozen or trained. --methods takes these names.
 CLASSIFIER_ARMS = {
@@ -79,6 +95,10 @@ CLASSIFIER_ARMS = {
     "probe": {"prompt_depth": "none"},                                         # the head alone on frozen features
 }
 EXPERIMENTS = tuple(DEFAULTS)
+# Image experiments (linear probes, VPT vs baselines, L2P on split CIFAR-10): run by vision_experiments.py,
+# to which `prefixtune experiment` hands them (images have their own data path); docs/vision.md
+VISION_EXPERIMENTS = ("probe", "vpt", "l2p")
+EXPERIMENTS = EXPERIMENTS + VISION_EXPERIMENTS
 # "Full data" where the only split here is a dev split (E2E 4,672 pairs, BoolQ 3,270): train on this
 # many pairs, the rest gives the dev loss and evaluation.
 SAME_SPLIT_FULL = 2500
@@ -139,14 +159,20 @@ def _plan(dataset: str, data_dir, path, size: int | None, seed: int, **extra) ->
 
 def build(name: str, scale: str = "quick", model: str | None = None, dataset: str | None = None,
           data_dir: str | None = None, path: str | None = None, methods=None, seeds=None,
-          sizes=None) -> Experiment:
+          sizes=None, bf16: bool = False) -> Experiment:
     """`seeds`/`sizes` replace the scale's (a subset now, more later: completed runs are skipped)."""
     if name not in DEFAULTS:
         raise ExperimentError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
     if scale not in SCALES:
         raise ExperimentError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
+    from .recipes import configs_for
+
     d_dataset, d_model, d_methods = DEFAULTS[name]
     dataset, model = dataset or d_dataset, model or d_model
+    if d_methods is None:  # every registered method that trains generation
+        from .methods import METHODS
+
+        d_methods = tuple(n for n, cls in METHODS.items() if cls.generates)
     methods = tuple(methods) if methods else d_methods
     _check_available(name, dataset, methods)
     s = SCALES[scale]
@@ -159,7 +185,10 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
         s = dataclasses.replace(s, **{what: tuple(dict.fromkeys(values))})
     if s.full_size is None and _needs_size(dataset):  # no training split here: sample a large part of the one split
         s = dataclasses.replace(s, full_size=SAME_SPLIT_FULL)
-    train = {k: v for k, v in (("max_steps", s.max_steps), ("epochs", s.epochs)) if v is not None}
+    train = {k: v for k, v in (("max_steps", s.max_steps), ("epochs", s.epochs), ("eval_every", s.eval_every),
+                                ("patience", s.patience), ("warmup_steps", s.warmup_steps)) if v is not None}
+    if bf16:  # only when asked: fp32 rows keep the ids and settings they were recorded with
+        train["bf16"] = True
     decode = {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens}
     runs: list[RunSpec] = []
 
@@ -171,20 +200,24 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
             overrides.setdefault("lr", s.adapter_lr)
         if size and _needs_size(dataset):  # the dev loss uses 30% of the training size in pairs (paper §6.3)
             overrides["dev_max_examples"] = max(2, math.ceil(0.3 * size))
-        if method in ("finetune", "ft-top", "adapter", "lora"):  # only the soft-prompt family has lengths/init
-            overrides = {k: v for k, v in overrides.items() if k not in ("length", "init", "init_text", "mlp_hidden")}
-        rid = "-".join(str(p) for p in (label, f"n{size}" if size else "full", f"s{seed}"))
-        runs.append(RunSpec(id=rid, method=method, dataset=dataset,
+        # options a method does not have (lengths and init of the soft-prompt family) are not passed to it
+        overrides = {k: v for k, v in overrides.items() if k in _option_names(method)}
+        if "lr" not in overrides:  # the rate the learning-rate grid is centred on: the method's recipe rate
+            overrides["lr"] = configs_for(dataset, method, **{k: v for k, v in overrides.items()
+                                                              if k in ("lr",)})[1].lr
+        group = "-".join(str(p) for p in (label, f"n{size}" if size else "full"))
+        runs.append(RunSpec(id=f"{group}-s{seed}", method=method, dataset=dataset,
                             plan=_plan(dataset, data_dir, path, size, seed, **(plan_extra or {})),
                             overrides=overrides, decode=decode, eval_limit=eval_limit,
-                            labels={"label": label, **labels}))
+                            labels={"label": label, **labels}, group=group))
 
     notes = [f"scale {scale}: sizes {list(s.sizes)}, seeds {list(s.seeds)}, "
              f"{'max ' + str(s.max_steps) + ' steps' if s.max_steps else 'recipe epochs'}, "
              f"{'epochs ' + str(s.epochs) + ', ' if s.epochs else ''}"
              f"{'first ' + str(s.eval_limit) if s.eval_limit else 'all'} evaluation sources, beam {s.num_beams}"
              + (f", prefix/infix lr {s.soft_lr:g}" if s.soft_lr is not None else "")
-             + (f", adapter lr {s.adapter_lr:g}" if s.adapter_lr is not None else "")]
+             + (f", adapter lr {s.adapter_lr:g}" if s.adapter_lr is not None else "")
+             + (f"; early stopping: dev loss every {s.eval_every} steps, patience {s.patience}" if s.patience else "")]
     if name == "low-data":  # §6.3: prefix length 6, batch 10, init from the task's name
         for m in methods:
             extra = {"length": 6, "init": "text", "init_text": "table-to-text:"} if m == "prefix" else {}
@@ -192,6 +225,18 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
                 for seed in s.seeds:
                     add(m, m, size, seed, {"batch_size": 10, **extra})
         return Experiment(name, scale, model, dataset, runs, ("label", "train_size"), x="train_size", notes=notes)
+    if name == "methods":  # every generation method on one budget, each at its own chosen learning rate
+        from .methods import get_method
+
+        size = METHOD_TABLE_SIZE if scale != "tiny" else s.sizes[0]
+        for m in methods:
+            fields = {f.name for f in dataclasses.fields(get_method(m).config_class)}
+            extra = {k: v for k, v in METHOD_TABLE_OPTIONS.items() if k in fields}
+            if "init_text" in extra and "init" in fields:
+                extra["init"] = "text"
+            for seed in s.seeds:
+                add(m, m, size, seed, {"batch_size": 10, **extra})
+        return Experiment(name, scale, model, dataset, runs, ("label", "train_size"), notes=notes)
     if name == "init":  # §7.4: random vs task words vs irrelevant words, in low data
         inits = {"random": {"init": "random"}, "table-to-text:": {"init": "text", "init_text": "table-to-text:"},
                  "elephant": {"init": "text", "init_text": "elephant"}}
@@ -237,6 +282,14 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
     return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
 
 
+def _option_names(method: str) -> set[str]:
+    from .methods import get_method
+    from .train import TrainConfig
+
+    return ({f.name for f in dataclasses.fields(get_method(method).config_class)} |
+            {f.name for f in dataclasses.fields(TrainConfig)})
+
+
 def _needs_size(dataset: str) -> bool:
     from .recipes import canonical
 
@@ -270,25 +323,101 @@ def _fmt(values: list[float]) -> str:
     return f"{m:.4g} ± {sd:.2g}" if len(values) > 1 else f"{m:.4g}"
 
 
-def table_markdown(exp: Experiment, rows: list[dict]) -> str:
-    """Means ± sample std over seeds, one line per group; the scale is stated in the header."""
+def _predictions(out: Path, run_id: str) -> dict[str, dict] | None:
+    path = out / "runs" / run_id / "eval" / "predictions.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["source"]: r for r in rows}
+
+
+def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str = "prefix",
+                 resamples: int = 1000) -> dict[tuple, Interval]:
+    """Per table group: paired bootstrap 95% interval of (group's BLEU - `reference`'s BLEU), pairing
+    seed with seed at the same training size (same training sample, same evaluation sources)."""
+    from .recipes import recipe_for
+    from .stats import BleuStats, paired_bootstrap
+
+    try:
+        bleu = BleuStats(recipe_for(exp.dataset).metric)
+    except ValueError:
+        return {}
+    ref_rows = {(r.get("train_size"), r.get("seed")): r for r in rows if r.get("label") == reference}
+    result = {}
+    for key, group in _groups(rows, exp.group_by).items():
+        if group[0].get("label") == reference:
+            continue
+        pairs = []
+        for r in group:
+            ref = ref_rows.get((r.get("train_size"), r.get("seed")))
+            a, b = _predictions(out, r["id"]), _predictions(out, ref["id"]) if ref else None
+            if a is None or b is None:
+                continue
+            sources = [src for src in a if src in b]
+            if len(sources) != len(a) or len(sources) != len(b):
+                raise ValueError(f"{r['id']} and {ref['id']} were evaluated on different sources")
+            pairs.append((bleu.per_source([a[x]["output"] for x in sources], [a[x]["references"] for x in sources]),
+                          bleu.per_source([b[x]["output"] for x in sources], [b[x]["references"] for x in sources])))
+        if pairs:
+            result[key] = paired_bootstrap(pairs, bleu.score, resamples=resamples)
+    return result
+
+
+def table_markdown(exp: Experiment, rows: list[dict], out: Path | None = None, choices: dict | None = None,
+                   reference: str = "prefix") -> str:
+    """Means ± sample std over seeds, one line per group; the chosen learning rate, how many seeds
+    stopped early (the budget rule), and BLEU minus the reference method's with a paired bootstrap 95%
+    interval and what it allows saying."""
     cols = _metric_columns(rows)
     split_cols = [f"{c} {g}" for g in ("seen", "unseen") for c in cols[:1]] if any("scores_seen" in r for r in rows) else []
-    head = list(exp.group_by) + ["runs", "trainable params"] + cols + split_cols + ["dev loss", "train s"]
-    lines = [f"# {exp.name} ({exp.scale} scale)", "", f"Model `{exp.model}`, dataset `{exp.dataset}`. "
-             "Mean ± sample standard deviation over seeds (each seed samples its own training set).", ""]
-    lines += [f"- {n}" for n in exp.notes] + [""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    intervals = intervals_vs(exp, out, rows, reference) if out is not None and "bleu" in cols else {}
+    cmp_col = [f"BLEU − {reference} [95% CI]"] if intervals else []
+    head = list(exp.group_by) + ["seeds", "lr", "stopped early", "trainable params"] + cols + split_cols + cmp_col + \
+        ["dev loss", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, group in _groups(rows, exp.group_by).items():
-        cells = [str(k) for k in key] + [str(len(group)), f"{group[0].get('trainable_params', 0):,}"]
+        lrs = sorted({r.get("lr") for r in group if r.get("lr")})
+        early = [r for r in group if r.get("stopped_early") is not None]
+        cells = [str(k) if k is not None else "" for k in key] + [str(len(group)), ", ".join(f"{x:g}" for x in lrs) or "–",
+                                                                  f"{sum(bool(r['stopped_early']) for r in early)}/{len(early)}"
+                                                                  if early else "–",
+                                                                  f"{group[0].get('trainable_params') or 0:,}"]
         cells += [_fmt([r["scores"][c] for r in group if c in r.get("scores", {})]) for c in cols]
         for g in ("seen", "unseen") if split_cols else ():
             cells.append(_fmt([r[f"scores_{g}"][cols[0]] for r in group if f"scores_{g}" in r]))
+        if cmp_col:
+            iv = intervals.get(key)
+            cells.append(f"{iv.estimate:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] {iv.verdict()}" if iv else "–")
         cells.append(_fmt([r["best_dev_loss"] for r in group if isinstance(r.get("best_dev_loss"), (int, float))
                            and math.isfinite(r["best_dev_loss"])]))
         cells.append(_fmt([r["train_seconds"] for r in group]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def selection_markdown(choices: dict) -> str:
+    """The learning-rate grid of every group: each point's best dev loss, the choice marked."""
+    if not choices:
+        return ""
+    lines = ["| group | method | dev loss at each learning rate (seed 0) | chosen |", "|---|---|---|---|"]
+    for g, c in choices.items():
+        pts = ", ".join(("**" if float(k) == c["chosen"] else "") + f"{k}: " +
+                        (f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "diverged") +
+                        ("**" if float(k) == c["chosen"] else "") for k, v in c["dev_loss"].items())
+        edge = f" (at the {c['at_edge']} edge)" if c.get("at_edge") else ""
+        lines.append(f"| {g} | {c['method']} | {pts} | {c['chosen']:g}{edge} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(exp: Experiment, rows: list[dict], out: Path, choices: dict | None) -> str:
+    lines = [f"# {exp.name} ({exp.scale} scale)", "", f"Model `{exp.model}`, dataset `{exp.dataset}`. "
+             "Mean ± sample standard deviation over seeds (each seed samples its own training set).", ""]
+    lines += [f"- {n}" for n in exp.notes] + [""]
+    lines.append(table_markdown(exp, rows, out, choices))
+    if choices:
+        lines += ["", "Learning rates (chosen on the dev loss of held-out sources, seed 0):", "",
+                  selection_markdown(choices)]
+    return "\n".join(lines)
 
 
 def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | None:
@@ -344,12 +473,21 @@ def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | N
 
 
 def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = None,
-                   print_fn: Callable[[str], None] = print, progress=None) -> dict:
+                   print_fn: Callable[[str], None] = print, progress=None, protocol: Protocol | None = None) -> dict:
+    """The experiment under the fair-comparison protocol (protocol.py): learning rates chosen per
+    method on dev data, then every seed at the chosen rate, plus the zero-step row."""
+    from .recipes import recipe_for
+
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    protocol = protocol or Protocol()
     for n in exp.notes:
         print_fn(n)
-    rows = run_sweep(exp.runs, exp.model, out, ray_address=ray_address, print_fn=print_fn, progress=progress)
-    return write_outputs(exp, out, rows)
+    choices = select_learning_rates(exp.runs, exp.model, out, protocol, ray_address=ray_address, print_fn=print_fn,
+                                    progress=progress)
+    specs = comparison_specs(exp.runs, choices, protocol, generates=recipe_for(exp.dataset).metric != "accuracy")
+    rows = run_sweep(specs, exp.model, out, ray_address=ray_address, print_fn=print_fn, progress=progress)
+    return write_outputs(exp, out, [r for r in rows if r["id"] in {s.id for s in specs}])
 
 
 def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = None) -> dict:
@@ -357,7 +495,54 @@ def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = No
 
     out = Path(out)
     rows = read_results(out) if rows is None else rows
-    table = table_markdown(exp, rows)
+    choice_path = out / "lr_choice.json"
+    choices = json.loads(choice_path.read_text()) if choice_path.exists() else None
+    table = report_markdown(exp, rows, out, choices)
     atomic_write_bytes(out / "table.md", table.encode())
     fig = draw_figure(exp, rows, out / f"{exp.name}.png")
-    return {"rows": rows, "table": table, "table_path": out / "table.md", "figure_path": fig}
+    curves = draw_dev_curves(out, choices, out / "dev_curves.png") if choices else None
+    return {"rows": rows, "table": table, "table_path": out / "table.md", "figure_path": fig, "curves_path": curves}
+
+
+def draw_dev_curves(out: Path, choices: dict, path: Path) -> Path | None:
+    """One panel per group: the seed-0 dev-loss curve at every learning rate of its grid (the chosen
+    one bold), so anyone can see where each run stopped improving."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .prefix import atomic_write_bytes
+    from .sweeps import SELECTION
+
+    sel = {r["id"]: r for r in read_results(out, SELECTION)}
+    groups = list(choices)
+    if not groups:
+        return None
+    cols = min(4, len(groups))
+    nrows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        c = choices[g]
+        for run_id in c["runs"]:
+            r = sel.get(run_id)
+            if not r or not r.get("dev_curve"):
+                continue
+            xs, ys = zip(*r["dev_curve"])
+            chosen = r.get("lr") == c["chosen"]
+            ax.plot(xs, ys, lw=2.2 if chosen else 1, label=f"{r.get('lr'):g}" + (" *" if chosen else ""))
+        ax.set_title(g, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.supxlabel("step", fontsize=8)
+    fig.supylabel("dev loss", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -13,11 +13,10 @@ so the driver is the only writer of results.jsonl.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +36,14 @@ class RunSpec:
     decode: dict = field(default_factory=dict)   # DecodeConfig overrides
     labels: dict = field(default_factory=dict)
     eval_limit: int | None = None                # evaluate at most this many sources (balanced seen/unseen)
+    # False: train and measure the dev loss only (a learning-rate selection run; its row is select.json)
+    evaluate: bool = True
+    # runs that differ only by seed (and learning rate) share a group: one learning rate is chosen per group
+    group: str | None = None
+
+
+# The untrained model with the same input format: no method, no training, the same evaluation.
+ZERO_STEP = "zero-step"
 
 
 def _versions() -> dict:
@@ -47,6 +54,36 @@ def _versions() -> dict:
 
     return {"prefixtune": getattr(prefixtune, "__version__", "?"), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def machine() -> dict:
+    """Where a row was measured: CPU model and count, GPU if any (speed figures are only comparable
+    on the same machine; results are not speed-dependent)."""
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpus": local_cpus(), "gpu": gpu, "host": platform.node()}
+
+
+def dev_curve(run_dir: Path) -> list[list[float]]:
+    """[[step, dev loss], ...] from a run's log.jsonl (the last record of a step wins: resumed runs)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    points = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("dev_loss") is not None:
+            points[rec["step"]] = rec["dev_loss"]
+    return [[k, points[k]] for k in sorted(points)]
 
 
 def _pick_eval_items(items: list, limit: int | None) -> list:
@@ -68,15 +105,18 @@ def _pick_eval_items(items: list, limit: int | None) -> list:
 
 def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | None = None,
             print_fn: Callable[[str], None] | None = None) -> dict:
-    """Train and evaluate one run in root/runs/<id>; returns its row (cached in row.json)."""
+    """Train and evaluate one run in root/runs/<id>; returns its row (cached in row.json, or select.json
+    for a train-only selection run). A selection run and the comparison run of the same id share the
+    folder: the comparison resumes the finished training and only adds the evaluation."""
     import torch
 
     from .decode import decode_config_for
-    from .experiments import DataPlan, evaluate, run_training
+    from .experiments import DataPlan, evaluate, plan_data, run_training
     from .recipes import configs_for, recipe_for
+    from .train import TrainingError
 
     run_dir = Path(root) / "runs" / spec.id
-    row_path = run_dir / "row.json"
+    row_path = run_dir / ("row.json" if spec.evaluate else "select.json")
     if row_path.exists():
         return json.loads(row_path.read_text())
     if threads:
@@ -91,40 +131,71 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
             print_fn(f"[{spec.id}] {line}")
 
     started = time.time()
+    plan = DataPlan(**spec.plan)
+    resume = False
     try:
-        method_cfg, train_cfg = configs_for(spec.dataset, spec.method, **spec.overrides)
-        plan = DataPlan(**spec.plan)
-        resume = (run_dir / "checkpoint.safetensors").exists()
-        if resume:
-            say("resuming from its checkpoint")
-        result = run_training(model_name, plan, method_cfg, train_cfg, run_dir, resume=resume, print_fn=say)
-        items = _pick_eval_items(result["eval_items"], spec.eval_limit)
-        decode_cfg = decode_config_for(spec.dataset, **spec.decode)
-        metrics = evaluate(result["model"], result["tokenizer"], result["artifact"], items,
-                           recipe_for(spec.dataset).metric, decode_cfg, run_dir / "eval")
+        if spec.method == ZERO_STEP:
+            from .models import load_model
+
+            _, _, eval_items = plan_data(plan)
+            model, tok = load_model(model_name)
+            result = {"model": model, "tokenizer": tok, "eval_items": eval_items, "artifact": None,
+                      "trainable_params": 0, "steps": 0, "best_dev_loss": None, "best_step": None,
+                      "stopped_early": None, "total_steps": 0, "train_seconds": 0.0}
+            train_cfg = None
+        else:
+            method_cfg, train_cfg = configs_for(spec.dataset, spec.method, **spec.overrides)
+            resume = (run_dir / "checkpoint.safetensors").exists()
+            if resume:
+                say("resuming from its checkpoint")
+            try:
+                result = run_training(model_name, plan, method_cfg, train_cfg, run_dir, resume=resume, print_fn=say)
+            except TrainingError as e:
+                if spec.evaluate or "became" not in str(e):
+                    raise
+                # a selection run that diverged is a result (this rate is too high), not a failure
+                say(f"diverged: {e}")
+                result = {"trainable_params": None, "steps": None, "best_dev_loss": None, "train_seconds": 0.0,
+                          "diverged": str(e)}
+        metrics = None
+        if spec.evaluate:
+            items = _pick_eval_items(result["eval_items"], spec.eval_limit)
+            decode_cfg = decode_config_for(spec.dataset, **spec.decode)
+            metrics = evaluate(result["model"], result["tokenizer"], result["artifact"], items,
+                               recipe_for(spec.dataset).metric, decode_cfg, run_dir / "eval")
     finally:
         log.close()
-    row = {"id": spec.id, "method": spec.method, **spec.labels, "dataset": spec.dataset, "model": model_name,
-           "train_size": plan.train_size, "seed": plan.seed, "overrides": spec.overrides,
+    row = {"id": spec.id, "method": spec.method, **spec.labels, "group": spec.group, "dataset": spec.dataset,
+           "model": model_name, "train_size": plan.train_size, "seed": plan.seed, "overrides": spec.overrides,
+           "lr": train_cfg.lr if train_cfg else None, "bf16": train_cfg.bf16 if train_cfg else None,
            "trainable_params": result["trainable_params"], "steps": result["steps"],
-           "best_dev_loss": result["best_dev_loss"], "n_eval": metrics["n"], "scores": metrics["scores"],
-           **{k: metrics[k] for k in ("scores_seen", "scores_unseen") if k in metrics},
+           "total_steps": result.get("total_steps"), "best_step": result.get("best_step"),
+           "stopped_early": result.get("stopped_early"), "best_dev_loss": result["best_dev_loss"],
+           "dev_curve": dev_curve(run_dir), **({"diverged": result["diverged"]} if "diverged" in result else {}),
            "train_seconds": round(result["train_seconds"], 1), "wall_seconds": round(time.time() - started, 1),
-           "resumed": resume, "versions": _versions(), "host": platform.node()}
+           "resumed": resume, "versions": _versions(), "machine": machine()}
+    if metrics is not None:
+        row.update({"n_eval": metrics["n"], "scores": metrics["scores"],
+                    **{k: metrics[k] for k in ("scores_seen", "scores_unseen") if k in metrics},
+                    "decode_seconds": metrics.get("decode_seconds")})
     atomic_write_bytes(row_path, json.dumps(row, indent=2, default=str).encode())
     return row
 
 
-def read_results(out: str | Path) -> list[dict]:
-    path = Path(out) / "results.jsonl"
+RESULTS = "results.jsonl"              # comparison runs (evaluated)
+SELECTION = "lr_selection.jsonl"      # learning-rate selection runs (dev loss only)
+
+
+def read_results(out: str | Path, name: str = RESULTS) -> list[dict]:
+    path = Path(out) / name
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_results(out: str | Path, rows: list[dict]) -> None:
+def write_results(out: str | Path, rows: list[dict], name: str = RESULTS) -> None:
     data = "".join(json.dumps(r, default=str) + "\n" for r in rows)
-    atomic_write_bytes(Path(out) / "results.jsonl", data.encode())
+    atomic_write_bytes(Path(out) / name, data.encode())
 
 
 def local_cpus() -> int:
@@ -149,9 +220,12 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
     ids = [s.id for s in specs]
     if len(set(ids)) != len(ids):
         raise ValueError("run ids in an experiment must be unique")
-    done = {r["id"]: r for r in read_results(out)}
-    for s in specs:  # a row.json written by a run whose driver died before recording it
-        row_path = out / "runs" / s.id / "row.json"
+    if len({s.evaluate for s in specs}) > 1:
+        raise ValueError("a sweep is either selection runs or evaluated runs, not both")
+    record = RESULTS if not specs or specs[0].evaluate else SELECTION
+    done = {r["id"]: r for r in read_results(out, record)}
+    for s in specs:  # a row written by a run whose driver died before recording it
+        row_path = out / "runs" / s.id / ("row.json" if s.evaluate else "select.json")
         if s.id not in done and row_path.exists():
             done[s.id] = json.loads(row_path.read_text())
     for s in specs:  # a finished run under this id with other settings: never mixed into the table silently
@@ -212,7 +286,7 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
                     print_fn(f"[{finished}/{len(todo)}] {spec.id} FAILED: {str(e).splitlines()[-1] if str(e) else e}")
                     continue
                 done[spec.id] = row
-                write_results(out, on_record())
+                write_results(out, on_record(), record)
                 elapsed = time.time() - t0
                 eta = elapsed / finished * (len(todo) - finished)
                 print_fn(f"[{finished}/{len(todo)}] {spec.id}: {_headline(row)} "
@@ -224,7 +298,7 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
             raise RuntimeError(f"{len(failures)} run(s) failed ({', '.join(i for i, _ in failures)}); "
                                f"see {out}/runs/<id>/stdout.log; rerun the command to retry them")
     rows = on_record()
-    write_results(out, rows)
+    write_results(out, rows, record)
     return rows
 
 
@@ -245,10 +319,3 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
 def _headline(row: dict) -> str:
     scores = row.get("scores", {})
     return ", ".join(f"{k} {v:.4g}" for k, v in list(scores.items())[:3] if isinstance(v, (int, float)))
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std

@@ -1,0 +1,97 @@
+"""Statistics behind every comparison: mean ± std over seeds, and a paired bootstrap interval of a
+corpus-BLEU difference over evaluation sources.
+
+The bootstrap resamples sources, not sentences of one system: both systems are scored on the same
+resampled sources (paired), so what the interval measures is how much the difference depends on
+which sources happened to be evaluated. With several seeds, seed s of system A is paired with seed s
+of system B (same training sample, same held-out sources), and the statistic is the mean over seeds
+of the per-seed corpus-BLEU difference. Corpus BLEU of a resample is computed from per-source
+sufficient statistics (n-gram matches, totals, lengths), which is exactly what the corpus score sums.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    values = list(values)
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_std of no values")
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+class BleuStats:
+    """Per-source BLEU sufficient statistics for one task's BLEU (the one `metrics.score` reports)."""
+
+    def __init__(self, task: str):
+        from sacrebleu.metrics import BLEU
+
+        if task in ("e2e", "generic"):  # mteval-v13a as e2e-metrics runs it (metrics/bleu.py)
+            self.metric = BLEU(lowercase=True, tokenize="13a", smooth_method="exp", force=True)
+        elif task in ("webnlg", "dart"):
+            raise ValueError(f"bootstrap for {task!r}: its BLEU scores normalized text with padded references "
+                             "(metrics/tasks.py); not wired here yet")
+        else:
+            raise ValueError(f"no BLEU for task {task!r}")
+
+    def per_source(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
+        """(sources, stats) integer array; summing rows gives the corpus statistics."""
+        from .metrics.bleu import reference_streams
+
+        return np.asarray(self.metric._extract_corpus_statistics(list(hyps), reference_streams(refs)), dtype=np.int64)
+
+    def score(self, stats: np.ndarray) -> float:
+        """Corpus BLEU (0-1) of summed statistics."""
+        return self.metric._compute_score_from_stats(stats.sum(0).tolist()).score / 100.0
+
+
+@dataclass
+class Interval:
+    estimate: float  # the statistic on the evaluated sources
+    low: float
+    high: float
+    resamples: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def verdict(self, better: str = "ahead", worse: str = "behind") -> str:
+        if not self.excludes_zero:
+            return "no difference shown"
+        return better if self.low > 0 else worse
+
+
+def paired_bootstrap(pairs: list[tuple[np.ndarray, np.ndarray]], score, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> Interval:
+    """Interval of mean_over_seeds(score(A_s) - score(B_s)).
+
+    `pairs`: per seed, (A's per-source stats, B's per-source stats) over the SAME sources in the same
+    order. Each resample draws every seed's sources with replacement (paired: one draw for A and B).
+    """
+    if not pairs:
+        raise ValueError("paired_bootstrap needs at least one seed")
+    for a, b in pairs:
+        if len(a) != len(b) or len(a) == 0:
+            raise ValueError(f"paired_bootstrap: systems scored on different numbers of sources ({len(a)} vs {len(b)})")
+    rng = np.random.default_rng(seed)
+    estimate = float(np.mean([score(a) - score(b) for a, b in pairs]))
+    values = np.empty(resamples)
+    for i in range(resamples):
+        diffs = []
+        for a, b in pairs:
+            idx = rng.integers(0, len(a), len(a))
+            diffs.append(score(a[idx]) - score(b[idx]))
+        values[i] = np.mean(diffs)
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high), resamples)
