@@ -306,9 +306,12 @@ def test_experiment_vpt_arms_train_pick_lr_on_val_and_tabulate(tmp_path):
         arm = vx.VPT_ARMS[name]
         arm = vx.Arm(arm.method, {**arm.options, "num_labels": 2, "labels": labels}, arm.lrs)
         row = vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path)
-        assert row["steps"] == 2 and row["n_test"] == 6 and 0 <= row["test_accuracy"] <= 1
+        assert row["steps"] == 2 and 0 <= row["val_accuracy"] <= 1 and "test_accuracy" not in row
         again = vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path)
         assert again == row, "a finished run is read back, not redone"
+        row = vx.test_arm(model, proc, row, splits, sc, tmp_path)      # the saved artifact, reloaded
+        assert row["n_test"] == 6 and 0 <= row["test_accuracy"] <= 1
+        assert vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path) == row
         rows.append(dict(row, chosen=True))
     with torch.no_grad():  # every arm detached: the base model is untouched
         assert torch.equal(model(pixel_values=pixels(1, 0)).last_hidden_state,

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -228,6 +229,16 @@ class _FeatureCache:
         return torch.stack([self.store[k] for k in keys]).to(pixels.device)
 
 
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _shared_cache(model, pool: str) -> _FeatureCache:
+    """One frozen-feature cache per (base model, pooling), shared by linear probes on that model (several
+    seeds and learning rates then run the backbone once per image). Valid while the model is frozen:
+    methods that train encoder weights never use it."""
+    return _CACHES.setdefault(model, {}).setdefault(pool, _FeatureCache())
+
+
 class ImageClassifier(Method):
     """Shared by image classifier methods: images in, labels out, the image processor in the artifact."""
 
@@ -406,7 +417,7 @@ class VPTModel(ImageClassifier):
                 layer = self.lora[n.replace(".", "__")]
                 self._lora_hooks.append(m.register_forward_hook(
                     lambda mod, args, out, layer=layer: out + layer(args[0]).to(out.dtype)))
-        self._cache = _FeatureCache() if cfg.depth == "none" and cfg.tune == "head" else None
+        self._cache = _shared_cache(model, cfg.pool) if cfg.depth == "none" and cfg.tune == "head" else None
 
     # -- what trains ---------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
