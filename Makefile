@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/prefixtune demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(VENV)/bin/prefixtune demo --record results/demo $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

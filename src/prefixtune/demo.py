@@ -1,4 +1,4 @@
-"""`make demo`: prefix-tune SmolLM2-135M on 200 E2E pairs on a CPU and compare with zero-shot prompting.
+"""`make demo`: prefix-tune SmolLM2-135M-Instruct on 200 E2E pairs on a CPU and compare with zero-shot prompting.
 
 Low-data E2E as in the paper's §7.2 setting, drawn from the E2E dev split (the only split shipped
 here): 200 training pairs sampled by MR, a dev-loss set and an evaluation set of MRs never trained
@@ -16,6 +16,7 @@ from .config import PrefixConfig
 from .decode import DecodeConfig
 from .experiments import DataPlan, evaluate, run_training
 from .prefix import atomic_write_bytes
+from .sweeps import package_versions, machine
 from .train import TrainConfig
 
 INSTRUCTION = ("Write one fluent English sentence that describes this restaurant, using every attribute "
@@ -24,7 +25,7 @@ INSTRUCTION = ("Write one fluent English sentence that describes this restaurant
 
 def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: int = 400, minutes: float | None = None,
              train_size: int = 200,             eval_size: int = 60, seed: int = 0, num_beams: int = 1, model_name: str = "smollm2-135m",
-             precision: str | None = None, print_fn=print) -> dict:
+             precision: str | None = None, print_fn=print, record_dir: str | Path | None = None) -> dict:
     """`precision`: "auto" (measured once per machine, cached), "fp32" or "bf16"; None reads $PREFIXTUNE_PRECISION."""
     from .models import load_model
     from .precision import resolve_bf16
@@ -80,6 +81,13 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
     summary = {"date": time.strftime("%Y-%m-%d"), "model": model_name, "train_size": train_size, "eval_mrs": len(items),
                "steps": run["steps"], "train_seconds": round(run["train_seconds"], 1),
                "zero_shot": zero["scores"], "prefix_tuned": tuned["scores"], "prefix_bytes": size,
-               "total_seconds": round(time.time() - started, 1)}
+               "total_seconds": round(time.time() - started, 1), "bf16": bf16, "resumed": resume,
+               "best_step": run.get("best_step"), "machine": machine(), "versions": package_versions()}
     atomic_write_bytes(out / "demo.json", json.dumps(summary, indent=2).encode())
+    if record_dir is not None:  # the evidence behind the README's demo figures (one file per run)
+        cpu = "-".join(summary["machine"]["cpu"].replace("(R)", "").replace("(TM)", "").split()[:3]) or "cpu"
+        name = f"{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}-{''.join(c for c in cpu if c.isalnum() or c == '-')}.json"
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(record_dir) / name, json.dumps(summary, indent=2).encode())
+        print_fn(f"recorded {Path(record_dir) / name}")
     return summary

@@ -52,10 +52,10 @@ SCALES = {
     "paper": Scale(sizes=(50, 100, 200, 500), seeds=(0, 1, 2, 3, 4), full_size=None, max_steps=None,
                    eval_limit=None, num_beams=5, max_new_tokens=60),
     # quick: three seeds, 200 evaluation sources, early stopping (dev loss every 10 steps, patience 3) under
-    # a 300-step cap. The rates searched around: the recipes carry the paper's long-run rates (8e-5 for
+    # a 200-step cap. The rates searched around: the recipes carry the paper's long-run rates (8e-5 for
     # the prefix on E2E), set for thousands of steps; at a few hundred steps the prefix and the adapter
     # start their grid at 1e-3 (measured 2026-11-28: E2E n50, prefix at 8e-5 still falling at step 80)
-    "quick": Scale(sizes=(50, 200), seeds=(0, 1, 2), full_size=200, max_steps=300, eval_limit=200, num_beams=1,
+    "quick": Scale(sizes=(50, 200), seeds=(0, 1, 2), full_size=200, max_steps=200, eval_limit=200, num_beams=1,
                    max_new_tokens=60, epochs=1000, soft_lr=1e-3, adapter_lr=1e-3, classifier_eval=1000,
                    eval_every=10, patience=3, warmup_steps=10),
     "tiny": Scale(sizes=(20, 40), seeds=(0,), full_size=40, max_steps=4, eval_limit=4, num_beams=1,
@@ -395,17 +395,31 @@ def table_markdown(exp: Experiment, rows: list[dict], out: Path | None = None, c
     return "\n".join(lines) + "\n"
 
 
+def partial_choices(selection_rows: list[dict]) -> dict:
+    """lr_choice.json's shape from the selection runs recorded so far (a grid still running: no choice)."""
+    out: dict = {}
+    for r in selection_rows:
+        c = out.setdefault(r["group"], {"method": r["method"], "dev_loss": {}, "chosen": None, "runs": []})
+        loss = r.get("best_dev_loss")
+        c["dev_loss"][f"{r['lr']:g}"] = loss if loss is not None else math.inf
+        c["runs"].append(r["id"])
+    for c in out.values():
+        c["dev_loss"] = dict(sorted(c["dev_loss"].items(), key=lambda kv: float(kv[0])))
+    return out
+
+
 def selection_markdown(choices: dict) -> str:
     """The learning-rate grid of every group: each point's best dev loss, the choice marked."""
     if not choices:
         return ""
     lines = ["| group | method | dev loss at each learning rate (seed 0) | chosen |", "|---|---|---|---|"]
     for g, c in choices.items():
-        pts = ", ".join(("**" if float(k) == c["chosen"] else "") + f"{k}: " +
+        pts = ", ".join(("**" if float(k) == c.get("chosen") else "") + f"{k}: " +
                         (f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "diverged") +
-                        ("**" if float(k) == c["chosen"] else "") for k, v in c["dev_loss"].items())
+                        ("**" if float(k) == c.get("chosen") else "") for k, v in c["dev_loss"].items())
         edge = f" (at the {c['at_edge']} edge)" if c.get("at_edge") else ""
-        lines.append(f"| {g} | {c['method']} | {pts} | {c['chosen']:g}{edge} |")
+        chosen = f"{c['chosen']:g}{edge}" if c.get("chosen") is not None else "grid not finished"
+        lines.append(f"| {g} | {c['method']} | {pts} | {chosen} |")
     return "\n".join(lines) + "\n"
 
 
@@ -481,13 +495,22 @@ def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     protocol = protocol or Protocol()
+    save_experiment_meta(exp, out)
     for n in exp.notes:
         print_fn(n)
     choices = select_learning_rates(exp.runs, exp.model, out, protocol, ray_address=ray_address, print_fn=print_fn,
                                     progress=progress)
     specs = comparison_specs(exp.runs, choices, protocol, generates=recipe_for(exp.dataset).metric != "accuracy")
-    rows = run_sweep(specs, exp.model, out, ray_address=ray_address, print_fn=print_fn, progress=progress)
-    return write_outputs(exp, out, [r for r in rows if r["id"] in {s.id for s in specs}])
+    run_sweep(specs, exp.model, out, ray_address=ray_address, print_fn=print_fn, progress=progress)
+    return write_outputs(exp, out)  # every row on record: other seeds and sizes from earlier commands too
+
+
+def save_experiment_meta(exp: Experiment, out: Path) -> None:
+    """What the report needs to redraw this folder's table and figures without the command line."""
+    from .prefix import atomic_write_bytes
+
+    atomic_write_bytes(Path(out) / "experiment.json", json.dumps(
+        {k: v for k, v in dataclasses.asdict(exp).items() if k != "runs"}, indent=2).encode())
 
 
 def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = None) -> dict:
@@ -495,6 +518,7 @@ def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = No
 
     out = Path(out)
     rows = read_results(out) if rows is None else rows
+    save_experiment_meta(exp, out)
     choice_path = out / "lr_choice.json"
     choices = json.loads(choice_path.read_text()) if choice_path.exists() else None
     table = report_markdown(exp, rows, out, choices)

@@ -8,7 +8,7 @@
    diverges (NaN) counts as an infinite dev loss. Every point is recorded (OUT/lr_selection.jsonl,
    with its dev-loss curve) and the choices in OUT/lr_choice.json.
 2. The budget rule: every run trains until its dev loss has not improved for `patience` evaluations
-   (early stopping), capped at `max_steps`; the artifact kept is the best dev-loss state. A run that
+   (early stopping), capped at `max_steps` (quick scale: 200); the artifact kept is the best dev-loss state. A run that
    reaches the cap without stopping is marked "still improving" in the tables.
 3. The comparison: every seed at the chosen rate (seed 0 reuses the selection run's training), plus
    a zero-step row (the untrained model, same input format, same sources) per training sample.

@@ -46,7 +46,7 @@ class RunSpec:
 ZERO_STEP = "zero-step"
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
     import torch
     import transformers
 
@@ -173,7 +173,7 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
            "stopped_early": result.get("stopped_early"), "best_dev_loss": result["best_dev_loss"],
            "dev_curve": dev_curve(run_dir), **({"diverged": result["diverged"]} if "diverged" in result else {}),
            "train_seconds": round(result["train_seconds"], 1), "wall_seconds": round(time.time() - started, 1),
-           "resumed": resume, "versions": _versions(), "machine": machine()}
+           "resumed": resume, "versions": package_versions(), "machine": machine()}
     if metrics is not None:
         row.update({"n_eval": metrics["n"], "scores": metrics["scores"],
                     **{k: metrics[k] for k in ("scores_seen", "scores_unseen") if k in metrics},

@@ -1,0 +1,168 @@
+"""Every table and figure in the docs, regenerated from the data committed beside them.
+
+Experiments write their rows, predictions and learning-rate choices under `results/<experiment>/`
+(`prefixtune experiment NAME --out results/NAME`); benchmarks write `bench/results/*.json`. A doc
+never holds a hand-typed result table: it holds a generated block,
+
+    <!-- generated: experiment results/low-data -->
+    ...the table, written by this module...
+    <!-- /generated -->
+
+and `prefixtune report` rewrites every block (and redraws every experiment's figures) from those
+files. `prefixtune report --check` (and tests/test_report.py) fails when a block differs from what
+the data generates, so a number in the docs cannot drift from the files behind it.
+
+Block kinds:
+    experiment DIR        the experiment's table (means, std, chosen rates, intervals vs the prefix)
+    selection DIR         its learning-rate grid: each point's dev loss, the choice
+    bench-ratios GLOB     one column per `make bench` record: every ratio, its goal and whether met
+    demo-runs GLOB        one line per `make demo` record (results/demo/*.json): time, machine, metrics
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from pathlib import Path
+
+BLOCK = re.compile(r"(<!-- generated: (?P<kind>[\w-]+) (?P<arg>[^>]*?) -->\n)(?P<body>.*?)(<!-- /generated -->)",
+                   re.DOTALL)
+DOCS = ("README.md", "docs/results.md", "docs/methods.md", "docs/performance.md", "docs/vision.md")
+
+
+class ReportError(ValueError):
+    """A generated block names data that is missing or unreadable."""
+
+
+def load_experiment(folder: Path):
+    """(Experiment, rows, choices) of a results folder, as its command recorded them."""
+    from .paper import Experiment
+    from .sweeps import read_results
+
+    meta_path = folder / "experiment.json"
+    if not meta_path.exists():
+        raise ReportError(f"{meta_path} not found: run `prefixtune experiment ... --out {folder}` first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    exp = Experiment(runs=[], **{**meta, "group_by": tuple(meta["group_by"])})
+    choice_path = folder / "lr_choice.json"
+    choices = json.loads(choice_path.read_text(encoding="utf-8")) if choice_path.exists() else None
+    return exp, read_results(folder), choices
+
+
+def _experiment_block(root: Path, arg: str, link) -> str:
+    from .paper import table_markdown
+
+    exp, rows, choices = load_experiment(root / arg)
+    return table_markdown(exp, rows, root / arg, choices)
+
+
+def _selection_block(root: Path, arg: str, link) -> str:
+    from .paper import selection_markdown
+
+    from .paper import partial_choices
+    from .sweeps import SELECTION, read_results
+
+    _, _, choices = load_experiment(root / arg)
+    if not choices:  # the grid is still running: what has been measured so far
+        choices = partial_choices(read_results(root / arg, SELECTION))
+    if not choices:
+        raise ReportError(f"{root / arg}: no learning-rate selection run is recorded")
+    return selection_markdown(choices)
+
+
+def _bench_block(root: Path, arg: str, link) -> str:
+    paths = sorted(glob.glob(str(root / arg)))
+    records = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    records = [r for r in records if not r.get("quick")]
+    if not records:
+        raise ReportError(f"no full `make bench` record matches {arg}")
+    names: list[str] = []
+    goals: dict[str, str] = {}
+    for r in records:
+        for ratio in r.get("ratios", []):
+            if ratio["name"] not in names:
+                names.append(ratio["name"])
+            goals.setdefault(ratio["name"], ratio.get("goal") or "")
+    head = ["figure", "goal"] + [f"{r['date']} · {r['cpu']} ×{r['cores']} · {r['precision'].split(':')[0]}"
+                                 for r in records]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name, goals[name] or "–"]
+        for r in records:
+            ratio = next((x for x in r.get("ratios", []) if x["name"] == name), None)
+            if ratio is None or ratio.get("value") is None:
+                cells.append("–")
+                continue
+            met = {True: " ✓", False: " ✗"}.get(ratio.get("met"), "")
+            note = f" ({ratio['note']})" if ratio.get("note") else ""
+            cells.append(f"{ratio['value']:g}{met}{note}")
+        lines.append("| " + " | ".join(cells) + " |")
+    sources = ", ".join(f"[`{Path(p).name}`]({link(p)})" for p in paths
+                        if not json.loads(Path(p).read_text(encoding='utf-8')).get("quick"))
+    return "\n".join(lines) + f"\n\nRecords: {sources}.\n"
+
+
+def _demo_block(root: Path, arg: str, link) -> str:
+    paths = sorted(glob.glob(str(root / arg)))
+    if not paths:  # said in the doc, not hidden: the figures appear with the first recorded run
+        return f"No `make demo` run is recorded yet (`make demo` writes one file into `{Path(arg).parent}/` per run).\n"
+    head = ["date", "CPU", "precision", "steps (best)", "training min", "total min", "zero-shot BLEU",
+            "prefix BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in paths:
+        r = json.loads(Path(p).read_text(encoding="utf-8"))
+        s = r["prefix_tuned"]
+        lines.append("| " + " | ".join([
+            r["date"], f"{r['machine']['cpu']} ×{r['machine']['cpus']}", "bf16" if r.get("bf16") else "fp32",
+            f"{r['steps']} ({r.get('best_step')})", f"{r['train_seconds'] / 60:.1f}", f"{r['total_seconds'] / 60:.1f}",
+            f"{r['zero_shot']['bleu']:.4f}", f"{s['bleu']:.4f}", f"{s['nist']:.3f}", f"{s['meteor']:.4f}",
+            f"{s['rouge_l']:.4f}", f"{s['cider']:.3f}"]) + " |")
+    return "\n".join(lines) + "\n\nRecords: " + ", ".join(
+        f"[`{Path(p).name}`]({link(p)})" for p in paths) + ".\n"
+
+
+GENERATORS = {"experiment": _experiment_block, "selection": _selection_block, "bench-ratios": _bench_block,
+              "demo-runs": _demo_block}
+
+
+def render(text: str, root: Path, where: str = "docs/doc.md") -> str:
+    """`text` (the doc at root/`where`) with every generated block rewritten from the data."""
+    import os
+
+    def link(path) -> str:  # a data file as a link relative to the doc
+        return os.path.relpath(Path(path).resolve(), (Path(root) / where).resolve().parent).replace(os.sep, "/")
+
+    def replace(m: re.Match) -> str:
+        kind, arg = m["kind"], m["arg"].strip()
+        if kind not in GENERATORS:
+            raise ReportError(f"{where}: unknown generated block kind {kind!r} (known: {', '.join(GENERATORS)})")
+        body = GENERATORS[kind](root, arg, link).rstrip("\n") + "\n"
+        return m.group(1) + body + m.group(5)
+
+    return BLOCK.sub(replace, text)
+
+
+def regenerate(root: str | Path = ".", check: bool = False, redraw: bool = True) -> list[str]:
+    """Rewrite every generated block of the docs (and redraw the experiments' tables and figures);
+    returns the docs whose blocks differed. `check=True` writes nothing."""
+    from .paper import write_outputs
+    from .prefix import atomic_write_bytes
+
+    root = Path(root)
+    if redraw and not check:
+        for meta in sorted((root / "results").glob("*/experiment.json")):
+            exp, rows, _ = load_experiment(meta.parent)
+            write_outputs(exp, meta.parent, rows)
+    changed = []
+    for name in DOCS:
+        path = root / name
+        if not path.exists():
+            continue
+        text = path.read_text(encoding="utf-8")
+        new = render(text, root, name)
+        if new != text:
+            changed.append(name)
+            if not check:
+                atomic_write_bytes(path, new.encode())
+    return changed
