@@ -422,7 +422,7 @@ def test_prompt_export_refuses_templates_peft_cannot_hold(tmp_path):
 
 @pytest.mark.parametrize("method", WEIGHT_METHODS)
 def test_run_training_returns_the_base_model_so_the_artifact_applies_once(method, tmp_path):
-    """The sweep and scripts/method_table.py train, then evaluate `run["artifact"]` on `run["model"]`.
+    """The sweep and the demo train, then evaluate `run["artifact"]` on `run["model"]`.
     A model still carrying the trained weights or hooks made that fail (finetune, ft-top: the
     fingerprint changed) or apply adapters and LoRA twice. Reference: the artifact on a fresh base."""
     from prefixtune.decode import DecodeConfig, generate_texts
