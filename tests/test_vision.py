@@ -184,6 +184,16 @@ def test_baselines_full_and_lora_train_the_encoder_and_detach_restores_it():
                 p.normal_()
         assert (lora.hidden(x) - before).abs().max() > 1e-3
     lora.detach()
+    adapter = build(model, "vpt", ImageProcessor(size=SIZE), depth="none", tune="adapter", size=4)
+    sites = {n.rsplit(".", 2)[0] for n in adapter.trainable() if n.startswith("adapter.")}
+    assert sites == {f"adapter.layers.{i}.{s}" for i in range(3) for s in ("attention.o_proj", "mlp")}
+    with torch.no_grad():
+        assert torch.equal(adapter.hidden(x), before), "adapters start as the identity (up = 0)"
+        for n, p in adapter.trainable().items():
+            if ".up." in n:
+                p.normal_()
+        assert (adapter.hidden(x) - before).abs().max() > 1e-3
+    adapter.detach()
     full = build(model, "vpt", ImageProcessor(size=SIZE), depth="none", tune="full")
     assert sum(p.numel() for p in full.trainable().values()) == sum(p.numel() for p in model.parameters()) + 32 * 10 + 10
     loss = full.loss(full.collate([full.encode(None, np.zeros((8, 8, 3), np.uint8), "cat")], 0))

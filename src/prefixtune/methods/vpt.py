@@ -49,7 +49,7 @@ from .base import Method
 from .weights import WeightArtifact
 
 DEPTHS = ("shallow", "deep", "prefix", "none")
-TUNES = ("head", "full", "lora")
+TUNES = ("head", "full", "lora", "adapter")
 POOLS = ("cls", "mean")
 
 
@@ -76,11 +76,13 @@ class VPTConfig(MethodConfig):
         "help": "Class names in head order (default: CIFAR-10's ten)."})
     pool: Literal["cls", "mean"] = field(default="cls", metadata={
         "help": "What the head reads: the last layer's [CLS] token, or the mean of the patch tokens (prompts excluded)."})
-    tune: Literal["head", "full", "lora"] = field(default="head", metadata={
+    tune: Literal["head", "full", "lora", "adapter"] = field(default="head", metadata={
         "help": "What of the encoder trains besides prompts and head: 'head' nothing, 'full' every weight, 'lora' "
-                "LoRA on the architecture's query/value projections."})
+                "LoRA on the architecture's query/value projections, 'adapter' Houlsby bottlenecks after each "
+                "attention and MLP sublayer (the table's adapter sites)."})
     rank: int = field(default=8, metadata={"help": "LoRA rank (tune='lora')."})
     alpha: float = field(default=8.0, metadata={"help": "LoRA scale numerator: alpha / rank (tune='lora')."})
+    size: int | None = field(default=8, metadata={"help": "Adapter bottleneck width (tune='adapter')."})
     image_size: int | None = field(default=None, metadata={
         "help": "Images are resized to this many pixels square (a multiple of the patch size); default: the "
                 "model's processor crop size (224 for DINOv2/ViT)."})
@@ -417,11 +419,25 @@ class VPTModel(ImageClassifier):
                 layer = self.lora[n.replace(".", "__")]
                 self._lora_hooks.append(m.register_forward_hook(
                     lambda mod, args, out, layer=layer: out + layer(args[0]).to(out.dtype)))
+        self._adapter_hooks = []
+        if cfg.tune == "adapter":
+            from .adapter import Bottleneck, adapter_sites
+
+            sites = adapter_sites(model)
+            self.adapters = nn.ModuleDict({n.replace(".", "__"): Bottleneck(hidden, cfg.size or 8, "relu", 0.01)
+                                           for n in sites}).to(model.device)
+            for n, m in sites.items():
+                self._adapter_hooks.append(m.register_forward_hook(
+                    lambda mod, args, out, a=self.adapters[n.replace(".", "__")]: a(out)))
         self._cache = _shared_cache(model, cfg.pool) if cfg.depth == "none" and cfg.tune == "head" else None
 
     # -- what trains ---------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
-        own = {n: p for n, p in self.named_parameters() if not n.startswith("model.") and not n.startswith("lora.")}
+        own = {n: p for n, p in self.named_parameters()
+               if not n.startswith("model.") and not n.startswith("lora.") and not n.startswith("adapters.")}
+        if self.config.tune == "adapter":
+            own.update({f"adapter.{n.replace('__', '.')}.{k}": p for n, a in self.adapters.items()
+                        for k, p in a.named_parameters()})
         if self.config.tune == "lora":
             own.update({f"lora.{n.replace('__', '.')}.{part}": getattr(layer, part)
                         for n, layer in self.lora.items() for part in "AB"})
@@ -431,9 +447,10 @@ class VPTModel(ImageClassifier):
     def detach(self) -> None:
         """Remove the hooks and give the base model back as it was (original weights, frozen)."""
         self.encoder.remove()
-        for h in self._lora_hooks:
+        for h in self._lora_hooks + self._adapter_hooks:
             h.remove()
         self._lora_hooks.clear()
+        self._adapter_hooks.clear()
         for name, value in self._originals.items():
             self.model.get_parameter(name).copy_(value)
         self._originals.clear()
