@@ -49,6 +49,22 @@ def fields_of(*classes) -> dict[str, dict]:
     return out
 
 
+INT_RANGES = {"seed": (0, 2**63 - 1)}  # torch, JSON and SQLite all hold these; 2**70 overflowed after the load
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int_in_range(name: str):
+    """A typer callback refusing an integer option outside its range (at parse time, before any work)."""
+    low, high = INT_RANGES.get(name, INT64)
+
+    def check(value):
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"{value} is out of range ({low} to {high})")
+        return value
+
+    return check
+
+
 def options(fields: dict[str, dict], label=lambda cls: cls.__name__) -> list[inspect.Parameter]:
     """typer options (all default None = 'not given') for `fields`."""
     params = []
@@ -61,8 +77,9 @@ def options(fields: dict[str, dict], label=lambda cls: cls.__name__) -> list[ins
         if entry["is_list"]:
             text += " (comma-separated)"
         annotation = Optional[entry["type"]]
+        extra = {"callback": _int_in_range(name)} if entry["type"] is int else {}
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(None, *names, help=text, show_default=False)))
+                                        default=typer.Option(None, *names, help=text, show_default=False, **extra)))
     return params
 
 

@@ -200,53 +200,161 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     path = Path(path)
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
-    return parse_safetensors(path.read_bytes(), str(path))
+    return parse_safetensors(read_file_bytes(path), str(path))
 
 
-def parse_safetensors(data: bytes, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """`read_safetensors` for file contents already in memory; `label` names the file in errors."""
-    from safetensors.torch import load
+def read_file_bytes(path: str | Path) -> bytearray:
+    """A file's bytes in one writable buffer of exactly its size: `parse_safetensors` makes tensors that
+    view it, so a file costs its size once in memory (no copy on parse)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        n = f.readinto(buf)
+        if n == size and not f.read(1):
+            return buf
+    # the file changed size while we read it: what was read is what is checked (a hash will differ)
+    return bytearray(Path(path).read_bytes())
 
-    if _looks_like_pickle(data[:9]):
+
+# safetensors dtype names -> torch dtypes (the ones a prefixtune or PEFT file can hold)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def safetensors_header(head: bytes, file_size: int, label: str) -> dict:
+    """The parsed header of a safetensors file from its first bytes (8-byte length + JSON), checked
+    against the file's size: every tensor's dtype, shape and byte range must fit and tile the data.
+    Truncated, damaged and pickle files raise PrefixFileError naming `label`."""
+    import math
+
+    if _looks_like_pickle(head[:9]):
         raise PrefixFileError(f"{label}: this is a pickle / torch.save file; prefixtune loads only safetensors "
                               "files (pickles can run arbitrary code)")
-    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if header_len < 0 or header_len > len(data) - 8:
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if n < 2 or n > file_size - 8:
         raise PrefixFileError(f"{label}: not a safetensors file, or truncated (header length does not fit the file)")
+    if len(head) < 8 + n:
+        raise ValueError("safetensors_header needs the whole header")
     try:
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-        # load() copies out of `data`; clone() so each tensor owns plain, writable memory
-        tensors = {k: v.clone() for k, v in load(data).items()}
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise PrefixFileError(f"{label}: damaged or not a safetensors file ({e})") from e
+        header = json.loads(bytes(head[8:8 + n]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrefixFileError(f"{label}: damaged safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise PrefixFileError(f"{label}: damaged safetensors header (not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PrefixFileError(f"{label}: damaged safetensors header (__metadata__ must map names to strings)")
+    data_len, spans = file_size - 8 - n, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        if not ok:
+            raise PrefixFileError(f"{label}: damaged safetensors header (tensor {name!r}: {str(info)[:80]})")
+        begin, end = info["data_offsets"]
+        itemsize = torch.tensor([], dtype=_DTYPES[info["dtype"]]).element_size() if info["dtype"] in _DTYPES else None
+        if not 0 <= begin <= end or (itemsize is not None and end - begin != math.prod(info["shape"]) * itemsize):
+            raise PrefixFileError(f"{label}: damaged safetensors header (tensor {name!r}: bytes {begin}-{end} do not "
+                                  f"hold shape {info['shape']} of {info['dtype']})")
+        if end > data_len:
+            raise PrefixFileError(f"{label}: truncated: tensor {name!r} ends at byte {8 + n + end} but the file has "
+                                  f"{file_size} bytes")
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise PrefixFileError(f"{label}: damaged safetensors file (tensor {name!r} starts at data byte {begin}, "
+                                  f"expected {at}: tensors overlap or leave a gap)")
+        at = end
+    if at != data_len:
+        raise PrefixFileError(f"{label}: damaged safetensors file ({data_len - at} bytes after the last tensor)")
+    return header
+
+
+def parse_safetensors(data: bytes | bytearray, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`read_safetensors` for file contents already in memory; `label` names the file in errors.
+
+    From a bytearray (`read_file_bytes`) the tensors are views of that buffer: no copy, and the
+    buffer lives as long as they do. From bytes, the contents are copied once."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    header = safetensors_header(bytes(data[:8 + n] if 2 <= n <= len(data) - 8 else data[:9]), len(data), label)
+    meta = header.get("__metadata__") or {}
+    names = [k for k in header if k != "__metadata__"]
+    if any(header[k]["dtype"] not in _DTYPES for k in names):  # an exotic dtype: safetensors' own loader
+        from safetensors.torch import load
+
+        try:
+            return {k: v.clone() for k, v in load(bytes(data)).items()}, meta
+        except Exception as e:  # safetensors raises several error types for damaged files
+            raise PrefixFileError(f"{label}: damaged or not a safetensors file ({e})") from e
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    start = 8 + n
+    tensors = {}
+    for k in names:
+        info = header[k]
+        dtype, (begin, end) = _DTYPES[info["dtype"]], info["data_offsets"]
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        count = (end - begin) // itemsize
+        if count == 0:
+            tensors[k] = torch.empty(info["shape"], dtype=dtype)
+        elif (start + begin) % itemsize:  # unaligned (after an odd-sized tensor): an aligned copy
+            tensors[k] = torch.frombuffer(bytearray(buf[start + begin:start + end]), dtype=dtype).view(info["shape"])
+        else:
+            tensors[k] = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).view(info["shape"])
     return tensors, meta
 
 
 def read_metadata(path: str | Path) -> dict:
     """The decoded metadata of a safetensors file, from its header only (no tensors are read).
 
-    Refuses pickles and damaged files with a message naming the file."""
-    import struct
+    Refuses pickles, damaged and truncated files (the header's byte ranges must fit the file) with a
+    message naming the file."""
+    return decode_meta(read_header(path).get("__metadata__") or {})
 
+
+def read_header(path: str | Path) -> dict:
+    """The checked safetensors header of a file (tensor dtypes, shapes, byte ranges; __metadata__),
+    reading only the header's bytes."""
     path = Path(path)
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(9)
-        if _looks_like_pickle(head):
-            raise PrefixFileError(f"{path}: this is a pickle / torch.save file; prefixtune loads only safetensors "
-                                  "files (pickles can run arbitrary code)")
-        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
-        f.seek(8)
-        if n < 2 or n > path.stat().st_size - 8:
-            raise PrefixFileError(f"{path}: not a safetensors file, or truncated (header length does not fit the file)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PrefixFileError(f"{path}: damaged safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise PrefixFileError(f"{path}: damaged safetensors header")
-    return decode_meta(header.get("__metadata__") or {})
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(9)
+            n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+            if 2 <= n <= size - 8:
+                f.seek(0)
+                head = f.read(8 + n)
+    except OSError as e:
+        raise PrefixFileError(f"{path}: cannot read ({e.strerror})") from None
+    return safetensors_header(head, size, str(path))
+
+
+def check_artifact_file(path: str | Path) -> dict:
+    """Everything an artifact file decides by itself, checked before any model is loaded: a safetensors
+    file (not a pickle, not truncated: every tensor's bytes inside the file), a prefixtune format, a
+    well-formed fingerprint, and for a prefix / soft prompt (small: read whole) tensors that match
+    its metadata's shapes and length and hold no NaN or inf. What needs the model (its shapes, its
+    fingerprint) is checked when the file is loaded onto it. Returns the decoded metadata."""
+    import re
+
+    raw = read_header(path).get("__metadata__") or {}
+    meta = decode_meta(raw)
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, "prefixtune.weights/1"):
+        raise PrefixFileError(f"{path}: not a prefixtune artifact file (format={fmt!r}, expected {FORMAT!r} or "
+                              "'prefixtune.weights/1')")
+    fp = raw.get("fingerprint")  # undecoded: "1234..." must stay a string
+    if fp is not None and not re.fullmatch(r"[0-9a-f]{16}", fp):
+        raise PrefixFileError(f"{path}: damaged metadata: fingerprint {str(fp)[:40]!r} is not 16 hex digits")
+    if fmt == FORMAT:
+        parse_prefix(read_file_bytes(path), str(path))
+    return meta
 
 
 def read_format(path: str | Path) -> str | None:
@@ -268,7 +376,7 @@ def load_prefix(path: str | Path, model=None, check_fingerprint: bool = True) ->
     path = Path(path)
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
-    return parse_prefix(path.read_bytes(), str(path), model, check_fingerprint)
+    return parse_prefix(read_file_bytes(path), str(path), model, check_fingerprint)
 
 
 def parse_prefix(data: bytes, label: str, model=None, check_fingerprint: bool = True) -> MergedPrefix:

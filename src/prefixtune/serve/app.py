@@ -47,13 +47,24 @@ log = logging.getLogger("prefixtune.serve")
 class ApiError(Exception):
     """An error answered as OpenAI-style JSON: {"error": {"message", "type", ...}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", headers: dict | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.headers = status, message, type, headers or {}
+        self.status, self.message, self.type, self.headers, self.param = status, message, type, headers or {}, param
 
 
-def _not_found(name: str) -> ApiError:
-    return ApiError(404, f"The model {name!r} does not exist or you do not have access to it.", "not_found_error")
+class ErrorResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message that quotes client input (even a
+    lone surrogate) always encodes, so an error is always answered, never a dropped connection."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _not_found(name: str, param: str = "model") -> ApiError:
+    shown = name if len(name) <= 80 else name[:80] + "..."
+    return ApiError(404, f"The model {shown!r} does not exist or you do not have access to it.", "not_found_error",
+                    param=param)
 
 
 @dataclass
@@ -78,7 +89,7 @@ class ServerState:
         try:
             record = self.store.get(name, owner)
             if record.fingerprint != self.fingerprint:
-                raise ApiError(400, f"prefix {name!r} was made for base model {record.base_model!r} (fingerprint "
+                raise ApiError(400, param="model", message=f"prefix {name!r} was made for base model {record.base_model!r} (fingerprint "
                                     f"{record.fingerprint}); this server runs {self.model_id!r} ({self.fingerprint})")
             return self.prefixes.get(record)
         except PrefixNotFound:
@@ -116,7 +127,7 @@ class RequestGuard:
             declared = headers.get("content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > cap):
                 raise ApiError(413, f"the body ({declared} bytes) is larger than this server's limit of a {what}",
-                               "request_too_large")
+                               "request_too_large", param="body")
         except ApiError as e:  # answered without reading the body
             await _error_response(e)(scope, receive, send)
             return
@@ -140,15 +151,16 @@ async def authenticate(store: PrefixStore, header: str) -> str:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
-                       "authentication_error", {"WWW-Authenticate": "Bearer"})
+                       "authentication_error", {"WWW-Authenticate": "Bearer"}, param="Authorization")
     who = await run_in_threadpool(store.owner_of, key.strip())
     if who is None:
-        raise ApiError(401, "invalid API key", "authentication_error", {"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "invalid API key (header Authorization)", "authentication_error",
+                       {"WWW-Authenticate": "Bearer"}, param="Authorization")
     return who
 
 
 def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.type, e.status), status_code=e.status, headers=e.headers)
+    return ErrorResponse(error_body(e.message, e.type, e.status, e.param), status_code=e.status, headers=e.headers)
 
 
 def _form_bool(value, field: str) -> bool:
@@ -157,7 +169,7 @@ def _form_bool(value, field: str) -> bool:
         return True
     if text in ("false", "0", "no", "off", ""):
         return False
-    raise ApiError(400, f"invalid request: {field}: expected true or false, got {str(value)[:40]!r}")
+    raise ApiError(400, f"invalid request: {field}: expected true or false, got {str(value)[:40]!r}", param=field)
 
 
 def _describe(record: PrefixRecord) -> dict:
@@ -186,8 +198,10 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
     state = ServerState(
         model=model, tokenizer=tokenizer, store=store, config=config, model_id=model_id or model_name(model),
         fingerprint=fingerprint(model), batcher=Batcher(model, tokenizer, config, metrics),
-        prefixes=PrefixCache(store, capacity=config.prefix_cache_size, dtype=model.dtype), metrics=metrics)
+        prefixes=PrefixCache(store, capacity=config.prefix_cache_size, dtype=model.dtype,
+                             max_bytes=config.prefix_cache_bytes), metrics=metrics)
     metrics.cached_prefixes.fn = lambda: len(state.prefixes)
+    metrics.cached_prefix_bytes.fn = lambda: state.prefixes.nbytes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -212,7 +226,10 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:  # a bug: answered here (500, logged once), so the connection stays usable
+            response = _unexpected(request, e)
         route = request.scope.get("route")
         metrics.requests.inc(1, getattr(route, "path", "other"), str(response.status_code))
         return response
@@ -243,7 +260,7 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
         try:
             record = await run_in_threadpool(store.get, name, who)
         except PrefixNotFound:
-            raise _not_found(name) from None
+            raise _not_found(name, "name") from None
         return {**_describe(record), "object": "prefix", "fingerprint": record.fingerprint,
                 "base_model": record.base_model}
 
@@ -253,26 +270,28 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
         (true/false). Parsed here, after the key check, as a stream: the file is spooled to a temp
         file, and the body is capped (RequestGuard)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise ApiError(400, "invalid request: send multipart/form-data with fields name, file and public")
+            raise ApiError(400, "invalid request: body: send multipart/form-data with fields name, file and public",
+                           param="body")
         parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=2,
                                  max_part_size=64 * 1024)
         try:
             form = await parser.parse()
         except MultiPartException as e:
-            raise ApiError(400, f"invalid request: {e.message}") from None
+            raise ApiError(400, f"invalid request: body: {e.message}", param="body") from None
         try:
             name, file = form.get("name"), form.get("file")
             if not isinstance(name, str):
-                raise ApiError(400, "invalid request: name: Field required")
+                raise ApiError(400, "invalid request: name: Field required", param="name")
             if not isinstance(file, UploadFile):
-                raise ApiError(400, "invalid request: file: Field required (a file part)")
+                raise ApiError(400, "invalid request: file: Field required (a file part)", param="file")
             public = _form_bool(form.get("public", "false"), "public")
             if name == state.model_id:
-                raise ApiError(400, f"{name!r} is the base model's name; pick another prefix name")
+                raise ApiError(400, f"name: {name!r} is the base model's name; pick another prefix name", param="name")
             limit = int(config.max_upload_mb * 2**20)
             data = await file.read(limit + 1)
             if len(data) > limit:
-                raise ApiError(413, f"file larger than the limit of {config.max_upload_mb} MB", "request_too_large")
+                raise ApiError(413, f"file: larger than the limit of {config.max_upload_mb} MB", "request_too_large",
+                               param="file")
         finally:
             await form.close()  # removes the spooled temp file
         notes: list[str] = []
@@ -280,10 +299,11 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
             record = await run_in_threadpool(store.add_bytes, name, who, data, public, file.filename or "uploaded file",
                                              notes)
         except PrefixExists as e:
-            raise ApiError(409, str(e), "conflict_error") from None
+            raise ApiError(409, str(e), "conflict_error", param="name") from None
         except (PrefixFileError, InvalidName) as e:
-            raise ApiError(400, str(e), "invalid_prefix_file" if isinstance(e, PrefixFileError) else
-                           "invalid_request_error") from None
+            file_error = isinstance(e, PrefixFileError)
+            raise ApiError(400, str(e), "invalid_prefix_file" if file_error else "invalid_request_error",
+                           param="file" if file_error else "name") from None
         log.info("owner %s added prefix %r (%s bytes, public=%s)", who, name, record.size_bytes, record.public)
         return {**_describe(record), "object": "prefix", "base_model": record.base_model, "warnings": notes}
 
@@ -292,9 +312,9 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
         try:
             record = await run_in_threadpool(store.remove, name, who)  # also drops the cached copy
         except PrefixNotFound:
-            raise _not_found(name) from None
+            raise _not_found(name, "name") from None
         except NotOwner as e:
-            raise ApiError(403, str(e), "permission_error") from None
+            raise ApiError(403, str(e), "permission_error", param="name") from None
         log.info("owner %s removed prefix %r", who, name)
         return {"id": record.name, "object": "prefix", "deleted": True}
 
@@ -303,10 +323,12 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
         arrived = time.monotonic()
         prompts = body.prompts
         if len(prompts) > config.max_prompts_per_request:
-            raise ApiError(400, f"{len(prompts)} prompts; at most {config.max_prompts_per_request} per request")
+            raise ApiError(400, f"prompt: {len(prompts)} prompts; at most {config.max_prompts_per_request} per request",
+                           param="prompt")
         max_tokens = body.max_tokens or config.default_max_tokens
         if max_tokens > config.max_tokens_limit:
-            raise ApiError(400, f"max_tokens={max_tokens} is above this server's limit of {config.max_tokens_limit}")
+            raise ApiError(400, f"max_tokens={max_tokens} is above this server's limit of {config.max_tokens_limit}",
+                           param="max_tokens")
         prefix = await run_in_threadpool(state.lookup, body.model, who)
         prompt_ids = [_encode(tokenizer, p) for p in prompts]
         params = [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -331,7 +353,7 @@ def _encode(tokenizer, text: str) -> list[int]:
     if not ids and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [tokenizer.bos_token_id]  # an empty prompt continues from the start-of-text token
     if not ids:
-        raise ApiError(400, "the prompt is empty")
+        raise ApiError(400, "prompt: the prompt is empty", param="prompt")
     return ids
 
 
@@ -342,8 +364,8 @@ def _submit(state: ServerState, requests: list[GenerationRequest]) -> list[Reque
         raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(e.retry_after)}) from None
     except ShuttingDown as e:
         raise ApiError(503, str(e), "service_unavailable") from None
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
+    except ValueError as e:  # could never fit: the prompt (with its prefix and max_tokens) is too long
+        raise ApiError(400, str(e), param="prompt") from None
 
 
 def _worker_error(e: BaseException, model: str) -> ApiError:
@@ -361,6 +383,7 @@ async def _wait_all(state: ServerState, handles: list[RequestHandle], arrived: f
     its rows are cancelled and leave the batch at the next step."""
     left = state.config.request_timeout_s - (time.monotonic() - arrived)
     results = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(h.future) for h in handles)))
+    results.add_done_callback(_retrieve)  # cancelled rows fail their futures after we stopped waiting
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({results, gone}, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED)
@@ -380,6 +403,12 @@ async def _wait_all(state: ServerState, handles: list[RequestHandle], arrived: f
         for h in handles:  # a failed request frees its rows at the next step
             if not h.future.done():
                 h.cancel()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a future's exception as seen (else asyncio logs 'exception was never retrieved')."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(request: Request) -> None:
@@ -461,26 +490,33 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):
-        problems = []
+        problems, fields = [], []
         for err in e.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "body"
+            loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+            where = ".".join(loc) or "body"
+            fields.append(where)
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
-        return JSONResponse(error_body("invalid request: " + "; ".join(problems), "invalid_request_error", 400),
-                            status_code=400)
+        return ErrorResponse(error_body("invalid request: " + "; ".join(problems), "invalid_request_error", 400,
+                                        fields[0] if fields else "body"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error", e.status_code),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        param = {400: "body", 404: "path", 405: "method", 413: "body"}.get(e.status_code)
+        return ErrorResponse(error_body(str(e.detail), "invalid_request_error", e.status_code, param),
+                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, e: StoreError):
-        return JSONResponse(error_body(str(e), "server_error", 500), status_code=500)
+        return ErrorResponse(error_body(str(e), "server_error", 500), status_code=500)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error", 500), status_code=500)
+        return _unexpected(request, e)
+
+
+def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return ErrorResponse(error_body(f"internal error: {type(e).__name__}", "server_error", 500), status_code=500)
 
 
 def run_server(model_name_or_path: str, store_path: str, host: str = "127.0.0.1", port: int = 8000,
@@ -495,7 +531,7 @@ def run_server(model_name_or_path: str, store_path: str, host: str = "127.0.0.1"
 
     config = config or ServeConfig()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = PrefixStore(store_path, files_dir=files_dir)  # a wrong store fails now, not after the model load
     model, tokenizer = load_model(model_name_or_path)
-    store = PrefixStore(store_path, model=model, files_dir=files_dir)
     app = create_app(model, tokenizer, store, config, model_id=model_name_or_path)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.shutdown_timeout_s))

@@ -139,6 +139,27 @@ class RequestHandle:
         return self.future.result(timeout)
 
 
+_MALLOC_TRIM = None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc `malloc_trim`; elsewhere nothing).
+
+    A batch's transient buffers (attention over prefixes, cache copies) are a few MB each: glibc
+    serves them from its heaps and keeps the pages after they are freed, so without this the
+    process keeps the high-water mark of its largest batch. Called when the worker goes idle."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
 def _merged(prefix: LoadedPrefix | MergedPrefix | None) -> MergedPrefix | None:
     return prefix.prefix if isinstance(prefix, LoadedPrefix) else prefix
 
@@ -468,6 +489,7 @@ class Batcher:
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads)
+        self._ran_since_trim = False
         with torch.inference_mode():
             while True:
                 admitted = self._next_admissions()
@@ -482,6 +504,11 @@ class Batcher:
                     log.exception("model worker: a batch failed")
                     self._fail([*(r.handle for r in (self._batch.rows if self._batch else [])), *admitted], e)
                     self._batch = None
+                if self._batch is None and not self._pending and (admitted or self._ran_since_trim):
+                    release_free_memory()  # idle: give the batch's freed buffers back to the OS
+                    self._ran_since_trim = False
+                elif admitted:
+                    self._ran_since_trim = True
         self._fail([*(r.handle for r in (self._batch.rows if self._batch else [])), *self._pending],
                    ShuttingDown("the server shut down before this request finished"))
         self._batch = None

@@ -52,7 +52,11 @@ class ServeConfig:
     max_request_kb: int = field(default=1024, metadata={
         "help": "Largest body of a request other than an upload; a larger declared or sent body gets 413."})
     prefix_cache_size: int = field(default=64, metadata={
-        "help": "Loaded prefixes kept in memory (least recently used are dropped first)."})
+        "help": "Most loaded prefixes kept in memory (least recently used are dropped first)."})
+    prefix_cache_bytes: int = field(default=512 * 2**20, metadata={
+        "help": "Memory budget of the loaded prefixes kept in memory, in bytes (default 512 MiB); least recently "
+                "used are dropped first. A loaded prefix costs about its file size. A prefix larger than the "
+                "budget is served without being kept."})
     max_upload_mb: float = field(default=64.0, metadata={"help": "Largest prefix file accepted by POST /v1/prefixes."})
     torch_threads: int | None = field(default=None, metadata={
         "help": "torch intra-op threads for the model worker. None: every core this process may use."})
@@ -82,6 +86,8 @@ class ServeConfig:
         check(self.max_batch_tokens >= 2, "max_batch_tokens", "must be >= 2")
         check(self.max_request_kb >= 1, "max_request_kb", "must be >= 1")
         check(self.prefix_cache_size >= 1, "prefix_cache_size", "must be >= 1")
+        check(isinstance(self.prefix_cache_bytes, int) and self.prefix_cache_bytes >= 0, "prefix_cache_bytes",
+              "must be a whole number of bytes >= 0")
         check(self.max_upload_mb > 0, "max_upload_mb", "must be > 0")
         check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1 or None")
         check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")

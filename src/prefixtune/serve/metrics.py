@@ -157,6 +157,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("prefixtune_queue_depth", "Requests waiting to join the running batch.")
         self.running = Gauge("prefixtune_running_requests", "Requests in the running batch.")
         self.cached_prefixes = Gauge("prefixtune_cached_prefixes", "Prefixes loaded in memory.")
+        self.cached_prefix_bytes = Gauge("prefixtune_cached_prefix_bytes",
+                                         "Bytes held by the loaded prefixes, of prefix_cache_bytes.")
         self.batch_slots = Gauge("prefixtune_batch_token_slots",
                                  "Token slots the running batch may fill (rows x longest row), of max_batch_tokens.")
         self.cancelled = Counter("prefixtune_cancelled_requests_total",
@@ -169,5 +171,6 @@ class ServerMetrics:
 
     def render(self) -> str:
         metrics = [self.queue_depth, self.running, self.batch_size, self.tokens, self.prompt_tokens,
-                   self.tokens_per_second, self.request_latency, self.requests, self.cached_prefixes, self.batch_slots, self.cancelled]
+                   self.tokens_per_second, self.request_latency, self.requests, self.cached_prefixes,
+                   self.cached_prefix_bytes, self.batch_slots, self.cancelled]
         return "\n".join(line for m in metrics for line in m.render()) + "\n"

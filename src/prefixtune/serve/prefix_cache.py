@@ -1,4 +1,10 @@
-"""Loaded prefixes kept in memory (merged tensors only), least recently used dropped first."""
+"""Loaded prefixes kept in memory (merged tensors only), least recently used dropped first.
+
+Bounded in count (`capacity`) and in bytes (`max_bytes`). A loaded prefix costs its tensors' bytes,
+about its file size: the file is read into one buffer and the tensors are views of it (no copy is
+made to parse it, and none is kept). At most `parallel_loads` files are read at a time, so a burst
+of requests for uncached prefixes holds at most that many files being read and hashed.
+"""
 
 from __future__ import annotations
 
@@ -24,15 +30,26 @@ class LoadedPrefix:
     record_id: int | None = None
     revoked: bool = False
     sha256: str | None = None
+    nbytes: int = 0  # what its tensors hold in memory
+
+
+def prefix_nbytes(prefix: MergedPrefix) -> int:
+    """Bytes of a prefix's tensors (views of one file buffer share it: counted once each)."""
+    tensors = list(prefix.kv.values()) + ([prefix.embeds] if prefix.embeds is not None else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class PrefixCache:
     """`get(record)` returns the loaded prefix, reading the file (sha256-checked) only on a miss."""
 
-    def __init__(self, store: PrefixStore, capacity: int = 64, dtype=None):
+    def __init__(self, store: PrefixStore, capacity: int = 64, dtype=None, max_bytes: int | None = None,
+                 parallel_loads: int = 2):
         self.store = store
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.dtype = dtype
+        self.nbytes = 0  # held by the cached entries
+        self._load_slots = threading.BoundedSemaphore(parallel_loads)
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, LoadedPrefix] = OrderedDict()
         self._removed: set[int] = set()  # ids are never reused, so a removed id stays refused
@@ -55,20 +72,28 @@ class PrefixCache:
                 self.misses += 1
             try:
                 try:
-                    merged = self.store.load(record)
+                    with self._load_slots:
+                        merged = self.store.load(record)
                 except PrefixIntegrityError:
                     if self.store.get_by_id(record.id) is None:  # removed (maybe by another process) meanwhile
                         raise PrefixNotFound(f"no prefix named {record.name!r}") from None
                     raise
                 if self.dtype is not None:
                     merged = merged.to(dtype=self.dtype)
-                entry = LoadedPrefix(name=record.name, prefix=merged, record_id=record.id, sha256=record.sha256)
+                entry = LoadedPrefix(name=record.name, prefix=merged, record_id=record.id, sha256=record.sha256,
+                                     nbytes=prefix_nbytes(merged))
                 with self._lock:
                     if record.id in self._removed:  # removed while we were reading it
                         raise PrefixNotFound(f"no prefix named {record.name!r}")
+                    if self.max_bytes is not None and entry.nbytes > self.max_bytes:
+                        log.warning("prefix %r (%d bytes) is larger than the prefix cache (%d bytes): served "
+                                    "without being kept", record.name, entry.nbytes, self.max_bytes)
+                        return entry  # served to this request only; it leaves memory with it
                     self._entries[record.id] = entry
-                    while len(self._entries) > self.capacity:
-                        self._entries.popitem(last=False)
+                    self.nbytes += entry.nbytes
+                    while len(self._entries) > self.capacity or (
+                            self.max_bytes is not None and self.nbytes > self.max_bytes):
+                        self._drop_entry(next(iter(self._entries)))
                 return entry
             finally:
                 with self._lock:
@@ -79,7 +104,7 @@ class PrefixCache:
             raise PrefixNotFound("this prefix was removed")
         entry = self._entries.get(record_id)
         if entry is not None and entry.sha256 != sha256:  # the content changed under this id (a store copied over)
-            del self._entries[record_id]
+            self._drop_entry(record_id)
             entry.revoked = True
             entry = None
         if entry is not None:
@@ -87,11 +112,18 @@ class PrefixCache:
             self.hits += 1
         return entry
 
+    def _drop_entry(self, record_id: int) -> LoadedPrefix | None:
+        """Remove one entry (the caller holds the lock)."""
+        entry = self._entries.pop(record_id, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
     def invalidate(self, record_id: int) -> None:
         """Forget a removed prefix and revoke the copy that queued requests hold."""
         with self._lock:
             self._removed.add(record_id)
-            entry = self._entries.pop(record_id, None)
+            entry = self._drop_entry(record_id)
         if entry is not None:
             entry.revoked = True
 
@@ -99,6 +131,7 @@ class PrefixCache:
         """Drop every loaded copy (the next request reads its file again, sha256-checked)."""
         with self._lock:
             self._entries.clear()
+            self.nbytes = 0
 
     def resync(self) -> list[int]:
         """Invalidate cached prefixes removed through another process or replica; returns their ids."""

@@ -10,6 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+def check_text(value: str) -> str:
+    """Refuse a string that is not valid Unicode text: JSON may carry a lone surrogate ("\\ud800"),
+    which no tokenizer, database or UTF-8 encoder accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}, which is "
+                         "not valid Unicode text") from None
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
@@ -43,7 +54,17 @@ class CompletionRequest(BaseModel):
     def _prompt_not_empty(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("prompt list is empty")
+        for i, text in enumerate([v] if isinstance(v, str) else v):
+            try:
+                check_text(text)
+            except ValueError as e:
+                raise ValueError(f"{'' if isinstance(v, str) else f'prompt {i} '}{e}") from None
         return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_text(cls, v):
+        return check_text(v)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -55,6 +76,9 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"at most 8 stop strings, got {len(stops)}")
         if isinstance(stops, list) and any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        for s in stops if isinstance(stops, list) else ():
+            if isinstance(s, str):
+                check_text(s)
         return stops
 
     @field_validator("n")
@@ -99,5 +123,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def error_body(message: str, type: str, code: int | str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": None, "code": code}}
+def error_body(message: str, type: str, code: int | str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error shape; `param` names the request field at fault, when one is."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}

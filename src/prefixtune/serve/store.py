@@ -36,13 +36,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..prefix import MergedPrefix, PrefixFileError, parse_prefix
+from ..prefix import MergedPrefix, PrefixFileError, parse_prefix, read_file_bytes
 from . import store_sql
 from .store_sql import SCHEMA_VERSION  # noqa: F401 (re-exported: it lived here)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no '/': names are URL path segments
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 KEY_ID_CHARS = 12  # how much of a key's sha256 identifies it in listings
+TEMP_GRACE_S = 60.0  # the periodic sweep leaves temp files written within this long (an upload writes in seconds)
 
 
 class StoreError(Exception):
@@ -184,19 +185,32 @@ class PrefixStore:
     def _remove_orphans(self) -> list[Path]:
         """Delete what a killed process left, saying so in the log: temp files no live writer holds,
         and store files no row uses (`store_sql.sweep`, which skips uploads still under way)."""
-        removed = []
-        for f in sorted(self.files_dir.glob(".add-*.tmp")):
-            if not _held_by_a_writer(f):
-                with contextlib.suppress(FileNotFoundError):
-                    size = f.stat().st_size
-                    f.unlink()
-                    removed.append(f)
-                    log.warning("store %s: removed orphan %s (%d bytes) left by an interrupted add",
-                                self.backend.location, f.name, size)
+        removed = self._remove_stale_temp_files(min_age_s=0.0)
         for name in store_sql.sweep(self):
             removed.append(self.files_dir / name)
             log.warning("store %s: removed orphan %s (no row uses it) left by an interrupted add or remove",
                         self.backend.location, name)
+        return removed
+
+    def _remove_stale_temp_files(self, min_age_s: float) -> list[Path]:
+        """Delete the `.add-*.tmp` files of writers that died: no live process holds the file's lock, and
+        it was last written more than `min_age_s` ago (the periodic sweep waits TEMP_GRACE_S: that also
+        covers a writer between creating its file and locking it, and locks another machine cannot see)."""
+        removed = []
+        now = time.time()
+        for f in sorted(self.files_dir.glob(".add-*.tmp")):
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            age = now - st.st_mtime
+            if age < min_age_s or _held_by_a_writer(f):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                removed.append(f)
+                log.warning("store %s: removed orphan %s (%d bytes) left by an interrupted add",
+                            self.backend.location, f.name, st.st_size)
         return removed
 
     def __repr__(self) -> str:
@@ -366,7 +380,7 @@ class PrefixStore:
     def load(self, record: PrefixRecord) -> MergedPrefix:
         """Read a stored prefix, refusing it unless its bytes still have the sha256 recorded on add."""
         try:
-            data = record.file.read_bytes()
+            data = read_file_bytes(record.file)  # one buffer; the parsed tensors are views of it (no copy)
         except FileNotFoundError:
             raise PrefixIntegrityError(f"prefix {record.name!r}: its file {record.file} is missing") from None
         if hashlib.sha256(data).hexdigest() != record.sha256:
@@ -424,8 +438,11 @@ class PrefixStore:
         return self.backend.wait_for_change(timeout)
 
     def sweep(self) -> list[str]:
-        """Delete files no row uses (left by a crash mid-upload); returns their names."""
-        return store_sql.sweep(self)
+        """Delete what crashed uploads left (the server runs this every `store_sweep_s`): files no row uses,
+        and temp files no live writer holds that were last written over TEMP_GRACE_S ago (the age also
+        covers a shared folder whose locks another machine cannot see); returns their names."""
+        temps = [f.name for f in self._remove_stale_temp_files(min_age_s=TEMP_GRACE_S)]
+        return temps + store_sql.sweep(self)
 
     def close(self) -> None:
         self.backend.close()

@@ -148,11 +148,22 @@ class SqliteBackend(Backend):
     integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: Path):
+        from .store import StoreError
+
         self.path = Path(path)
         self.location = str(self.path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder; give the store's SQLite file (e.g. {self.path / 'prefixes.db'})")
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise StoreError(f"{self.path}: {self.path.parent} is a file, not a folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")  # persistent, and not allowed inside a transaction
+        try:
+            with self.connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")  # persistent, and not allowed inside a transaction
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: not a database?
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a prefix store (SQLite says: {e}); give a store file made by "
+                             "prefixtune, or a new path") from None
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
