@@ -253,6 +253,14 @@ def test_the_one_trainer_trains_saves_and_resumes_bit_identically(tmp_path, meth
     assert loaded.processor.size == SIZE
 
 
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_other_image_sizes_interpolate_the_position_table(kind):
+    model = tiny_image_model(kind)
+    vpt = build(model, "vpt-deep", ImageProcessor(size=SIZE), length=2, image_size=2 * SIZE)
+    x = vpt.pixels([np.zeros((32, 32, 3), np.uint8)])
+    assert x.shape[-1] == 56 and vpt.hidden(x).shape == (1, 1 + 2 + 64, 32)
+
+
 def test_image_size_must_be_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match="multiple of the patch size"):
         build(tiny_image_model("vit"), "vpt", ImageProcessor(size=SIZE), image_size=30)

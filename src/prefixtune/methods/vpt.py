@@ -151,6 +151,13 @@ class PromptedEncoder:
         layers = {int(m.group(1)): mod for name, mod in model.named_modules() if (m := rx.match(name))}
         self.layers = [layers[i] for i in range(len(layers))]
         self.active: torch.Tensor | None = None
+        import inspect
+
+        from ..vision import vision_config
+
+        size = vision_config(model).image_size
+        self.native = (size, size) if isinstance(size, int) else tuple(size)
+        self.interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self.hooks = [self.embeddings.register_forward_hook(self._insert)]
         self.hooks += [layer.register_forward_pre_hook(self._replacer(i), with_kwargs=True)
                        for i, layer in enumerate(self.layers) if i > 0]
@@ -191,6 +198,8 @@ class PromptedEncoder:
             self.active = before
 
     def run(self, pixels: torch.Tensor, prompts: torch.Tensor | None = None, **kwargs):
+        if self.interpolates and tuple(pixels.shape[-2:]) != self.native:
+            kwargs.setdefault("interpolate_pos_encoding", True)   # ViT: position table resized for other sizes
         with self.prompting(prompts):
             return self.model(pixel_values=pixels, **kwargs)
 
