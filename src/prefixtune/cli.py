@@ -24,8 +24,17 @@ FILES_DIR_HELP = ("Folder of the prefix files (default: <store>-files beside a S
                   "folder recorded when the store was first opened). Replicas share it.")
 
 
+def one_line(message: str) -> str:
+    """`message` on one line: control characters and line separators (which a path or value given by
+    the user may hold) are written as escapes."""
+    import unicodedata
+
+    return "".join(c if c == " " or (c.isprintable() and unicodedata.category(c) not in ("Zl", "Zp"))
+                   else repr(c)[1:-1] for c in str(message))
+
+
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(2)
 
 
@@ -556,10 +565,10 @@ def main() -> None:
         sys.exit(2)
     except click.UsageError as e:  # a wrong option, value or argument
         where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-        typer.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+        typer.echo(f"error: {one_line(' '.join(e.format_message().split(' ')))}{where}", err=True)
         sys.exit(2)
     except click.ClickException as e:
-        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        typer.echo(f"error: {one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
@@ -567,7 +576,7 @@ def main() -> None:
         message = user_error_message(e)
         if message is None:
             raise
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {one_line(message)}", err=True)
         sys.exit(2)
     if isinstance(code, int) and code:  # typer.Exit(2) from a command (its error line is printed)
         sys.exit(code)
