@@ -390,7 +390,7 @@ class VPTModel(ImageClassifier):
     name = "vpt"
     config_class = VPTConfig
     summary = ("visual prompt tuning on a ViT/DINOv2 image encoder (--depth shallow|deep|prefix|none) + a linear "
-               "head; linear probe, full fine-tuning and LoRA baselines as --depth none --tune head|full|lora")
+               "head; linear probe, full fine-tuning, LoRA and adapter baselines as --depth none --tune head|full|lora|adapter")
 
     def __init__(self, model, config: VPTConfig | None = None, tokenizer=None):
         super().__init__(model, config, tokenizer)
