@@ -6,7 +6,7 @@ PY       := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,)
 STAMP    := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-fast bench bench-quick soak clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ bench: install
 
 bench-quick: install
 	$(if $(DATA_DIR),PREFIXTUNE_DATA=$(DATA_DIR),) $(PY) bench/run_all.py --quick
+
+# not part of `make test`: one server under a mixed workload for SOAK_MINUTES (default 30), then RSS
+# growth, open files, threads and store consistency, written to bench/results/soak-<date>.json
+SOAK_MINUTES ?= 30
+soak: install
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
