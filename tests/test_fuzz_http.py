@@ -27,7 +27,7 @@ from test_serve import BASE, World, start_server
 
 from conftest import one_torch_thread_impl
 
-CASES = {"completions": 1000, "uploads": 300, "prefix_routes": 400, "other_routes": 100}
+CASES = {"completions": 800, "uploads": 250, "prefix_routes": 300, "other_routes": 80}
 BUDGET_S = 45.0  # for the whole module: a case past it is counted as skipped, not run
 COUNTS: dict[str, int] = {}
 STARTED = time.monotonic()

@@ -218,6 +218,7 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
         await run_in_threadpool(state.batcher.stop, True, config.shutdown_timeout_s)
         await run_in_threadpool(watcher.join, 5.0)
 
+    uploads_in_memory = asyncio.Semaphore(2)  # upload bodies read into memory at once (each <= max_upload_mb)
     app = FastAPI(title="prefixtune server", version="1", lifespan=lifespan,
                   description="Many users' prefixes served from one frozen model.")
     app.state.prefixtune = state
@@ -278,6 +279,7 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
             form = await parser.parse()
         except MultiPartException as e:
             raise ApiError(400, f"invalid request: body: {e.message}", param="body") from None
+        held = False
         try:
             name, file = form.get("name"), form.get("file")
             if not isinstance(name, str):
@@ -288,10 +290,16 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
             if name == state.model_id:
                 raise ApiError(400, f"name: {name!r} is the base model's name; pick another prefix name", param="name")
             limit = int(config.max_upload_mb * 2**20)
+            await uploads_in_memory.acquire()  # the body is on disk (spooled); at most 2 are in memory at once
+            held = True
             data = await file.read(limit + 1)
             if len(data) > limit:
                 raise ApiError(413, f"file: larger than the limit of {config.max_upload_mb} MB", "request_too_large",
                                param="file")
+        except BaseException:
+            if held:
+                uploads_in_memory.release()
+            raise
         finally:
             await form.close()  # removes the spooled temp file
         notes: list[str] = []
@@ -304,6 +312,9 @@ def create_app(model, tokenizer, store: PrefixStore, config: ServeConfig | None 
             file_error = isinstance(e, PrefixFileError)
             raise ApiError(400, str(e), "invalid_prefix_file" if file_error else "invalid_request_error",
                            param="file" if file_error else "name") from None
+        finally:
+            del data
+            uploads_in_memory.release()
         log.info("owner %s added prefix %r (%s bytes, public=%s)", who, name, record.size_bytes, record.public)
         return {**_describe(record), "object": "prefix", "base_model": record.base_model, "warnings": notes}
 
