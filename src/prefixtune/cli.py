@@ -341,14 +341,18 @@ def demo(
     train_size: int = typer.Option(200, help="Training pairs sampled from E2E."),
     eval_size: int = typer.Option(60, help="Evaluation MRs (never trained on)."),
     num_beams: int = typer.Option(1, help="Beam width for both systems (1 = greedy)."),
+    record: Optional[Path] = typer.Option(None, help="Also write the summary (metrics, times, machine) as "
+                                          "RECORD/DATE-HHMM-CPU.json (`make demo` records into results/demo)."),
 ):
-    """Prefix-tune SmolLM2-135M on 200 E2E pairs and compare with zero-shot prompting."""
+    """Prefix-tune SmolLM2-135M-Instruct on 200 E2E pairs and compare with zero-shot prompting."""
     from .demo import run_demo
 
     if data_dir is None and Path("../shared/data/e2e").exists():
         data_dir = "../shared/data"
+    if record is not None:
+        _check_writable_folder("record", record)
     run_demo(out=out, data_dir=data_dir, steps=steps, minutes=time_budget, train_size=train_size, eval_size=eval_size,
-             num_beams=num_beams)
+             num_beams=num_beams, record_dir=record)
 
 
 @app.command()
@@ -598,7 +602,7 @@ def experiment(
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's "
                                           "(ptuning-v2: its arms ptuning-v2, prompt, finetune, probe)."),
     scale: str = typer.Option("quick", help="quick (3 seeds, 200 evaluation sources, learning rate chosen per "
-                              "method on dev loss, early stopping under a 300-step cap; docs/results.md gives the "
+                              "method on dev loss, early stopping under a 200-step cap; docs/results.md gives the "
                               "measured time per run), paper, or tiny (tests)."),
     precision: str = typer.Option("fp32", help="fp32, bf16 (autocast; recorded in every row) or auto (measured "
                                   "once per machine, cached)."),
@@ -606,6 +610,9 @@ def experiment(
     sizes: Optional[str] = typer.Option(None, help="Comma-separated training sizes instead of the scale's "
                                         "(low-data, init)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)."),
+    cpus_per_run: Optional[int] = typer.Option(None, help="CPUs (and torch threads) per run; runs share the "
+                                               "machine's CPUs (default: a local run takes them all, one run at a "
+                                               "time). On a busy machine 1 can be several times faster per run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
 ):
     """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure.
@@ -635,6 +642,8 @@ def experiment(
                 methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                 seeds=int_list("seeds", seeds), sizes=int_list("sizes", sizes),
                 bf16=_experiment_bf16(precision))
+    if cpus_per_run is not None and cpus_per_run < 1:
+        _fail(f"--cpus-per-run must be at least 1, got {cpus_per_run}")
     if dry_run:
         for n in exp.notes:
             typer.echo(n)
@@ -643,7 +652,8 @@ def experiment(
         return
     with _runs_progress(f"{name} runs") as bar:
         try:
-            result = run_experiment(exp, out, ray_address=ray_address, print_fn=progress_print, progress=bar)
+            result = run_experiment(exp, out, ray_address=ray_address, print_fn=progress_print, progress=bar,
+                                    cpus_per_run=cpus_per_run)
         except RuntimeError as e:
             raise TrainingError(str(e)) from None
     typer.echo(result["table"])
@@ -722,6 +732,26 @@ def plot(run_dir: Path = typer.Argument(..., help="A training run's --out folder
     from .plots import plot_run
 
     typer.echo(f"wrote {plot_run(run_dir, out, smooth=smooth)}")
+
+
+@app.command()
+def report(root: Path = typer.Option(Path("."), help="The repository root (docs/ and results/ beside it)."),
+           check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 if a doc's generated block "
+                                      "differs from what its data generates.")):
+    """Regenerate every results table in the docs (and every experiment's table and figures) from the
+    committed data: results/<experiment>/ and bench/results/*.json."""
+    from .report import ReportError, regenerate
+
+    if not (root / "docs").is_dir():
+        _fail(f"--root {root}: no docs/ folder there")
+    try:
+        changed = regenerate(root, check=check)
+    except ReportError as e:
+        _fail(str(e))
+    if check and changed:
+        typer.echo(f"out of date: {', '.join(changed)} (run `prefixtune report` to regenerate)", err=True)
+        raise typer.Exit(1)
+    typer.echo(("checked" if check else "regenerated") + f": {', '.join(changed) or 'nothing changed'}")
 
 
 if __name__ == "__main__":

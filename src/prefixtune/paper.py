@@ -487,7 +487,8 @@ def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | N
 
 
 def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = None,
-                   print_fn: Callable[[str], None] = print, progress=None, protocol: Protocol | None = None) -> dict:
+                   print_fn: Callable[[str], None] = print, progress=None, protocol: Protocol | None = None,
+                   cpus_per_run: int | None = None) -> dict:
     """The experiment under the fair-comparison protocol (protocol.py): learning rates chosen per
     method on dev data, then every seed at the chosen rate, plus the zero-step row."""
     from .recipes import recipe_for
@@ -499,9 +500,10 @@ def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = N
     for n in exp.notes:
         print_fn(n)
     choices = select_learning_rates(exp.runs, exp.model, out, protocol, ray_address=ray_address, print_fn=print_fn,
-                                    progress=progress)
+                                    progress=progress, cpus_per_run=cpus_per_run)
     specs = comparison_specs(exp.runs, choices, protocol, generates=recipe_for(exp.dataset).metric != "accuracy")
-    run_sweep(specs, exp.model, out, ray_address=ray_address, print_fn=print_fn, progress=progress)
+    run_sweep(specs, exp.model, out, ray_address=ray_address, print_fn=print_fn, progress=progress,
+              cpus_per_run=cpus_per_run)
     return write_outputs(exp, out)  # every row on record: other seeds and sizes from earlier commands too
 
 

@@ -78,7 +78,8 @@ def choose(points: dict[float, float]) -> tuple[float, str | None]:
 
 
 def select_learning_rates(specs: list[RunSpec], model: str, out: Path, protocol: Protocol,
-                          ray_address=None, print_fn: Callable[[str], None] = print, progress=None) -> dict:
+                          ray_address=None, print_fn: Callable[[str], None] = print, progress=None,
+                          cpus_per_run: int | None = None) -> dict:
     """Run the grid for every group (seed 0 of the group, train + dev loss only); returns
     {group: {"grid": [...], "dev_loss": {lr: loss}, "chosen": lr, "at_edge": ..., "method": ...}}."""
     groups = _groups(specs)
@@ -94,7 +95,7 @@ def select_learning_rates(specs: list[RunSpec], model: str, out: Path, protocol:
         sel = [_with_lr(base[g], lr, evaluate=False) for g in groups for lr in grids[g]]
         print_fn(f"learning-rate selection: {len(sel)} runs over {len(groups)} groups (seed 0, dev loss only)")
         rows = {r["id"]: r for r in run_sweep(sel, model, out, ray_address=ray_address, print_fn=print_fn,
-                                               progress=progress)}
+                                               progress=progress, cpus_per_run=cpus_per_run)}
         choices, grown = {}, False
         for g in groups:
             seed = base[g].plan.get("seed", 0)
