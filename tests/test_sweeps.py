@@ -349,3 +349,36 @@ def test_unreachable_ray_address_fails_fast_naming_it():
     with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
         _check_reachable(f"127.0.0.1:{port}")
     assert time.time() - started < 10
+
+
+def test_a_diverging_selection_run_is_a_result_not_a_failure(assets, tmp_path, monkeypatch):
+    """A learning rate too high for the task is what a grid exists to find: its run records an infinite
+    dev loss (select.json, 'diverged'), the choice rule skips it, and the partial grid renders. (AdamW
+    keeps a tiny model finite at any rate, so the trainer's NaN stop is simulated.)"""
+    import prefixtune.experiments as experiments_module
+    from prefixtune.train import TrainingError
+
+    def nan_at_step_3(*args, **kwargs):
+        raise TrainingError("loss became nan at step 3 (epoch 1, batch 2); try a lower --lr")
+
+    monkeypatch.setattr(experiments_module, "run_training", nan_at_step_3)
+    import dataclasses
+
+    model_dir, data = assets
+    spec = RunSpec(id="prefix-n40-s0-lr1e+06", method="prefix", dataset="jsonl", group="prefix-n40",
+                   plan={"dataset": "jsonl", "path": str(data), "train_split": "all", "eval_split": "all",
+                         "train_size": 40, "dev_sources": 10, "seed": 0},
+                   overrides={"lr": 1e6, "max_steps": 6, "epochs": 6, "batch_size": 4, "length": 3, "mlp_hidden": 16,
+                              "max_grad_norm": 0.0, "eval_every": 2},
+                   labels={"label": "prefix"}, evaluate=False)
+    row = run_one(spec, str(model_dir), tmp_path, threads=1)
+    assert row["best_dev_loss"] is None and "became" in row["diverged"], row
+    assert (tmp_path / "runs" / spec.id / "select.json").exists() and not (tmp_path / "runs" / spec.id / "row.json").exists()
+    with pytest.raises(TrainingError, match="became nan"):  # an evaluated (comparison) run that diverges does fail
+        run_one(dataclasses.replace(spec, id="other", evaluate=True), str(model_dir), tmp_path, threads=1)
+    choices = paper.partial_choices([row, {**row, "id": "x", "lr": 1e-3, "best_dev_loss": 2.0}])
+    assert choices["prefix-n40"]["dev_loss"] == {"0.001": 2.0, "1e+06": float("inf")}
+    assert "1e+06: diverged" in paper.selection_markdown(choices) and "grid not finished" in paper.selection_markdown(choices)
+    from prefixtune.protocol import choose
+
+    assert choose({float(k): v for k, v in choices["prefix-n40"]["dev_loss"].items()}) == (1e-3, "low")
