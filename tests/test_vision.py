@@ -389,3 +389,12 @@ def test_l2p_training_pulls_the_chosen_keys_towards_their_queries(tmp_path):
     with torch.no_grad():
         l2p.image_logits(x)
         assert float(l2p._last_distance.mean()) < before - 0.05
+
+
+def test_continual_scores_average_accuracy_and_forgetting():
+    from prefixtune.vision_experiments import continual_scores
+
+    acc = [[0.9], [0.5, 0.8], [0.3, 0.6, 0.7]]      # acc[t][j]: task j after training task t
+    s = continual_scores(acc)
+    assert s["average_accuracy"] == pytest.approx((0.3 + 0.6 + 0.7) / 3)
+    assert s["forgetting"] == pytest.approx(((0.9 - 0.3) + (0.8 - 0.6)) / 2)
