@@ -67,3 +67,10 @@ def test_train_evaluate_and_classify_an_image_classifier(folders, tmp_path):
 
     r = runner.invoke(app, ["classify", "--artifact", str(artifact), "--image", str(tmp_path / "none.png")])
     assert r.exit_code == 2 and "no such image file" in r.output
+
+
+def test_experiment_dispatches_image_experiments_and_refuses_unknown_arms(tmp_path):
+    r = CliRunner().invoke(app, ["experiment", "vpt", "--out", str(tmp_path / "x"), "--methods", "probe,nonsense"])
+    assert r.exit_code == 2 and "experiment vpt has arms" in r.output and "nonsense" in r.output
+    r = CliRunner().invoke(app, ["experiment", "l2p", "--out", str(tmp_path / "y"), "--scale", "huge"])
+    assert r.exit_code == 2 and "scales" in r.output
