@@ -102,6 +102,54 @@ def check_output_folder(out: str | Path, resume: bool = False, artifact_name: st
     return out
 
 
+def run_identity(model_name: str, plan: DataPlan, train_pairs, dev_pairs) -> dict:
+    """What defines a run besides its method and training settings: the model, the data plan (paths,
+    split, sizes, seed) and a hash of the exact pairs it trains and measures the dev loss on, so that
+    another file at the same path, or the same file edited, is caught."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part, pairs in (("train", train_pairs), ("dev", dev_pairs)):
+        digest.update(part.encode())
+        for p in pairs:
+            digest.update(json.dumps([p.source, p.target], ensure_ascii=False).encode() + b"\n")
+    data = asdict(plan)
+    if data.get("path"):
+        data["path"] = str(Path(data["path"]).resolve())
+    if data.get("data_dir"):
+        data["data_dir"] = str(Path(data["data_dir"]).resolve())
+    return {"model": model_name, "data": data, "data_sha256": digest.hexdigest(),
+            "train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs)}
+
+
+def check_same_run(checkpoint: Path, identity: dict) -> None:
+    """Refuse to resume a checkpoint made with another model or other data, naming each difference.
+    Checkpoints written before runs recorded their identity are not checked (nothing to compare)."""
+    from .prefix import read_metadata
+
+    try:
+        extra = read_metadata(checkpoint).get("extra") or {}
+        saved = (json.loads(extra) if isinstance(extra, str) else extra).get("run")
+    except (ValueError, OSError) as e:
+        raise TrainingError(f"{checkpoint}: cannot read its settings ({e})") from None
+    if not saved:
+        return
+    diffs = []
+    for key in ("model", "fingerprint", "train_pairs", "dev_pairs"):
+        if key in saved and key in identity and saved[key] != identity[key]:
+            diffs.append(f"{key} {saved[key]!r} -> {identity[key]!r}")
+    for key in sorted(set(saved.get("data", {})) | set(identity["data"])):
+        a, b = saved.get("data", {}).get(key), identity["data"].get(key)
+        if a != b and key != "data_dir":  # the same data read from another folder is the same run
+            diffs.append(f"{key} {a!r} -> {b!r}")
+    if saved.get("data_sha256") != identity["data_sha256"] and not any(d.split()[0] in ("path", "train_pairs") for d in diffs):
+        diffs.append("the training or dev pairs differ in content (same settings, other data)")
+    if diffs:
+        raise TrainingError(f"{checkpoint}: this run was trained on other data or another model; resuming would "
+                            f"mix them: {'; '.join(diffs)}. Resume with the same data and model or start a new "
+                            "output folder")
+
+
 def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainConfig, out: str | Path,
                  resume: bool = False, print_fn: Callable[[str], None] = print, model_and_tokenizer=None,
                  progress=None) -> dict:
@@ -124,12 +172,19 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainingError(f"--out {out}: cannot create it ({e.strerror})") from None
+    identity = run_identity(model_name, plan, train_pairs, dev_pairs)
+    if resume and (out / "checkpoint.safetensors").exists():  # data and model name: decided before the load
+        check_same_run(out / "checkpoint.safetensors", identity)
     model, tok = model_and_tokenizer or load_model(model_name)
+    from .models import fingerprint
+
+    identity["fingerprint"] = fingerprint(model)
     torch.manual_seed(train_cfg.seed)
     method = method_cls(model, method_cfg, tokenizer=tok)
     if resume and (out / "checkpoint.safetensors").exists():
         from .train import check_resumable
 
+        check_same_run(out / "checkpoint.safetensors", identity)  # now the base model's weights too
         check_resumable(out / "checkpoint.safetensors", method, train_cfg)
     run_info = {"model": model_name, "method": method.name, "data": asdict(plan), "method_config": method_cfg.to_dict(),
                 "train": asdict(train_cfg), "trainable_params": method.num_trainable()}
@@ -139,7 +194,7 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     print_fn(f"method {method.name}: {method.num_trainable():,} trainable parameters "
              f"({100 * method.num_trainable() / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
     result = train(method, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
-                   extra_meta={"base_model": model_name, "dataset": plan.dataset}, progress=progress)
+                   extra_meta={"base_model": model_name, "dataset": plan.dataset, "run": identity}, progress=progress)
     if hasattr(method, "detach"):  # weight methods changed the model in place or hooked it
         method.detach()
     return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items, "method": method}
