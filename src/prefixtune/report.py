@@ -72,9 +72,10 @@ def _selection_block(root: Path, arg: str, link) -> str:
 
 
 def _bench_block(root: Path, arg: str, link) -> str:
-    paths = sorted(glob.glob(str(root / arg)))
-    records = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
-    records = [r for r in records if not r.get("quick")]
+    loaded = [(p, _read_json(p)) for p in sorted(glob.glob(str(root / arg)))]
+    # `make bench` records only (a soak record lives beside them), full runs only (quick ones mean nothing)
+    loaded = [(p, r) for p, r in loaded if "ratios" in r and not r.get("quick")]
+    paths, records = [p for p, _ in loaded], [r for _, r in loaded]
     if not records:
         raise ReportError(f"no full `make bench` record matches {arg}")
     names: list[str] = []
@@ -98,8 +99,7 @@ def _bench_block(root: Path, arg: str, link) -> str:
             note = f" ({ratio['note']})" if ratio.get("note") else ""
             cells.append(f"{ratio['value']:g}{met}{note}")
         lines.append("| " + " | ".join(cells) + " |")
-    sources = ", ".join(f"[`{Path(p).name}`]({link(p)})" for p in paths
-                        if not json.loads(Path(p).read_text(encoding='utf-8')).get("quick"))
+    sources = ", ".join(f"[`{Path(p).name}`]({link(p)})" for p in paths)
     return "\n".join(lines) + f"\n\nRecords: {sources}.\n"
 
 
@@ -111,7 +111,7 @@ def _demo_block(root: Path, arg: str, link) -> str:
             "prefix BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in paths:
-        r = json.loads(Path(p).read_text(encoding="utf-8"))
+        r = _read_json(p)
         s = r["prefix_tuned"]
         lines.append("| " + " | ".join([
             r["date"], f"{r['machine']['cpu']} ×{r['machine']['cpus']}", "bf16" if r.get("bf16") else "fp32",
@@ -120,6 +120,13 @@ def _demo_block(root: Path, arg: str, link) -> str:
             f"{s['rouge_l']:.4f}", f"{s['cider']:.3f}"]) + " |")
     return "\n".join(lines) + "\n\nRecords: " + ", ".join(
         f"[`{Path(p).name}`]({link(p)})" for p in paths) + ".\n"
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot be read as JSON ({e})") from None
 
 
 GENERATORS = {"experiment": _experiment_block, "selection": _selection_block, "bench-ratios": _bench_block,
@@ -137,7 +144,12 @@ def render(text: str, root: Path, where: str = "docs/doc.md") -> str:
         kind, arg = m["kind"], m["arg"].strip()
         if kind not in GENERATORS:
             raise ReportError(f"{where}: unknown generated block kind {kind!r} (known: {', '.join(GENERATORS)})")
-        body = GENERATORS[kind](root, arg, link).rstrip("\n") + "\n"
+        try:
+            body = GENERATORS[kind](root, arg, link).rstrip("\n") + "\n"
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ReportError):
+                raise
+            raise ReportError(f"{where}: block '{kind} {arg}': its data lacks a field it needs ({e!r})") from None
         return m.group(1) + body + m.group(5)
 
     return BLOCK.sub(replace, text)
