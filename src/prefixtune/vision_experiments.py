@@ -381,6 +381,7 @@ L2P_ARMS = {
     "joint-head": ("vpt", {"depth": "none"}, False),  # the same head trained on all tasks at once
     "l2p": ("l2p", {}, True),                         # L2P with the paper's defaults (M 10, N 5, L_p 5, lambda 0.1)
     "joint-l2p": ("l2p", {"train_mask": False}, False),  # L2P's model trained on all tasks at once: the upper bound
+    "l2p-nomask": ("l2p", {"train_mask": False}, True),  # L2P with cross-entropy over all classes while training
 }
 
 
