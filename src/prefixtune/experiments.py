@@ -112,7 +112,7 @@ def run_identity(model_name: str, plan: DataPlan, train_pairs, dev_pairs) -> dic
     for part, pairs in (("train", train_pairs), ("dev", dev_pairs)):
         digest.update(part.encode())
         for p in pairs:
-            digest.update(json.dumps([p.source, p.target], ensure_ascii=False).encode() + b"\n")
+            digest.update(_content_bytes(p.source) + b"\t" + _content_bytes(p.target) + b"\n")
     data = asdict(plan)
     if data.get("path"):
         data["path"] = str(Path(data["path"]).resolve())
@@ -120,6 +120,18 @@ def run_identity(model_name: str, plan: DataPlan, train_pairs, dev_pairs) -> dic
         data["data_dir"] = str(Path(data["data_dir"]).resolve())
     return {"model": model_name, "data": data, "data_sha256": digest.hexdigest(),
             "train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs)}
+
+
+def _content_bytes(value) -> bytes:
+    """Bytes that change when the example does: text, or an image's mode, size and pixels."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes):
+        return value
+    if hasattr(value, "tobytes"):  # PIL images, numpy arrays
+        shape = getattr(value, "size", None) if hasattr(value, "mode") else getattr(value, "shape", None)
+        return f"{type(value).__name__}:{getattr(value, 'mode', '')}:{shape}:".encode() + value.tobytes()
+    return json.dumps(value, ensure_ascii=False, default=str, sort_keys=True).encode()
 
 
 def check_same_run(checkpoint: Path, identity: dict) -> None:
