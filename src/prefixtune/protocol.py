@@ -102,7 +102,13 @@ def select_learning_rates(specs: list[RunSpec], model: str, out: Path, protocol:
             points = {lr: _loss(rows[lr_id(g, seed, lr)]) for lr in grids[g]}
             chosen, edge = choose(points)
             if edge and extensions[g] < protocol.max_extensions:
-                grids[g].append(_round_lr(grids[g][-1] * ratio if edge == "high" else grids[g][0] / ratio))
+                # the next point of the same log grid, from the centre (no rounding drift: 1e-4, not 9.99e-5)
+                factors, centre = sorted(protocol.grid_factors), base[g].overrides["lr"]
+                beyond = [lr for lr in grids[g] if (lr > _round_lr(centre * factors[-1]) if edge == "high"
+                                                    else lr < _round_lr(centre * factors[0]))]
+                k = len(beyond) + 1
+                factor = factors[-1] * ratio ** k if edge == "high" else factors[0] / ratio ** k
+                grids[g].append(_round_lr(centre * factor))
                 grids[g].sort()
                 extensions[g] += 1
                 grown = True
