@@ -30,8 +30,11 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
     from .models import load_model
     from .precision import resolve_bf16
 
+    import os
+
     out = Path(out)
     started = time.time()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print_fn(f"prefixtune demo: {model_name}, E2E low-data ({train_size} training pairs), {steps} training steps"
              + (f", time budget {minutes:g} min" if minutes else ""))
     bf16 = resolve_bf16(precision, print_fn=print_fn)  # a CPU flag is not a measurement: bf16 can be 2-20x slower
@@ -82,7 +85,10 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
                "steps": run["steps"], "train_seconds": round(run["train_seconds"], 1),
                "zero_shot": zero["scores"], "prefix_tuned": tuned["scores"], "prefix_bytes": size,
                "total_seconds": round(time.time() - started, 1), "bf16": bf16, "resumed": resume,
-               "best_step": run.get("best_step"), "machine": machine(), "versions": package_versions()}
+               "best_step": run.get("best_step"), "machine": machine(), "versions": package_versions(),
+               "torch_threads": __import__("torch").get_num_threads(),
+               # other work on the machine slows the run (not its result): the 1-minute load average
+               "load_average": [load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
     atomic_write_bytes(out / "demo.json", json.dumps(summary, indent=2).encode())
     if record_dir is not None:  # the evidence behind the README's demo figures (one file per run)
         cpu = "-".join(summary["machine"]["cpu"].replace("(R)", "").replace("(TM)", "").split()[:3]) or "cpu"
