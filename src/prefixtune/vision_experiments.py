@@ -211,7 +211,7 @@ class VisionScale:
     bf16: bool = True
 
 
-VISION_SCALES = {"quick": VisionScale(), "tiny": VisionScale(image_size=28, seeds=(0, 1), epochs=1, batch_size=4, n_test=20)}
+VISION_SCALES = {"quick": VisionScale(), "quick-112": VisionScale(image_size=112), "tiny": VisionScale(image_size=28, seeds=(0, 1), epochs=1, batch_size=4, n_test=20)}
 
 
 def _run_id(arm: str, lr: float, seed: int) -> str:
