@@ -119,7 +119,10 @@ def select_learning_rates(specs: list[RunSpec], model: str, out: Path, protocol:
                           "runs": [lr_id(g, seed, lr) for lr in sorted(points)]}
         if not grown:
             break
-    atomic_write_bytes(out / "lr_choice.json", json.dumps(choices, indent=2).encode())
+    # choices of groups from earlier commands (other methods or sizes) are kept beside this command's
+    path = out / "lr_choice.json"
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    atomic_write_bytes(path, json.dumps({**recorded, **choices}, indent=2).encode())
     for g, c in choices.items():
         note = f" (at the grid's {c['at_edge']} edge after {c['extensions']} extensions)" if c["at_edge"] else ""
         print_fn(f"  {g}: lr {c['chosen']:g}{note}; dev loss " +
