@@ -32,11 +32,11 @@ from ..batching import IGNORE, Batch, Encoded
 from ..config import ConfigError, PrefixConfig, _check
 from ..data.boolq import PAIR_SEPARATOR
 from ..engine import RowPrefixes, activations_of_text, forward_with_prefix
-from ..models import fingerprint, model_name
+from ..models import model_name
 from ..prefix import Prefix, PrefixFileError
 from .base import Method
 from .prompt import initial_embeddings
-from .weights import WeightArtifact
+from .weights import WeightArtifact, check_base
 
 DEPTHS = ("deep", "input", "none")
 
@@ -235,10 +235,8 @@ class PTuningV2Model(Method):
         meta, tensors = artifact.meta, artifact.tensors
         if meta.get("method") != cls.name:
             raise PrefixFileError(f"{source}: was made by method {meta.get('method')!r}, not {cls.name!r}")
-        if check_fingerprint and meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
-            raise PrefixFileError(f"{source}: made for base model {meta.get('base_model')!r} (fingerprint "
-                                  f"{meta['fingerprint']}), but {model_name(model)!r} has fingerprint "
-                                  f"{fingerprint(model)}; it only works on its own base model")
+        if check_fingerprint:
+            check_base(artifact, model, source)
         try:
             saved = PTuningV2Config.from_dict(meta["config"])
         except (KeyError, TypeError, ConfigError) as e:

@@ -27,7 +27,6 @@ processor (size, mean, std) the classifier was trained with.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import math
 import re
@@ -43,10 +42,10 @@ from ..batching import IGNORE, Batch, Encoded
 from ..config import ConfigError, MethodConfig, _check
 from ..data.cifar10 import CLASSES
 from ..engine import RowPrefixes, use_prefix
-from ..models import fingerprint, model_name, modules_matching
+from ..models import model_name, modules_matching
 from ..prefix import PrefixFileError
 from .base import Method
-from .weights import WeightArtifact
+from .weights import WeightArtifact, check_base
 
 DEPTHS = ("shallow", "deep", "prefix", "none")
 TUNES = ("head", "full", "lora", "adapter")
@@ -323,10 +322,8 @@ class ImageClassifier(Method):
         meta = artifact.meta
         if meta.get("method") != cls.name:
             raise PrefixFileError(f"{source}: was made by method {meta.get('method')!r}, not {cls.name!r}")
-        if check_fingerprint and meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
-            raise PrefixFileError(f"{source}: made for base model {meta.get('base_model')!r} (fingerprint "
-                                  f"{meta['fingerprint']}), but {model_name(model)!r} has fingerprint "
-                                  f"{fingerprint(model)}; it only works on its own base model")
+        if check_fingerprint:
+            check_base(artifact, model, source)
         try:
             return cls.config_class.from_dict(meta["config"])
         except (KeyError, TypeError, ConfigError) as e:
