@@ -63,9 +63,10 @@ def _selection_block(root: Path, arg: str, link) -> str:
     from .paper import partial_choices
     from .sweeps import SELECTION, read_results
 
-    _, _, choices = load_experiment(root / arg)
-    if not choices:  # the grid is still running: what has been measured so far
-        choices = partial_choices(read_results(root / arg, SELECTION))
+    recorded = load_experiment(root / arg)[2] or {}
+    # groups whose grid is still running (no choice recorded yet): what has been measured so far
+    partial = partial_choices(read_results(root / arg, SELECTION))
+    choices = {**recorded, **{g: c for g, c in partial.items() if g not in recorded}}
     if not choices:
         raise ReportError(f"{root / arg}: no learning-rate selection run is recorded")
     return selection_markdown(choices)
