@@ -442,7 +442,7 @@ def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .prefix import atomic_write_bytes
+    from .plots import save_png
 
     cols = _metric_columns(rows)
     if not cols:
@@ -476,14 +476,7 @@ def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | N
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path)
 
 
 def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = None,
@@ -533,14 +526,12 @@ def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = No
 def draw_dev_curves(out: Path, choices: dict, path: Path) -> Path | None:
     """One panel per group: the seed-0 dev-loss curve at every learning rate of its grid (the chosen
     one bold), so anyone can see where each run stopped improving."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .prefix import atomic_write_bytes
+    from .plots import save_png
     from .sweeps import SELECTION
 
     sel = {r["id"]: r for r in read_results(out, SELECTION)}
@@ -567,8 +558,4 @@ def draw_dev_curves(out: Path, choices: dict, path: Path) -> Path | None:
     fig.supxlabel("step", fontsize=8)
     fig.supylabel("dev loss", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path, dpi=110)

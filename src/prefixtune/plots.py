@@ -37,8 +37,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 1
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .prefix import atomic_write_bytes
-
     train, dev = read_log(run_dir)
     if not train and not dev:
         raise ValueError(f"{Path(run_dir) / 'log.jsonl'} has no loss records yet")
@@ -57,9 +55,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 1
     ax.set_title(str(Path(run_dir).resolve().name), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return save_png(fig, Path(out) if out else Path(run_dir) / "loss.png")
+
+
+def save_png(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
+    from .prefix import atomic_write_bytes
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    out = Path(out) if out else Path(run_dir) / "loss.png"
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)

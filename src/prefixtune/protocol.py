@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .prefix import atomic_write_bytes
-from .sweeps import ZERO_STEP, RunSpec, read_results, run_sweep, SELECTION
+from .sweeps import ZERO_STEP, RunSpec, run_sweep
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,3 @@ def comparison_specs(specs: list[RunSpec], choices: dict, protocol: Protocol, ge
                                labels={**{k: None for k in s.labels}, "label": ZERO_STEP},
                                group=f"{ZERO_STEP}-{size}"))
     return out
-
-
-def selection_rows(out: str | Path) -> list[dict]:
-    return read_results(out, SELECTION)

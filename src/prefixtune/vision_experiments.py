@@ -18,13 +18,14 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .plots import save_png
 from .prefix import atomic_write_bytes
 
 DEFAULT_MODEL = "dinov2-small"
@@ -347,8 +348,6 @@ def vpt_table(rows, sc: VisionScale, model_name: str) -> str:
 
 def vpt_figure(rows, path: Path):
     try:
-        import io
-
         import matplotlib
 
         matplotlib.use("Agg")
@@ -365,11 +364,7 @@ def vpt_figure(rows, path: Path):
     for i, (m, _) in enumerate(stats):
         ax.text(i, m + 0.02, f"{m:.3f}", ha="center", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..batching import Batch, Encoded
+from ..batching import Batch
 from ..config import MethodConfig, _check
 from ..data.cifar10 import CLASSES
 from ..models import model_name
