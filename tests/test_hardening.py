@@ -91,20 +91,24 @@ def test_an_unexpected_error_is_one_json_500_and_no_reset(world, serve, caplog):
     assert len(errors) == 3 and all(r.name == "prefixtune.serve" for r in errors), [r.getMessage() for r in errors]
 
 
-def test_a_disconnect_leaves_no_unretrieved_future_in_the_log(serve, caplog):
+def test_a_disconnect_leaves_no_unretrieved_future_in_the_log(world, serve, caplog):
     import gc
 
     server, store, key, state = serve(max_tokens_limit=2000)
-    with caplog.at_level(logging.ERROR, logger="asyncio"), client(server, key) as c:
+    # Each decode step sleeps 5 ms, so 1,900 tokens take >= 9.5 s on any machine: the 1 s read timeout
+    # always fires mid-generation (a fast CI machine once finished the whole request inside it).
+    slow = world.model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))
+    with slow, caplog.at_level(logging.ERROR, logger="asyncio"), client(server, key) as c:
         for n in range(1, 3):
             with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-generation and closes the connection
-                c.post("/v1/completions", json={"model": BASE, "prompt": ["a", "b"], "max_tokens": 1900,
+                c.post("/v1/completions", json={"model": BASE, "prompt": ["b", "b"], "max_tokens": 1900,
                                                 "temperature": 0}, timeout=httpx.Timeout(60, read=1.0))
             deadline = time.monotonic() + 15
             while (state.metrics.cancelled.value("disconnect") < n or state.batcher.running) \
                     and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert state.metrics.cancelled.value("disconnect") >= n and state.batcher.running == 0
+        slow.remove()  # (the `with` removes it too if an assertion fails first)
         assert complete(c, BASE, "x").status_code == 200
         time.sleep(0.3)
         gc.collect()  # asyncio logs an unretrieved exception when the future is collected
