@@ -100,9 +100,15 @@ def test_infix_is_refused_on_encoder_decoder_models():
         pt.InfixModel(tiny("t5"), pt.InfixConfig(length=2))
 
 
-def test_prefix_config_cannot_be_labelled_as_another_method():
-    with pytest.raises(pt.config.ConfigError if hasattr(pt, "config") else ValueError, match="method"):
-        pt.PrefixConfig(method="infix")
+def test_a_config_says_its_method_by_its_class_and_reads_files_that_named_it_inside():
+    from prefixtune.methods import METHODS, method_of
+
+    for name, cls in METHODS.items():
+        assert method_of(cls.config_class()) is cls
+    # prefixtune 0.2 wrote the method's name into the config too: such files still load
+    assert pt.InfixConfig.from_dict({"length": 3, "method": "infix"}) == pt.InfixConfig(length=3)
+    with pytest.raises(pt.config.ConfigError, match="unknown field"):
+        pt.PrefixConfig.from_dict({"length": 3, "colour": "red"})
 
 
 # ---------------------------------------------------------------------------------------------

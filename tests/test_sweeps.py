@@ -261,7 +261,7 @@ def test_seeds_and_sizes_replace_the_scale_and_are_checked():
     exp = paper.build("low-data", "quick", methods=["prefix"], seeds=[3], sizes=[50, 100])
     assert [r.id for r in exp.runs] == ["prefix-n50-s3", "prefix-n100-s3"]
     assert [r.group for r in exp.runs] == ["prefix-n50", "prefix-n100"]
-    assert "sizes [50, 100], seeds [3]" in exp.notes[0] and "prefix/infix lr 0.001" in exp.notes[0]
+    assert "sizes [50, 100], seeds [3]" in exp.notes[0] and "short-run rate" in exp.notes[0]
     assert all(r.overrides["lr"] == 1e-3 for r in exp.runs)  # the grid's centre at capped steps: not 8e-5
     ft = paper.build("low-data", "quick", methods=["finetune"], seeds=[0], sizes=[50]).runs
     assert ft[0].overrides["lr"] == 5e-5  # the recipe's fine-tuning rate centres its grid

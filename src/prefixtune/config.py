@@ -35,6 +35,9 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
         known = {f.name for f in dataclasses.fields(cls)}
+        # files written by prefixtune 0.2 carry the method's name inside its config too (now only in the file's
+        # own "method" field, which chose this class)
+        d = {k: v for k, v in d.items() if k != "method"}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -71,14 +74,9 @@ class PrefixConfig(MethodConfig):
         metadata={"help": "Which attention kinds get a prefix: subset of the model's kinds ('self' for decoder-only; "
                   "'encoder', 'decoder', 'cross' for encoder-decoder). None: all of them."},
     )
-    method: str = field(default="prefix", metadata={"help": "Method name recorded in saved files (set by the method).",
-                                                     "cli": False})
 
     def __post_init__(self) -> None:
         c = type(self).__name__
-        _check(self.method == type(self).__dataclass_fields__["method"].default, c, "method",
-               f"is {self.method!r}, but {c} configures method {type(self).__dataclass_fields__['method'].default!r}; "
-               "use that method's own config class (prefixtune.methods.get_method(name).config_class)")
         _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
         _check(self.reparam in REPARAMS, c, "reparam", f"must be one of {REPARAMS}, got {self.reparam!r}")
         _check(isinstance(self.mlp_hidden, int) and self.mlp_hidden >= 1, c, "mlp_hidden", f"must be >= 1, got {self.mlp_hidden!r}")

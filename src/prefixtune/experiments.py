@@ -165,16 +165,16 @@ def check_same_run(checkpoint: Path, identity: dict) -> None:
 def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainConfig, out: str | Path,
                  resume: bool = False, print_fn: Callable[[str], None] = print, model_and_tokenizer=None,
                  progress=None) -> dict:
-    """Load data, then the model; train `method_cfg.method` on it. Data and the output folder are checked
+    """Load data, then the model; train the method `method_cfg` configures on it. Data and the output folder are checked
     before the model is loaded, and run.json is written only for a run that goes ahead.
 
     The returned "model" is the base model again: a weight method (finetune, ft-top, adapter, LoRA) is
     detached after training (its hooks removed, the original weights put back), so that applying the
     returned "artifact" to it, as evaluation does, gives the trained model exactly once."""
-    from .methods import get_method
+    from .methods import method_of
     from .models import load_model
 
-    method_cls = get_method(method_cfg.method)
+    method_cls = method_of(method_cfg)
     out = check_output_folder(out, resume)
     train_pairs, dev_pairs, eval_items = plan_data(plan)
     print_fn(f"data: {len(train_pairs)} training pairs, {len(dev_pairs)} dev pairs, {len(eval_items)} evaluation sources")

@@ -31,13 +31,9 @@ class Scale:
     num_beams: int
     max_new_tokens: int
     epochs: int | None = None       # override of the recipe's epochs (low data needs more passes)
-    # learning rate of prefix and infix when steps are capped: the recipes carry the paper's rates (8e-5 on
-    # E2E, 5e-5 on WebNLG), set for thousands of steps; in 80 steps a prefix at 8e-5 barely moves
-    # (measured 2026-11-28: E2E n50, dev loss still falling at step 80, BLEU 0.29)
-    soft_lr: float | None = None
-    # the same for adapters: at the recipe's 1e-4 an adapter does not learn WebNLG in 80 steps (measured
-    # 2026-11-28: dev loss 1.77 vs the prefix's 0.85, BLEU 0.036)
-    adapter_lr: float | None = None
+    # steps capped at a few hundred: each method starts from its `short_run_learning_rate` where it has
+    # one (the recipes carry long-run rates, set for thousands of steps)
+    short_run: bool = False
     # held-out questions a classifier (ptuning-v2) is scored on: one forward pass each, so many more than
     # generation sources; accuracy on 40 would have a standard error of about 0.08, on 1,000 about 0.015
     classifier_eval: int | None = None
@@ -56,7 +52,7 @@ SCALES = {
     # the prefix on E2E), set for thousands of steps; at a few hundred steps the prefix and the adapter
     # start their grid at 1e-3 (measured 2026-11-28: E2E n50, prefix at 8e-5 still falling at step 80)
     "quick": Scale(sizes=(50, 200), seeds=(0, 1, 2), full_size=200, max_steps=200, eval_limit=200, num_beams=1,
-                   max_new_tokens=60, epochs=1000, soft_lr=1e-3, adapter_lr=1e-3, classifier_eval=1000,
+                   max_new_tokens=60, epochs=1000, short_run=True, classifier_eval=1000,
                    eval_every=10, patience=3, warmup_steps=10),
     "tiny": Scale(sizes=(20, 40), seeds=(0,), full_size=40, max_steps=4, eval_limit=4, num_beams=1,
                   max_new_tokens=6, epochs=2, classifier_eval=4, eval_every=2, patience=2),
@@ -83,7 +79,9 @@ DEFAULTS = {  # experiment -> (dataset, model, methods)
     # every registered generation method at one training size (docs/methods.md's table)
     "methods": ("e2e", "smollm2-135m", None),
 }
-# The method table's soft-prompt sizes, applied to whichever methods have these options.
+# Soft-prompt sizes and init, applied to whichever methods have these options: low-data is §6.3's
+# (length 6, init from the task's name), the method table uses a longer prompt.
+LOW_DATA_OPTIONS = {"length": 6, "init_text": "table-to-text:"}
 METHOD_TABLE_OPTIONS = {"length": 10, "init_text": "table-to-text: restaurant description"}
 METHOD_TABLE_SIZE = 200
 # The arms of `ptuning-v2`: one classifier (a linear head on [CLS], methods/ptuning_v2.py) with the prompt
@@ -165,13 +163,12 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
         raise ExperimentError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
     if scale not in SCALES:
         raise ExperimentError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
+    from .methods import METHODS, get_method
     from .recipes import configs_for
 
     d_dataset, d_model, d_methods = DEFAULTS[name]
     dataset, model = dataset or d_dataset, model or d_model
     if d_methods is None:  # every registered method that trains generation
-        from .methods import METHODS
-
         d_methods = tuple(n for n, cls in METHODS.items() if cls.generates)
     methods = tuple(methods) if methods else d_methods
     _check_available(name, dataset, methods)
@@ -194,10 +191,9 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
 
     def add(label: str, method: str, size, seed, overrides=None, plan_extra=None, eval_limit=s.eval_limit, **labels):
         overrides = {**train, "seed": seed, **(overrides or {})}
-        if s.soft_lr is not None and method in ("prefix", "infix"):
-            overrides.setdefault("lr", s.soft_lr)
-        if s.adapter_lr is not None and method == "adapter":
-            overrides.setdefault("lr", s.adapter_lr)
+        short_lr = get_method(method).short_run_learning_rate
+        if s.short_run and short_lr is not None:
+            overrides.setdefault("lr", short_lr)
         if size and _needs_size(dataset):  # the dev loss uses 30% of the training size in pairs (paper §6.3)
             overrides["dev_max_examples"] = max(2, math.ceil(0.3 * size))
         # options a method does not have (lengths and init of the soft-prompt family) are not passed to it
@@ -215,25 +211,19 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
              f"{'max ' + str(s.max_steps) + ' steps' if s.max_steps else 'recipe epochs'}, "
              f"{'epochs ' + str(s.epochs) + ', ' if s.epochs else ''}"
              f"{'first ' + str(s.eval_limit) if s.eval_limit else 'all'} evaluation sources, beam {s.num_beams}"
-             + (f", prefix/infix lr {s.soft_lr:g}" if s.soft_lr is not None else "")
-             + (f", adapter lr {s.adapter_lr:g}" if s.adapter_lr is not None else "")
+             + (", learning-rate grids centred on each method's short-run rate" if s.short_run else "")
              + (f"; early stopping: dev loss every {s.eval_every} steps, patience {s.patience}" if s.patience else "")]
     if name == "low-data":  # §6.3: prefix length 6, batch 10, init from the task's name
         for m in methods:
-            extra = {"length": 6, "init": "text", "init_text": "table-to-text:"} if m == "prefix" else {}
+            extra = _options_it_has(m, LOW_DATA_OPTIONS)
             for size in s.sizes:
                 for seed in s.seeds:
                     add(m, m, size, seed, {"batch_size": 10, **extra})
         return Experiment(name, scale, model, dataset, runs, ("label", "train_size"), x="train_size", notes=notes)
     if name == "methods":  # every generation method on one budget, each at its own chosen learning rate
-        from .methods import get_method
-
         size = METHOD_TABLE_SIZE if scale != "tiny" else s.sizes[0]
         for m in methods:
-            fields = {f.name for f in dataclasses.fields(get_method(m).config_class)}
-            extra = {k: v for k, v in METHOD_TABLE_OPTIONS.items() if k in fields}
-            if "init_text" in extra and "init" in fields:
-                extra["init"] = "text"
+            extra = _options_it_has(m, METHOD_TABLE_OPTIONS)
             for seed in s.seeds:
                 add(m, m, size, seed, {"batch_size": 10, **extra})
         return Experiment(name, scale, model, dataset, runs, ("label", "train_size"), notes=notes)
@@ -280,6 +270,18 @@ def build(name: str, scale: str = "quick", model: str | None = None, dataset: st
                  "with deep prompts, input-only prompts (prompt), no prompt and the encoder trained (finetune), "
                  "or the head alone (probe)")
     return Experiment(name, scale, model, dataset, runs, ("label",), notes=notes)
+
+
+def _options_it_has(method: str, options: dict) -> dict:
+    """The subset of `options` that `method`'s config has (soft-prompt sizes and init); an `init_text`
+    comes with init='text' where the method also has an `init` option."""
+    from .methods import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    out = {k: v for k, v in options.items() if k in fields}
+    if "init_text" in out and "init" in fields:
+        out["init"] = "text"
+    return out
 
 
 def _option_names(method: str) -> set[str]:

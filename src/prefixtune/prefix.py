@@ -95,7 +95,7 @@ class Prefix(nn.Module):
         """The final prefix as plain tensors (the MLP is dropped)."""
         with torch.no_grad():
             kv = {k: v.detach().float().contiguous().clone() for k, v in self().items()}
-        return MergedPrefix(kv=kv, meta={"method": self.config.method, "config": self.config.to_dict(), **meta})
+        return MergedPrefix(kv=kv, meta={"config": self.config.to_dict(), **meta})  # meta: the method's base_meta()
 
 
 @dataclass

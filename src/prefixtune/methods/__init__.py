@@ -43,6 +43,14 @@ def get_method(name: str) -> type[Method]:
     return METHODS[key]
 
 
+def method_of(config) -> type[Method]:
+    """The method a config object configures (each method has its own config class)."""
+    for cls in METHODS.values():
+        if type(config) is cls.config_class:
+            return cls
+    raise TypeError(f"{type(config).__name__} is no registered method's config class")
+
+
 def build(model, method: str = "prefix", tokenizer=None, config=None, **fields) -> Method:
     """`build(model, "prompt", tok, length=20)`: the method's module around a frozen `model`."""
     cls = get_method(method)
@@ -89,6 +97,6 @@ def attach(model, artifact, tokenizer=None) -> Method:
     return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer).eval()
 
 
-__all__ = ["Method", "METHODS", "register", "get_method", "build", "trainable_state", "save_artifact",
+__all__ = ["Method", "METHODS", "register", "get_method", "method_of", "build", "trainable_state", "save_artifact",
            "load_artifact", "attach", "PrefixModel", "InfixModel", "InfixConfig", "PromptModel", "PromptConfig",
            "PTuningModel", "PTuningConfig"]

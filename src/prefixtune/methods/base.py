@@ -30,16 +30,39 @@ from ..models import fingerprint, freeze, model_name
 
 
 class Method(nn.Module):
-    """A parameter-efficient method on a frozen base model (see the module docstring)."""
+    """A parameter-efficient method on a frozen base model (see the module docstring).
+
+    The class attributes below are everything the rest of prefixtune asks about a method (recipes,
+    experiments, the CLI, the server, the conformance tests): no module outside `methods/` names one.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # "soft" (conditioning per batch row: key/values, soft embeddings), "weight" (changes or adds weights
+    # in the model itself) or "classifier" (brings its own head; trained and scored on labels)
+    kind: ClassVar[str] = "soft"
     # Soft methods' artifacts share batches row by row with other soft artifacts; weight methods' cannot.
     mixable: ClassVar[bool] = True
+    # The multi-tenant server serves its artifacts (today: exactly the mixable ones).
+    servable: ClassVar[bool] = True
     # One line for `prefixtune methods` and docs/methods.md.
     summary: ClassVar[str] = ""
     # Trains text generation (an LM head is needed); False for classifiers, which bring their own head.
     generates: ClassVar[bool] = True
+    # What the base model reads: "text" or "image".
+    modality: ClassVar[str] = "text"
+    # Default learning rate on every dataset; None: the dataset recipe's rate (the paper's per-dataset
+    # prefix-tuning rates).
+    learning_rate: ClassVar[float | None] = None
+    # Learning rate the experiments centre their grid on when a run is capped at a few hundred steps
+    # (None: the default above); long-run rates barely move some methods in so few steps.
+    short_run_learning_rate: ClassVar[float | None] = None
+    # Per-dataset defaults of this method's options (canonical dataset name -> config fields), e.g. the
+    # paper's prefix length per task.
+    recipe_options: ClassVar[dict[str, dict]] = {}
+    # The PEFT adapter format (`peft_type`) its artifacts convert to and from, if any: see
+    # `to_peft` / `from_peft` below and peft_io.py.
+    peft_type: ClassVar[str | None] = None
 
     def __init__(self, model, config=None, tokenizer=None):
         super().__init__()
@@ -113,3 +136,15 @@ class Method(nn.Module):
         from . import save_artifact
 
         save_artifact(self.export(), path, model=self.model)
+
+    # -- PEFT interop (methods with a `peft_type`) ---------------------------------------------------
+    @classmethod
+    def to_peft(cls, artifact, model=None) -> tuple[dict[str, torch.Tensor], dict]:
+        """(adapter tensors, adapter_config.json fields) of PEFT's format for one of this method's artifacts."""
+        raise ValueError(f"PEFT has no adapter format for prefixtune's {cls.name!r} artifacts; save it with "
+                         "prefixtune's own format instead")
+
+    @classmethod
+    def from_peft(cls, config: dict, tensors: dict[str, torch.Tensor], source: str, model=None):
+        """This method's artifact from a PEFT adapter (config, tensors) read from `source`."""
+        raise ValueError(f"prefixtune's {cls.name!r} reads no PEFT adapter format")

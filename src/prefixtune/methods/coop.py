@@ -60,12 +60,9 @@ class CoOpConfig(MethodConfig):
     num_labels: int = field(default=10, metadata={"help": "Number of classes."})
     labels: tuple[str, ...] = field(default=CLASSES, metadata={"help": "Class names, written into the prompts."})
     image_size: int | None = field(default=None, metadata={"help": "Images resized to this (default: the processor's)."})
-    method: str = field(default="coop", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.method == type(self).__dataclass_fields__["method"].default, c, "method",
-               f"is {self.method!r}; {c} configures {type(self).__dataclass_fields__['method'].default!r}")
         _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
         _check(self.class_position in POSITIONS, c, "class_position", f"must be one of {POSITIONS}")
         _check(self.ctx_init is None or bool(str(self.ctx_init).strip()), c, "ctx_init", "must be non-empty words or unset")
@@ -78,7 +75,6 @@ class CoCoOpConfig(CoOpConfig):
     """CoOp + a Meta-Net that conditions the context on each image (CoCoOp)."""
 
     length: int = field(default=4, metadata={"help": "Context vectors M (CoCoOp: 4)."})
-    method: str = field(default="cocoop", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
 
 @dataclass
@@ -91,7 +87,6 @@ class DAPLConfig(CoOpConfig):
         "help": "Domain names (targets are written 'domain/label'; 'domain/?' is unlabelled)."})
     threshold: float = field(default=0.5, metadata={
         "help": "Unlabelled images train on CLIP's zero-shot pseudo-label when its probability is at least this."})
-    method: str = field(default="dapl", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         super().__post_init__()

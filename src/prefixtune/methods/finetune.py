@@ -18,17 +18,12 @@ from .weights import WeightMethod
 class FinetuneConfig(MethodConfig):
     """Full fine-tuning: no options besides the training settings."""
 
-    method: str = field(default="finetune", metadata={"help": "Method name recorded in saved files.", "cli": False})
-
-    def __post_init__(self):
-        _check(self.method == "finetune", type(self).__name__, "method",
-               f"is {self.method!r}; FinetuneConfig configures 'finetune'")
-
 
 class FinetuneModel(WeightMethod):
     name = "finetune"
     config_class = FinetuneConfig
     summary = "every weight of the base model (the paper's FT-full baseline)"
+    learning_rate = 5e-5  # the paper's fine-tuning rate
 
     def __init__(self, model, config: FinetuneConfig | None = None, tokenizer=None):
         super().__init__(model, config, tokenizer)

@@ -22,11 +22,9 @@ class FtTopConfig(MethodConfig):
 
     layers: int = field(default=2, metadata={"help": "How many top transformer blocks train (of each stack for "
                                                      "encoder-decoder models); 2 is the paper's FT-top2."})
-    method: str = field(default="ft-top", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.method == "ft-top", c, "method", f"is {self.method!r}; FtTopConfig configures 'ft-top'")
         _check(isinstance(self.layers, int) and not isinstance(self.layers, bool) and self.layers >= 1, c, "layers",
                f"must be an int >= 1, got {self.layers!r}")
 
@@ -35,6 +33,7 @@ class FtTopModel(WeightMethod):
     name = "ft-top"
     config_class = FtTopConfig
     summary = "the top k transformer blocks' weights (the paper's FT-top2 for k=2)"
+    learning_rate = 5e-5  # as fine-tuning
 
     def __init__(self, model, config: FtTopConfig | None = None, tokenizer=None):
         super().__init__(model, config, tokenizer)

@@ -22,7 +22,6 @@ from .prefix import PrefixModel
 class InfixConfig(PrefixConfig):
     """An infix is shaped, parametrized and initialized like a prefix (paper §7.3)."""
 
-    method: str = field(default="infix", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         super().__post_init__()
@@ -36,6 +35,7 @@ class InfixModel(PrefixModel):
     name = "infix"
     config_class = InfixConfig
     summary = "key/value activations at every layer between source and target ([x; INFIX; y])"
+    recipe_options = {"e2e": {"length": 5}, "webnlg": {"length": 5}, "dart": {"length": 10}}
 
     def __init__(self, model, config: InfixConfig | None = None, tokenizer=None, prefix: MergedPrefix | None = None):
         from ..engine import describe

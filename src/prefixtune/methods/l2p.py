@@ -39,11 +39,9 @@ class L2PConfig(MethodConfig):
     num_labels: int = field(default=10, metadata={"help": "Number of classes of the head (all tasks)."})
     labels: tuple[str, ...] = field(default=CLASSES, metadata={"help": "Class names in head order (default: CIFAR-10)."})
     image_size: int | None = field(default=None, metadata={"help": "Images resized to this (default: the processor's)."})
-    method: str = field(default="l2p", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.method == "l2p", c, "method", f"is {self.method!r}; L2PConfig configures 'l2p'")
         for name in ("pool_size", "top_n", "length"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, c, name, "must be an int >= 1")
         _check(self.top_n <= self.pool_size, c, "top_n", f"{self.top_n} > pool_size {self.pool_size}")

@@ -32,11 +32,9 @@ class LoRAConfig(MethodConfig):
         default=None, metadata={"help": "Regex searched in module names choosing the layers to adapt (nn.Linear or "
                                         "GPT-2 Conv1D), e.g. '\\.(q_proj|k_proj|v_proj|o_proj)$'. None: the "
                                         "architecture's default (query and value projections)."})
-    method: str = field(default="lora", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.method == "lora", c, "method", f"is {self.method!r}; LoRAConfig configures 'lora'")
         _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1, c, "rank",
                f"must be an int >= 1, got {self.rank!r}")
         _check(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, c, "alpha",
@@ -100,6 +98,7 @@ class LoRAModel(WeightMethod):
     name = "lora"
     config_class = LoRAConfig
     summary = "low-rank updates scale·B·A added to chosen linear layers (forward hooks; mergeable)"
+    learning_rate = 2e-4  # Hu et al. (2021) on E2E
 
     def __init__(self, model, config: LoRAConfig | None = None, tokenizer=None):
         super().__init__(model, config, tokenizer)

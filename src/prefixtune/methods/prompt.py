@@ -34,11 +34,9 @@ class PromptConfig(MethodConfig):
     )
     init_text: str | None = field(default=None, metadata={"help": "Text whose token embeddings start the prompt."})
     init_std: float = field(default=0.02, metadata={"help": "Standard deviation of the random initialization."})
-    method: str = field(default="prompt", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.method == "prompt", c, "method", f"is {self.method!r}; PromptConfig configures 'prompt'")
         _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
         if self.init is None:
             self.init = "text" if self.init_text else "vocab"
@@ -70,6 +68,8 @@ class PromptModel(Method):
     name = "prompt"
     config_class = PromptConfig
     summary = "soft input embeddings in front of the source (embedding layer only)"
+    # soft input embeddings need larger steps than key/values (Lester et al. use 0.3 with Adafactor)
+    learning_rate = 3e-3
 
     def __init__(self, model, config: PromptConfig | None = None, tokenizer=None):
         super().__init__(model, config, tokenizer)

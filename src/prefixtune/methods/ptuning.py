@@ -56,11 +56,9 @@ class PTuningConfig(MethodConfig):
     encoder_hidden: int | None = field(default=None, metadata={
         "help": "Hidden width of the prompt encoder (None: the model's hidden size)."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the encoder's random input vectors."})
-    method: str = field(default="ptuning", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.method == "ptuning", c, "method", f"is {self.method!r}; PTuningConfig configures 'ptuning'")
         _check(self.encoder in ("lstm", "mlp"), c, "encoder", f"must be 'lstm' or 'mlp', got {self.encoder!r}")
         _check(self.encoder_hidden is None or self.encoder_hidden >= 1, c, "encoder_hidden", "must be >= 1")
         _check(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
@@ -94,6 +92,7 @@ class PTuningModel(PromptModel):
     name = "ptuning"
     config_class = PTuningConfig
     summary = "virtual tokens from a prompt encoder (LSTM/MLP), placed by a template with anchor words"
+    learning_rate = 3e-3  # as prompt tuning: soft input embeddings
 
     def __init__(self, model, config: PTuningConfig | None = None, tokenizer=None):
         from .base import Method

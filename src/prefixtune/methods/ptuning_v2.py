@@ -58,7 +58,6 @@ class PTuningV2Config(PrefixConfig):
     tune_encoder: bool = field(default=False, metadata={
         "help": "Also train every encoder weight (with prompt_depth 'none': the fine-tuning baseline); the saved "
                 "file then holds the whole encoder."})
-    method: str = field(default="ptuning-v2", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,8 +84,11 @@ class PTuningV2Model(Method):
 
     name = "ptuning-v2"
     config_class = PTuningV2Config
+    kind = "classifier"
     mixable = False
+    servable = False
     generates = False
+    learning_rate = 1e-2  # the P-tuning v2 paper's range for frozen-encoder deep prompts (5e-3 to 1e-2)
     summary = ("deep prompts (key/values at every encoder layer) + a linear head on [CLS], for classification; "
                "input-only prompts, a linear probe and fine-tuning as options")
 

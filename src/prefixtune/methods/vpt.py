@@ -87,12 +87,9 @@ class VPTConfig(MethodConfig):
                 "model's processor crop size (224 for DINOv2/ViT)."})
     prompt_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prompts while training (VPT: 0.0-0.1)."})
     head_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled feature before the head (training only)."})
-    method: str = field(default="vpt", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.method == type(self).__dataclass_fields__["method"].default, c, "method",
-               f"is {self.method!r}; {c} configures {type(self).__dataclass_fields__['method'].default!r}")
         _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
         _check(self.depth in DEPTHS, c, "depth", f"must be one of {DEPTHS}, got {self.depth!r}")
         _check(self.tune in TUNES, c, "tune", f"must be one of {TUNES}, got {self.tune!r}")
@@ -111,7 +108,6 @@ class VPTShallowConfig(VPTConfig):
     """VPT-Shallow: prompts after [CLS] at the first layer's input."""
 
     depth: Literal["shallow", "deep", "prefix", "none"] = field(default="shallow", metadata={"help": VPTConfig.__dataclass_fields__["depth"].metadata["help"]})
-    method: str = field(default="vpt-shallow", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
 
 @dataclass
@@ -119,7 +115,6 @@ class VPTDeepConfig(VPTConfig):
     """VPT-Deep: fresh prompts at every layer."""
 
     depth: Literal["shallow", "deep", "prefix", "none"] = field(default="deep", metadata={"help": VPTConfig.__dataclass_fields__["depth"].metadata["help"]})
-    method: str = field(default="vpt-deep", metadata={"help": "Method name recorded in saved files.", "cli": False})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +247,11 @@ def _shared_cache(model, pool: str) -> _FeatureCache:
 class ImageClassifier(Method):
     """Shared by image classifier methods: images in, labels out, the image processor in the artifact."""
 
+    kind = "classifier"
     mixable = False
+    servable = False
     generates = False
-    modality: ClassVar[str] = "image"
+    modality = "image"
 
     def _setup_images(self, tokenizer, image_size: int | None):
         from ..vision import ImageProcessor

@@ -97,7 +97,9 @@ class WeightMethod(Method):
     base model are copied (to CPU) first, so `detach()` gives the original model back exactly.
     """
 
+    kind = "weight"
     mixable = False
+    servable = False  # one batch serves one set of weights: the server takes soft artifacts only
 
     def __init__(self, model, config=None, tokenizer=None):
         super().__init__(model, config, tokenizer)
