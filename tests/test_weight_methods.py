@@ -350,7 +350,7 @@ def test_lora_import_from_peft_gives_equal_logits(tmp_path):
 
 def test_peft_refusals_name_the_reason(tmp_path):
     ft = pt.build(tiny("llama"), "ft-top", layers=1)
-    with pytest.raises(ValueError, match="only 'lora' exports"):
+    with pytest.raises(ValueError, match="no adapter format for prefixtune's 'ft-top'.*export to PEFT: .*lora"):
         pt.export_peft(ft.export(), tmp_path / "a")
     ft.detach()
     (tmp_path / "b").mkdir()
@@ -360,8 +360,8 @@ def test_peft_refusals_name_the_reason(tmp_path):
     save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "b" / "adapter_model.safetensors"))
     with pytest.raises(pt.PrefixFileError, match="use_dora"):
         pt.import_peft(tmp_path / "b")
-    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(pt.PrefixFileError, match="IA3"):
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(pt.PrefixFileError, match="peft_type is 'LOHA'; prefixtune imports PREFIX_TUNING, .*LORA"):
         pt.import_peft(tmp_path / "b")
 
 

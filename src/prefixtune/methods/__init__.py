@@ -51,6 +51,15 @@ def method_of(config) -> type[Method]:
     raise TypeError(f"{type(config).__name__} is no registered method's config class")
 
 
+def artifact_method(artifact) -> type[Method]:
+    """The method that made `artifact` (its "method" metadata; soft artifacts written without it are
+    prompts when they hold soft embeddings only, else prefixes)."""
+    name = artifact.meta.get("method")
+    if not name:
+        name = "prompt" if getattr(artifact, "embeds", None) is not None and not artifact.kv else "prefix"
+    return get_method(name)
+
+
 def build(model, method: str = "prefix", tokenizer=None, config=None, **fields) -> Method:
     """`build(model, "prompt", tok, length=20)`: the method's module around a frozen `model`."""
     cls = get_method(method)
@@ -97,6 +106,6 @@ def attach(model, artifact, tokenizer=None) -> Method:
     return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer).eval()
 
 
-__all__ = ["Method", "METHODS", "register", "get_method", "method_of", "build", "trainable_state", "save_artifact",
+__all__ = ["Method", "METHODS", "register", "get_method", "method_of", "artifact_method", "build", "trainable_state", "save_artifact",
            "load_artifact", "attach", "PrefixModel", "InfixModel", "InfixConfig", "PromptModel", "PromptConfig",
            "PTuningModel", "PTuningConfig"]

@@ -138,6 +138,11 @@ class Method(nn.Module):
         save_artifact(self.export(), path, model=self.model)
 
     # -- PEFT interop (methods with a `peft_type`) ---------------------------------------------------
+    @staticmethod
+    def peft_task_type(model) -> str:
+        """PEFT's task_type for `model` (CAUSAL_LM when no model is at hand)."""
+        return "SEQ_2_SEQ_LM" if model is not None and model.config.is_encoder_decoder else "CAUSAL_LM"
+
     @classmethod
     def to_peft(cls, artifact, model=None) -> tuple[dict[str, torch.Tensor], dict]:
         """(adapter tensors, adapter_config.json fields) of PEFT's format for one of this method's artifacts."""

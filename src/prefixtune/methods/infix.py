@@ -36,6 +36,7 @@ class InfixModel(PrefixModel):
     config_class = InfixConfig
     summary = "key/value activations at every layer between source and target ([x; INFIX; y])"
     recipe_options = {"e2e": {"length": 5}, "webnlg": {"length": 5}, "dart": {"length": 10}}
+    peft_type = None  # PEFT's PREFIX_TUNING puts key/values before the input only
 
     def __init__(self, model, config: InfixConfig | None = None, tokenizer=None, prefix: MergedPrefix | None = None):
         from ..engine import describe

@@ -18,7 +18,11 @@ from torch import nn
 
 from ..config import MethodConfig, _check
 from ..models import arch_of, modules_matching
-from .weights import WeightMethod
+from ..prefix import PrefixFileError
+from .weights import WeightArtifact, WeightMethod, check_base
+
+# PEFT's name of one LoRA tensor: base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+_PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
 
 @dataclass
@@ -99,6 +103,8 @@ class LoRAModel(WeightMethod):
     config_class = LoRAConfig
     summary = "low-rank updates scale·B·A added to chosen linear layers (forward hooks; mergeable)"
     learning_rate = 2e-4  # Hu et al. (2021) on E2E
+    # PEFT's LORA: update (lora_alpha / r) * B @ A, as here ('lora.<module>.A' / '.B')
+    peft_type = "LORA"
 
     def __init__(self, model, config: LoRAConfig | None = None, tokenizer=None):
         super().__init__(model, config, tokenizer)
@@ -131,3 +137,68 @@ class LoRAModel(WeightMethod):
             h.remove()
         self._hooks.clear()
         self.merged = True
+
+    @classmethod
+    def to_peft(cls, artifact: WeightArtifact, model=None) -> tuple[dict, dict]:
+        cfg = cls.config_class.from_dict(artifact.meta["config"])
+        tensors, modules = {}, []
+        for name, t in artifact.tensors.items():
+            module, part = name.removeprefix("lora.").rsplit(".", 1)
+            tensors[f"base_model.model.{module}.lora_{part}.weight"] = t
+            modules.append(module)
+        modules = sorted(set(modules))
+        conv1d = False
+        if model is not None:
+            check_base(artifact, model)
+            conv1d = any(linear_shape(m) is not None and not isinstance(m, nn.Linear)
+                         for name, m in model.named_modules() if name in set(modules))
+            cls.from_artifact(model, artifact).detach()  # every tensor fits the model (names, shapes)
+        return tensors, {
+            "task_type": cls.peft_task_type(model), "r": cfg.rank, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": modules, "fan_in_fan_out": conv1d, "bias": "none",
+            "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
+            "layers_to_transform": None, "layers_pattern": None}
+
+    @classmethod
+    def from_peft(cls, config: dict, tensors: dict, source: str, model=None) -> WeightArtifact:
+        for key in ("use_dora", "lora_bias"):
+            if config.get(key):
+                raise PrefixFileError(f"{source}: {key}=true is not plain LoRA; prefixtune imports plain LoRA only")
+        if config.get("bias", "none") != "none":
+            raise PrefixFileError(f"{source}: bias={config['bias']!r} trains biases too; prefixtune imports "
+                                  "bias='none' only")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise PrefixFileError(f"{source}: per-module ranks/alphas (rank_pattern, alpha_pattern) are not supported")
+        rank, alpha = config.get("r"), config.get("lora_alpha")
+        if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+            raise PrefixFileError(f"{source}: needs an int r >= 1 and a number lora_alpha, got r={rank!r}, "
+                                  f"lora_alpha={alpha!r}")
+        if config.get("use_rslora"):  # rank-stabilized scale alpha/sqrt(r) == (alpha*sqrt(r))/r
+            alpha = alpha * math.sqrt(rank)
+        out, modules = {}, set()
+        for key, t in tensors.items():
+            m = _PEFT_KEY.match(key)
+            if m is None:
+                raise PrefixFileError(f"{source}: tensor {key!r} is not a LoRA A/B weight of a linear layer; "
+                                      "prefixtune imports plain LoRA only (no embedding LoRA, no modules_to_save)")
+            module, part = m.groups()
+            if t.dim() != 2 or t.shape[0 if part == "A" else 1] != rank:
+                raise PrefixFileError(f"{source}: {key!r} has shape {tuple(t.shape)}, not rank {rank}")
+            out[f"lora.{module}.{part}"] = t.float()
+            modules.add(module)
+        missing = [f"{m}.lora_{p}" for m in sorted(modules) for p in "AB" if f"lora.{m}.{p}" not in out]
+        if missing or not modules:
+            raise PrefixFileError(f"{source}: {'missing ' + ', '.join(missing) if missing else 'no LoRA tensors'}")
+        cfg = cls.config_class(rank=rank, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
+                               target_modules="^(?:" + "|".join(re.escape(m) for m in sorted(modules)) + ")$")
+        artifact = WeightArtifact(out, {"method": cls.name, "config": cfg.to_dict(), "imported_from": "peft",
+                                        "base_model": config.get("base_model_name_or_path")})
+        if model is not None:
+            from ..models import fingerprint
+
+            try:
+                cls.from_artifact(model, artifact).detach()  # names and shapes fit the model
+            except (ValueError, PrefixFileError) as e:
+                raise PrefixFileError(f"{source}: does not fit the model ({e})") from e
+            artifact.meta["fingerprint"] = fingerprint(model)
+        return artifact
