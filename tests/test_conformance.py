@@ -1,0 +1,160 @@
+"""One conformance suite over the method registry: a method is tested by registering it.
+
+For every registered text method, on a tiny model of each architecture kind it accepts (decoder-only
+with grouped-query attention, GPT-2's fused Conv1D attention, T5 encoder-decoder; encoders for text
+classifiers), through the one trainer:
+  * it trains: the declared tensors change, and nothing else of the base model does (soft methods and
+    adapters) or the base is restored bit for bit by `detach()` (weight methods);
+  * the saved file loads on a fresh copy of the base and behaves exactly as the artifact in memory
+    (the same generated text, or the same classifier loss), and is refused on another base model;
+  * a run killed after its checkpoint and resumed gives a bit-identical artifact;
+  * every field of its config is a `prefixtune train` option.
+A refusal to build on an architecture must say why; every method must build on at least one.
+Image methods have their own data path and references (tests/test_vision*.py) and are not run here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import prefixtune as pt
+from prefixtune.methods import METHODS, attach, build, load_artifact
+from prefixtune.train import TrainConfig, train
+
+from conftest import one_torch_thread_impl, reversal_pairs, tiny, tiny_tokenizer
+from test_ptuning_v2 import contains_pairs, encoder_tokenizer, tiny_encoder
+
+one_torch_thread = pytest.fixture(autouse=True)(one_torch_thread_impl)
+
+TEXT = {n: cls for n, cls in METHODS.items() if cls.modality == "text"}
+# the tiny models a method of each kind is tried on: (factory, tokenizer, training data)
+GENERATION_ARCHS = {a: (lambda a=a: tiny(a), lambda a=a: tiny_tokenizer(a), reversal_pairs) for a in ("llama", "gpt2", "t5")}
+CLASSIFIER_ARCHS = {"bert": (lambda: tiny_encoder("bert"), lambda: encoder_tokenizer("bert"), contains_pairs)}
+CASES = [pytest.param(n, a, id=f"{n}-{a}") for n, cls in TEXT.items()
+         for a in (GENERATION_ARCHS if cls.generates else CLASSIFIER_ARCHS)]
+
+
+def _setup(name: str, arch: str):
+    make_model, make_tok, data = (GENERATION_ARCHS if TEXT[name].generates else CLASSIFIER_ARCHS)[arch]
+    return make_model, make_tok(), data
+
+
+def _build(name, model, tok):
+    torch.manual_seed(0)
+    try:
+        return build(model, name, tok)
+    except ValueError as e:  # a method may refuse an architecture, but must say why
+        assert len(str(e)) > 40 and (name in str(e) or type(model).__name__ in str(e) or "model" in str(e)), e
+        pytest.skip(f"{name} refuses {type(model).__name__}: {e}")
+
+
+class Killed(Exception):
+    pass
+
+
+def _train(method, tok, data, out, resume=False, kill_after=None):
+    def progress(record):
+        if record["step"] == kill_after:
+            raise Killed
+
+    cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=4, max_steps=5, checkpoint_every=2, log_every=100,
+                      max_source_len=64)
+    return train(method, tok, data(16), data(4, seed=1), cfg, out, resume=resume, print_fn=lambda s: None,
+                 progress=progress)
+
+
+def _behaviour(model, tok, artifact, name):
+    """What the artifact does to the model: generated texts (generation) or the dev loss (classifiers)."""
+    if TEXT[name].generates:
+        from prefixtune.decode import DecodeConfig, generate_texts
+
+        cfg = DecodeConfig(num_beams=1, max_new_tokens=5, batch_size=2)
+        return generate_texts(model, tok, ["w5 w6 w7", "w8 w9", "w10"], artifact, cfg)
+    method = attach(model, artifact, tok)
+    batch = method.collate([method.encode(tok, d.source, d.target, 64, 8) for d in contains_pairs(4, seed=3)],
+                           tok.pad_token_id)
+    with torch.no_grad():
+        loss = method.loss(batch)
+    method.detach()
+    return loss
+
+
+@pytest.mark.parametrize("name,arch", CASES)
+def test_method_conforms(name, arch, tmp_path):
+    make_model, tok, data = _setup(name, arch)
+    model = make_model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    method = _build(name, model, tok)
+    cls = TEXT[name]
+    assert method.kind in ("soft", "weight", "classifier") and method.kind == cls.kind
+    assert cls.servable <= cls.mixable  # the server batches any mix of prefixes: only mixable ones are served
+    before = {k: v.detach().clone() for k, v in method.trainable().items()}
+    assert before and method.num_trainable() == sum(v.numel() for v in before.values())
+
+    result = _train(method, tok, data, tmp_path / "full")
+    assert result["steps"] == 5
+    trained = {k: v.detach().clone() for k, v in method.trainable().items()}
+    assert any(not torch.equal(trained[k], before[k]) for k in before), "nothing trained"
+    changed_base = {k for k, v in model.state_dict().items() if not torch.equal(v, base[k])}
+    if cls.kind == "weight":
+        method.detach()  # weight methods change the model itself: detach() gives the base back exactly
+    else:
+        assert not changed_base, f"{name} changed base weights {sorted(changed_base)[:3]}"
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+    # the file on a fresh copy of the base behaves exactly as the artifact in memory
+    path = result["artifact_path"]
+    fresh = make_model()
+    loaded = load_artifact(path, fresh)
+    want = _behaviour(make_model(), tok, result["artifact"], name)
+    got = _behaviour(fresh, tok, loaded, name)
+    assert got == want if isinstance(want, list) else torch.equal(got, want)
+    assert all(torch.equal(v, base[k]) for k, v in fresh.state_dict().items())  # and leaves it as it was
+
+    # another base model is refused, naming the fingerprint
+    other = make_model()
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.dim() == 2)[0, 0] += 1.0
+    with pytest.raises(pt.PrefixFileError, match="fingerprint"):
+        load_artifact(path, other)
+
+    # killed after the step-4 checkpoint and resumed: the identical artifact
+    again = make_model()
+    with pytest.raises(Killed):
+        _train(_build(name, again, tok), tok, data, tmp_path / "killed", kill_after=5)
+    resumed_model = make_model()
+    resumed = _train(_build(name, resumed_model, tok), tok, data, tmp_path / "killed", resume=True)
+    a, b = load_artifact(path), load_artifact(resumed["artifact_path"])
+    ta = a.tensors if hasattr(a, "tensors") else {**a.kv, **({"embeds": a.embeds} if a.embeds is not None else {})}
+    tb = b.tensors if hasattr(b, "tensors") else {**b.kv, **({"embeds": b.embeds} if b.embeds is not None else {})}
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("name", list(TEXT))
+def test_every_method_builds_on_some_architecture(name):
+    archs = GENERATION_ARCHS if TEXT[name].generates else CLASSIFIER_ARCHS
+    built = []
+    for arch, (make_model, make_tok, _) in archs.items():
+        try:
+            build(make_model(), name, make_tok())
+            built.append(arch)
+        except ValueError:
+            pass
+    assert built, f"{name} builds on none of {list(archs)}"
+
+
+def test_every_config_field_is_a_train_option():
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    text = CliRunner().invoke(app, ["train", "--help"], terminal_width=400, env={"COLUMNS": "400"}).output
+    flags = set(re.findall(r"--[a-z0-9-]+", text))
+    for name, cls in METHODS.items():
+        for f in pt.methods.get_method(name).config_class.__dataclass_fields__.values():
+            if f.metadata.get("cli", True) is not False:
+                flag = "--" + f.name.replace("_", "-")
+                assert flag in flags, f"{name}: config field {f.name} has no `prefixtune train` option {flag}"
