@@ -158,3 +158,42 @@ def test_every_config_field_is_a_train_option():
             if f.metadata.get("cli", True) is not False:
                 flag = "--" + f.name.replace("_", "-")
                 assert flag in flags, f"{name}: config field {f.name} has no `prefixtune train` option {flag}"
+
+
+@torch.no_grad()
+def _logits(model):
+    ids = torch.tensor([[3, 14, 15, 22, 7]])
+    extra = {"decoder_input_ids": torch.tensor([[0, 5, 6]])} if model.config.is_encoder_decoder else {}
+    return model(input_ids=ids, **extra).logits
+
+
+WEIGHT_WITH_PEFT = [n for n, cls in TEXT.items() if cls.kind == "weight" and cls.peft_type]
+
+
+@pytest.mark.parametrize("arch", list(GENERATION_ARCHS))
+@pytest.mark.parametrize("name", WEIGHT_WITH_PEFT)
+def test_peft_export_and_import_give_equal_logits(name, arch, tmp_path):
+    """A weight method with a PEFT format: its exported folder loaded by PEFT itself gives the logits of
+    the method, and importing the folder back gives them too."""
+    from peft import PeftModel
+
+    make_model, tok, _ = _setup(name, arch)
+    model = make_model()
+    method = _build(name, model, tok)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the init (LoRA's B, IA3's ones leave the model unchanged)
+        for p in method.trainable().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ours, base = _logits(model), None
+    artifact = method.export()
+    method.detach()
+    base = _logits(model)
+    assert not torch.allclose(ours, base, atol=1e-4)
+    pt.export_peft(artifact, tmp_path / "adapter", model=model)
+    peft_model = PeftModel.from_pretrained(make_model(), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(_logits(peft_model), ours, rtol=1e-5, atol=1e-5)
+    fresh = make_model()
+    attached = attach(fresh, pt.import_peft(tmp_path / "adapter", fresh))
+    torch.testing.assert_close(_logits(fresh), ours, rtol=1e-5, atol=1e-5)
+    attached.detach()
+    assert torch.equal(_logits(fresh), base)
