@@ -2,37 +2,34 @@
 
 __version__ = "0.2.0"
 
-from .config import PrefixConfig  # noqa: E402
-from .engine import (  # noqa: E402
-    RowPrefixes,
-    describe,
-    forward_with_prefix,
-    generate_mixed,
-    generate_with_prefix,
-    layout_of,
-    use_prefix,
-)
-from .methods import (  # noqa: E402
-    METHODS,
-    InfixConfig,
-    InfixModel,
-    Method,
-    PrefixModel,
-    PromptConfig,
-    PromptModel,
-    PTuningConfig,
-    PTuningModel,
-    attach,
-    build,
-    get_method,
-    load_artifact,
-    save_artifact,
-    trainable_state,
-)
-from .methods.weights import WeightArtifact  # noqa: E402
-from .models import load_model  # noqa: E402
-from .peft_io import export_peft, import_peft  # noqa: E402
-from .prefix import MergedPrefix, Prefix, PrefixFileError, load_prefix, save_prefix  # noqa: E402
+# The public names, each loaded from its module on first use: importing any part of the package (the CLI
+# on `prefixtune --help`, a config dataclass) should not pay for importing torch (start-up time).
+_FROM = {
+    "config": ["PrefixConfig"],
+    "engine": ["RowPrefixes", "describe", "forward_with_prefix", "generate_mixed", "generate_with_prefix",
+               "layout_of", "use_prefix"],
+    "methods": ["METHODS", "InfixConfig", "InfixModel", "Method", "PrefixModel", "PromptConfig", "PromptModel",
+                "PTuningConfig", "PTuningModel", "attach", "build", "get_method", "load_artifact", "save_artifact",
+                "trainable_state"],
+    "methods.weights": ["WeightArtifact"],
+    "models": ["load_model"],
+    "peft_io": ["export_peft", "import_peft"],
+    "prefix": ["MergedPrefix", "Prefix", "PrefixFileError", "load_prefix", "save_prefix"],
+}
+_MODULE_OF = {name: module for module, names in _FROM.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_MODULE_OF))
+
 
 __all__ = [
     "PrefixConfig", "PrefixModel", "RowPrefixes", "MergedPrefix", "Prefix", "PrefixFileError",

@@ -12,19 +12,22 @@
     testing_pg.py    a throwaway PostgreSQL cluster and server-replica processes for tests
 
 Library entry points for the CLI: `PrefixStore`, `create_app`, `run_server`, `ServeConfig`.
-Importing this package does not import FastAPI; `create_app`/`run_server` load it on first use.
+Importing this package imports neither torch nor FastAPI; the names above load them on first use.
 """
 
 from .config import ServeConfig
-from .store import KeyRecord, PrefixRecord, PrefixStore
 
+# Everything else on first use: the store reads prefix files (torch), the app needs FastAPI, and the CLI's
+# `--help` reads ServeConfig from here without paying for either (start-up time).
+_LAZY = {"PrefixStore": "store", "PrefixRecord": "store", "KeyRecord": "store", "create_app": "app",
+         "run_server": "app"}
 
 
 def __getattr__(name: str):
-    if name in ("create_app", "run_server"):  # lazily: FastAPI is only needed to serve
-        from . import app
+    if name in _LAZY:
+        import importlib
 
-        return getattr(app, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
