@@ -2,7 +2,7 @@
 
     python bench/bench_replicas.py [--requests 600] [--clients 20] [--max-tokens 8] [--model tiny|smollm2-135m]
 
-A throwaway PostgreSQL cluster on 127.0.0.1, `prefixtune serve` processes (--threads 1 each), 4
+A throwaway PostgreSQL cluster on 127.0.0.1, `prefixtune serve` processes (--torch-threads 1 each), 4
 prefixes uploaded once. The same closed-loop load (each client sends its next request when the last
 one is answered, keep-alive connections) goes to one replica, then round-robin to two (what any
 load balancer does), then for reference to one replica on a SQLite store. Every answer is checked
@@ -107,7 +107,7 @@ def main() -> None:
             row = db.execute("SELECT * FROM api_keys").fetchone()
         with stores["sqlite"]._write() as db:
             db.execute("INSERT INTO api_keys VALUES (?,?,?)", (row["key_hash"], row["owner"], row["created"]))
-        common = ["--model", model_arg, "--threads", "1", "--max-queue", "1024"]
+        common = ["--model", model_arg, "--torch-threads", "1", "--max-queue", "1024"]
         pg_args = common + ["--store", url, "--files-dir", files]
         expected: dict = {}
         results = {}

@@ -49,7 +49,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "prefixtune.cli", "serve", "--model", "smollm2-135m", "--store",
-                             str(tmp / "s.db"), "--port", str(port), "--threads", "2", *args.serve_args],
+                             str(tmp / "s.db"), "--port", str(port), "--torch-threads", "2", *args.serve_args],
                             stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "w"))
 
     def rss() -> int:

@@ -231,8 +231,8 @@ def main() -> int:
         port = s.getsockname()[1]
     log = open(tmp / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "prefixtune.cli", "serve", "--model", str(tmp / "model"),
-                               "--store", str(db), "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
-                               "--store-sweep", "30"],
+                               "--store", str(db), "--host", "127.0.0.1", "--port", str(port), "--torch-threads", "1",
+                               "--store-sweep-s", "30"],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,20 +1,29 @@
-"""The `prefixtune` command: a thin layer that parses arguments and calls the library."""
+"""The `prefixtune` command: a thin layer that parses arguments and calls the library.
+
+Each command's settings are options generated from its config dataclass (cli_options.py): the option is
+the field's name with dashes. Everything that imports torch is imported inside the command that needs it,
+so that `prefixtune --help` and a command's `--help` start fast."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+from functools import cache
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .cli_options import fields_of, options, split_values, with_options
-from .progress import decoding_progress, progress_print, training_progress
+from .cli_options import (LaterOptionsGroup, config_from, fields_of, options, options_later, split_values,
+                          with_options)
+from .decode_config import DecodeConfig, decode_config_for
+from .progress import count_progress, decoding_progress, progress_print, training_progress
+from .serve.config import ServeConfig
 
 app = typer.Typer(help="Prefix-tuning for frozen Hugging Face LMs: train, generate, evaluate, score, serve.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=LaterOptionsGroup)
 prefixes_app = typer.Typer(help="Manage the prefixes in the prefix store.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys of the server.", no_args_is_help=True)
 app.add_typer(prefixes_app, name="prefixes")
@@ -38,33 +47,6 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _check_at_least(option: str, value, least) -> None:
-    if value is not None and value < least:
-        _fail(f"--{option} must be at least {least}, got {value}")
-
-
-def _check_sampling(temperature: float, top_p: float) -> None:
-    import math
-
-    if not (math.isfinite(temperature) and temperature > 0):
-        _fail(f"--temperature must be a number above 0, got {temperature}")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        _fail(f"--top-p must be above 0 and at most 1, got {top_p}")
-
-
-def _check_artifacts(paths: list[Path]) -> None:
-    """What the artifact files alone decide (damage, truncation, shapes vs metadata, NaN, one base model
-    for an ensemble), before the model is loaded."""
-    from .prefix import check_artifact_file
-
-    prints = {}
-    for p in paths:
-        prints[str(p)] = check_artifact_file(p).get("fingerprint")
-    if len({str(f) for f in prints.values() if f is not None}) > 1:
-        _fail("the files were made for different base models (fingerprints "
-              + ", ".join(f"{p}: {f}" for p, f in prints.items()) + "); an ensemble needs one base model")
-
-
 def _check_writable_folder(option: str, folder: Path) -> None:
     """Fail now (not after the model load) if `folder` cannot be created or written."""
     import tempfile
@@ -78,37 +60,20 @@ def _check_writable_folder(option: str, folder: Path) -> None:
         fd, probe = tempfile.mkstemp(prefix=".prefixtune-write-check-", dir=existing)
     except OSError as e:
         _fail(f"--{option} {folder}: cannot write in {existing} ({e.strerror})")
-    import os
-
     os.close(fd)
     os.unlink(probe)
 
 
-def _read_run_json(path: Path) -> dict:
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        _fail(f"{path}: not UTF-8 text (byte {e.start}); it should be the run.json prefixtune wrote")
-    except json.JSONDecodeError as e:
-        _fail(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); it should be the run.json prefixtune wrote")
-    except OSError as e:
-        _fail(f"{path}: cannot read ({e.strerror})")
-    if not isinstance(run, dict):
-        _fail(f"{path}: not a JSON object; it should be the run.json prefixtune wrote")
-    return run
-
-
+@cache
 def _method_fields():
-    from .methods import METHODS
+    """train's options: TrainConfig's and every method config's fields, with the labels of their owners."""
+    from .methods import METHODS  # imports torch: only when train runs (start-up time)
     from .train import TrainConfig
 
     labels = {cls.config_class: name for name, cls in METHODS.items()}
     labels[TrainConfig] = "train"
     classes = [TrainConfig] + list(dict.fromkeys(cls.config_class for cls in METHODS.values()))
     return fields_of(*classes), (lambda c: labels.get(c, c.__name__))
-
-
-_FIELDS, _LABEL = _method_fields()
 
 
 def train(
@@ -132,17 +97,19 @@ def train(
 
     Options marked (name) belong to that method's config, (train) to training. Defaults come from the
     dataset's recipe (the paper's values for prefix-tuning)."""
-    from .experiments import DataPlan, run_training
+    from .experiments import DataPlan, run_training  # these import torch: only when a command runs (start-up time)
     from .methods import get_method
     from .models import check_model_name
     from .recipes import configs_for
+    from .train import TrainConfig
 
+    fields, label = _method_fields()
     cls = get_method(method)
-    given = split_values(options, _FIELDS)
-    allowed = {f.name for f in dataclasses.fields(cls.config_class)} | {f.name for f in dataclasses.fields(_train_config())}
+    given = split_values(options, fields)
+    allowed = {f.name for f in dataclasses.fields(cls.config_class)} | {f.name for f in dataclasses.fields(TrainConfig)}
     for name in given:
         if name not in allowed:
-            owners = ", ".join(_LABEL(c) for c in _FIELDS[name]["owners"])
+            owners = ", ".join(label(c) for c in fields[name]["owners"])
             _fail(f"--{name.replace('_', '-')} is not an option of method {cls.name!r} (it belongs to {owners})")
     method_cfg, train_cfg = configs_for(dataset, cls.name, **given)
     check_model_name(model)
@@ -160,13 +127,7 @@ def train(
                f"{result['best_dev_loss']:.4f}; {result['trainable_params']:,} trainable parameters)")
 
 
-def _train_config():
-    from .train import TrainConfig
-
-    return TrainConfig
-
-
-app.command()(with_options(train, options(_FIELDS, _LABEL)))
+app.command()(options_later(train, lambda: options(*_method_fields())))
 
 
 @app.command()
@@ -189,55 +150,39 @@ def _read_lines(path: Path) -> list[str]:
         _fail(f"{path}: cannot read ({e.strerror})")
 
 
-@app.command()
+_DECODE = fields_of(DecodeConfig)
+
+
 def generate(
     prefix: list[Path] = typer.Option([], "--prefix", "--artifact", help="Artifact file of any method (none: the "
                                       "bare model). Repeat for an ensemble of soft prompts/prefixes."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the one the artifact file names)."),
     input: list[str] = typer.Option([], "--input", help="Source text; repeat for several."),
     input_file: Optional[Path] = typer.Option(None, help="File with one source per line (UTF-8)."),
-    num_beams: int = typer.Option(5, help="Beam width (1 = greedy; ensembles decode greedily or by sampling)."),
-    max_new_tokens: int = typer.Option(60, help="Most new tokens per output."),
-    do_sample: bool = typer.Option(False, help="Sample instead of beam search."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    **decoding,
 ):
-    """Generate outputs for sources with a trained artifact (or an ensemble of them)."""
-    from .decode import DecodeConfig, generate_texts
-    from .experiments import artifact_base_model, load_run_artifact
-    from .models import check_model_name, load_model
+    """Generate outputs for sources with a trained artifact (or an ensemble of them).
 
-    _check_at_least("num-beams", num_beams, 1)
-    _check_at_least("max-new-tokens", max_new_tokens, 1)
-    _check_sampling(temperature, top_p)
-    sources = list(input)
-    if input_file:
-        sources += _read_lines(input_file)
+    Decoding options not given take DecodeConfig's defaults (beam 5, at most 60 new tokens)."""
+    from .decode import generate_texts  # these import torch: only when a command runs (start-up time)
+    from .ensemble import ensemble_decode_config
+    from .runs import check_artifact_files, load_for_decoding
+
+    cfg = ensemble_decode_config(config_from(DecodeConfig, split_values(decoding, _DECODE)), len(prefix))
+    sources = list(input) + (_read_lines(input_file) if input_file else [])
     if not sources:
         _fail("give --input TEXT or --input-file FILE")
-    _check_artifacts(prefix)
-    if len(prefix) > 1 and num_beams > 1 and not do_sample:
-        num_beams = 1  # an ensemble decodes greedily
-    cfg = DecodeConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       temperature=temperature, top_p=top_p)
-    if prefix:
-        for p in prefix:
-            if model is None and not artifact_base_model(p):
-                _fail(f"{p} does not name its base model; pass --model")
-        check_model_name(model or artifact_base_model(prefix[0]))
-        loaded, base, tok = load_run_artifact(prefix, model)
-    else:
-        if not model:
-            _fail("give --prefix or --model")
-        check_model_name(model)
-        (base, tok), loaded = load_model(model), None
+    check_artifact_files(prefix)
+    loaded, base, tok = load_for_decoding(prefix, model)
     with decoding_progress(len(sources)) as progress:
         texts = generate_texts(base, tok, sources, loaded, cfg, progress=progress)
     for text in texts:
         typer.echo(text)
 
 
-@app.command()
+app.command()(with_options(generate, options(_DECODE, label=lambda cls: "", show_defaults=True)))
+
+
 def evaluate(
     prefix: list[Path] = typer.Option(..., "--prefix", "--artifact", help="Artifact file to evaluate (any method); "
                                       "repeat for an ensemble."),
@@ -247,61 +192,37 @@ def evaluate(
     data_dir: Optional[str] = typer.Option(None, help="Folder with the data."),
     path: Optional[str] = typer.Option(None, help="The JSONL file, for --dataset jsonl."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the one the artifact file names)."),
-    train_size: Optional[int] = typer.Option(None, help="For low-data runs trained on this split: the same --train-size "
-                                             "and --seed exclude the trained sources (default: read from run.json)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the low-data sample."),
-    eval_size: Optional[int] = typer.Option(None, help="Evaluate at most this many sources."),
-    num_beams: Optional[int] = typer.Option(None, help="Beam width (paper: 5; 6 for XSum)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Most new tokens per output."),
+    train_size: Optional[int] = typer.Option(None, min=1, help="For low-data runs trained on this split: the same "
+                                             "--train-size and --seed exclude the trained sources (default: read "
+                                             "from run.json)."),
+    seed: Optional[int] = typer.Option(None, min=0, max=2**63 - 1, help="Seed of the low-data sample."),
+    eval_size: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many sources."),
     model_based: bool = typer.Option(False, help="Also BERTScore, when the bert-score package and weights exist."),
+    **decoding,
 ):
-    """Generate for every evaluation source and score with the official metrics."""
-    from .decode import decode_config_for
-    from .experiments import DataPlan, artifact_base_model, evaluate as run_eval, load_run_artifact, plan_data
+    """Generate for every evaluation source and score with the official metrics.
+
+    Decoding options not given come from the dataset's recipe (paper §5.3: beam 5; beam 6 and length
+    penalty 0.8 for XSum)."""
+    from .ensemble import ensemble_decode_config  # these import torch: only when a command runs (start-up time)
+    from .experiments import evaluate as run_eval
     from .metrics import format_table
-    from .models import check_model_name
     from .recipes import recipe_for
+    from .runs import check_artifact_files, evaluation_items, image_classifier, load_for_decoding
 
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file, not a folder")
-    for option, value in (("eval-size", eval_size), ("train-size", train_size), ("num-beams", num_beams),
-                          ("max-new-tokens", max_new_tokens)):
-        _check_at_least(option, value, 1)
-    if seed is not None and not 0 <= seed < 2**63:
-        _fail(f"--seed must be from 0 to 2**63-1, got {seed}")
     _check_writable_folder("out", out)
-    _check_artifacts(prefix)
+    check_artifact_files(prefix)
     task = recipe_for(dataset).metric
-    run_json = prefix[0].parent / "run.json"
-    run = _read_run_json(run_json) if run_json.exists() else {}
-    trained = run.get("data") if isinstance(run.get("data"), dict) else {}
-    same_split = trained.get("dataset") == dataset and trained.get("train_split") == split
-    if train_size is None and same_split:
-        train_size = trained.get("train_size")
-    if seed is None:
-        seed = trained.get("seed", 0) if same_split else 0
-    plan = DataPlan(dataset=dataset, data_dir=data_dir, train_split=split if train_size else "train", eval_split=split,
-                    train_size=train_size, seed=seed, eval_size=eval_size, path=path)
-    if train_size:
-        _, _, items = plan_data(plan)
-    else:
-        from .data import load_dataset
-
-        items = load_dataset(dataset, split, data_dir=data_dir, **({"path": path} if path else {})).eval_items()
-        items = items[:eval_size] if eval_size else items
-    for p in prefix:
-        if model is None and not artifact_base_model(p):
-            _fail(f"{p} does not name its base model; pass --model")
-    check_model_name(model or artifact_base_model(prefix[0]))
-    loaded, base, tok = load_run_artifact(prefix, model)
-    if not isinstance(loaded, list) and (getattr(loaded, "meta", None) or {}).get("modality") in ("image", "image-text"):
-        from .vision_cli import evaluate_image_artifact  # image classifiers: accuracy and per-class accuracy
+    given = split_values(decoding, _DECODE)
+    cfg = ensemble_decode_config(config_from(DecodeConfig, given, base=decode_config_for(dataset)), len(prefix))
+    items = evaluation_items(prefix[0], dataset, split, data_dir=data_dir, path=path, train_size=train_size,
+                             seed=seed, eval_size=eval_size)
+    loaded, base, tok = load_for_decoding(prefix, model)
+    if image_classifier(loaded):
+        from .vision_cli import evaluate_image_artifact  # accuracy and per-class accuracy
 
         evaluate_image_artifact(base, tok, loaded, items, out, dataset, split)
         return
-    cfg = decode_config_for(dataset, num_beams=num_beams, max_new_tokens=max_new_tokens)
-    if isinstance(loaded, list) and not cfg.do_sample:
-        cfg.num_beams = 1  # an ensemble decodes greedily
     with decoding_progress(len(items)) as progress:
         result = run_eval(base, tok, loaded, items, task, cfg, out, model_based=model_based, progress=progress)
     typer.echo(f"{dataset} {split}: {len(items)} sources, beam {cfg.num_beams}, {result['decode_seconds']} s")
@@ -312,6 +233,9 @@ def evaluate(
         if f"scores_{group}" in result:
             typer.echo(f"\n{group} categories:\n" + format_table(result[f"scores_{group}"]))
     typer.echo(f"\nwrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
+
+
+app.command()(with_options(evaluate, options(_DECODE, label=lambda cls: "")))  # defaults: the recipe's
 
 
 @app.command()
@@ -355,39 +279,29 @@ def demo(
              num_beams=num_beams, record_dir=record)
 
 
-@app.command()
+_SERVE = fields_of(ServeConfig)
+
+
 def serve(
     model: str = typer.Option("smollm2-135m", help="Base model served (short name, folder or Hub id)."),
     store: str = typer.Option("prefixes.db", help=STORE_HELP + " Created if missing."),
     files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
-    max_batch_size: int = typer.Option(32, help="Most requests decoded together (any mix of prefixes)."),
-    batch_window_ms: float = typer.Option(10.0, help="Wait this long for more requests when idle."),
-    max_queue: int = typer.Option(64, help="Waiting requests beyond this get 429 + Retry-After."),
-    request_timeout: float = typer.Option(120.0, help="Seconds before a request gets 504."),
-    prefix_cache_size: int = typer.Option(64, help="Most loaded prefixes kept in memory (LRU)."),
-    max_prefix_cache_bytes: int = typer.Option(512 * 2**20, help="Memory budget of the loaded prefixes, in bytes "
-                                               "(default 512 MiB); a loaded prefix costs about its file size."),
-    threads: Optional[int] = typer.Option(None, help="torch threads for the model worker (default: all cores)."),
-    max_batch_tokens: int = typer.Option(16384, help="Work/KV budget in token slots (docs/serving.md#guarantees)."),
-    max_prompt_tokens: int = typer.Option(4096, help="Longest prompt in tokens; longer gets 400."),
-    store_poll: float = typer.Option(5.0, help="Re-check cached prefixes against the store every this many seconds."),
-    store_sweep: float = typer.Option(300.0, help="Sweep files left by interrupted uploads every this many seconds."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    **settings,
 ):
-    """Serve completions for many users' prefixes from one frozen model (OpenAI-style HTTP API)."""
-    from .models import check_model_name
-    from .serve import ServeConfig, run_server
+    """Serve completions for many users' prefixes from one frozen model (OpenAI-style HTTP API).
 
-    if not 0 <= port <= 65535:
-        _fail(f"--port must be from 0 to 65535, got {port}")
-    config = ServeConfig(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                         request_timeout_s=request_timeout, prefix_cache_size=prefix_cache_size, torch_threads=threads,
-                         max_batch_tokens=max_batch_tokens, max_prompt_tokens=max_prompt_tokens,
-                         store_poll_s=store_poll, store_sweep_s=store_sweep, prefix_cache_bytes=max_prefix_cache_bytes)
+    Every ServeConfig setting is an option (docs/serving.md#settings)."""
+    from .models import check_model_name  # these import torch: only when a command runs (start-up time)
+    from .serve import run_server
+
+    config = config_from(ServeConfig, split_values(settings, _SERVE))
     check_model_name(model)
     run_server(model, store, host=host, port=port, config=config, files_dir=files_dir)  # opens the store first
 
+
+app.command()(with_options(serve, options(_SERVE, label=lambda cls: "", show_defaults=True)))
 
 
 def _store(location: str, model_name: Optional[str] = None, files_dir: Optional[Path] = None):
@@ -556,10 +470,14 @@ def main() -> None:
     exits 2; only a bug shows a traceback."""
     from .progress import on_terminal
 
-    if not on_terminal():  # logs and CI: no progress-bar noise from transformers
-        from transformers.utils import logging as hf_logging
+    if not on_terminal():  # logs and CI: no progress-bar noise from transformers and the Hub. Their
+        # setting is read when they are first imported: an environment variable (not their API) spares
+        # `prefixtune --help` importing transformers (start-up time)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # already imported (the CLI run in-process): tell it directly
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+            hf_logging.disable_progress_bar()
     from typer._click import exceptions as click  # typer 0.29 vendors click (pinned in pyproject.toml)
 
     try:
@@ -650,7 +568,7 @@ def experiment(
         for r in exp.runs:
             typer.echo(f"{r.id}: {r.method} {r.overrides}")
         return
-    with _runs_progress(f"{name} runs") as bar:
+    with count_progress(f"{name} runs") as bar:
         try:
             result = run_experiment(exp, out, ray_address=ray_address, print_fn=progress_print, progress=bar,
                                     cpus_per_run=cpus_per_run)
@@ -671,36 +589,6 @@ def _experiment_bf16(precision: str) -> bool:
 
         return resolve_bf16("auto", print_fn=progress_print)
     return precision == "bf16"
-
-
-def _runs_progress(label: str):
-    """A bar over the sweep's runs on a terminal (None otherwise); log lines print above it."""
-    import contextlib
-
-    from . import progress as progress_mod
-
-    @contextlib.contextmanager
-    def bar_cm():
-        if not progress_mod.on_terminal():
-            yield None
-            return
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="run", desc=label, dynamic_ncols=True, file=sys.stderr)
-        progress_mod._BAR = bar
-
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        try:
-            yield update
-        finally:
-            progress_mod._BAR = None
-            bar.close()
-
-    return bar_cm()
 
 
 @app.command()

@@ -7,12 +7,21 @@ import dataclasses
 import inspect
 import types
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import typer
+from typer.core import TyperGroup
+from typer.main import get_command_from_info
+from typer.models import CommandInfo
 
-# Older option names kept working.
-ALIASES = {"length": ["--prefix-length"], "time_budget_s": ["--time-budget"], "size": ["--adapter-size"]}
+from .config import ConfigError
+
+# Older option names kept working (scripts use them); the help names them. The first name of each option
+# is its field's name.
+ALIASES = {"length": ["--prefix-length"], "time_budget_s": ["--time-budget"], "size": ["--adapter-size"],
+           "torch_threads": ["--threads"], "request_timeout_s": ["--request-timeout"],
+           "prefix_cache_bytes": ["--max-prefix-cache-bytes"], "store_poll_s": ["--store-poll"],
+           "store_sweep_s": ["--store-sweep"]}
 
 
 def _plain_type(hint) -> tuple[type, bool]:
@@ -29,7 +38,8 @@ def _plain_type(hint) -> tuple[type, bool]:
 
 
 def fields_of(*classes) -> dict[str, dict]:
-    """name -> {type, is_list, help, owners} over the CLI-visible fields of `classes`."""
+    """name -> {type, is_list, help, owners, default} over the CLI-visible fields of `classes` (default: the
+    first owner's, dataclasses.MISSING when it has none)."""
     out: dict[str, dict] = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -37,7 +47,8 @@ def fields_of(*classes) -> dict[str, dict]:
             if f.metadata.get("cli", True) is False:
                 continue
             typ, is_list = _plain_type(hints[f.name])
-            entry = out.setdefault(f.name, {"type": typ, "is_list": is_list, "help": [], "owners": []})
+            entry = out.setdefault(f.name, {"type": typ, "is_list": is_list, "help": [], "owners": [],
+                                            "default": f.default})
             entry["owners"].append(cls)
             text = f.metadata.get("help", "")
             for owners, known in entry["help"]:
@@ -65,17 +76,27 @@ def _int_in_range(name: str):
     return check
 
 
-def options(fields: dict[str, dict], label=lambda cls: cls.__name__) -> list[inspect.Parameter]:
-    """typer options (all default None = 'not given') for `fields`."""
+def flag(name: str) -> str:
+    """The option of field `name`: its name with dashes."""
+    return "--" + name.replace("_", "-")
+
+
+def options(fields: dict[str, dict], label=lambda cls: cls.__name__, show_defaults: bool = False) -> list[inspect.Parameter]:
+    """typer options (all default None = 'not given') for `fields`. Help texts are prefixed by their owners'
+    labels (none when `label` gives ''); `show_defaults` adds the dataclass default to each."""
     params = []
     for name, entry in fields.items():
-        flag = "--" + name.replace("_", "-")
-        names = [f"{flag}/--no-{name.replace('_', '-')}"] if entry["type"] is bool else [flag]
+        names = [f"{flag(name)}/--no-{name.replace('_', '-')}"] if entry["type"] is bool else [flag(name)]
         names += ALIASES.get(name, [])
         helps = entry["help"]
-        text = " | ".join(f"({', '.join(label(c) for c in owners)}) {h}" for owners, h in helps)
+        text = " | ".join((f"({', '.join(label(c) for c in owners)}) " if label(owners[0]) else "") + h
+                          for owners, h in helps)
         if entry["is_list"]:
             text += " (comma-separated)"
+        if show_defaults and entry["default"] not in (dataclasses.MISSING, None):
+            text += f" (default: {entry['default']})"
+        if name in ALIASES:
+            text += f" ({', '.join(ALIASES[name])}: its older name, still accepted.)"
         annotation = Optional[entry["type"]]
         extra = {"callback": _int_in_range(name)} if entry["type"] is int else {}
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
@@ -103,3 +124,43 @@ def split_values(given: dict[str, Any], fields: dict[str, dict]) -> dict[str, An
             value = tuple(v.strip() for v in str(value).split(",") if v.strip())
         out[name] = value
     return out
+
+
+def config_from(cls, given: dict[str, Any], base=None):
+    """`cls` built from `base` (an instance; default: the class's defaults) with the options `given`. Its own
+    checks decide what is valid; a ConfigError naming a field (`Cls.field: ...`) is told with its option."""
+    values = dataclasses.asdict(base) if base is not None else {}
+    values.update(given)
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        named = [f.name for f in dataclasses.fields(cls) if str(e).startswith(f"{cls.__name__}.{f.name}:")]
+        raise ConfigError(f"{flag(named[0])}: {e}" if named else str(e)) from None
+
+
+# Commands whose options are generated only when they run (or show their own --help): what generating them
+# needs (the method registry imports torch) is then not paid for by `prefixtune --help` (start-up time).
+_LATER: dict[Callable, Callable[[], list[inspect.Parameter]]] = {}
+
+
+def options_later(func, make_options):
+    """Command `func` (with `**options` in its signature) gets the options `make_options()` returns when it
+    is the command invoked; until then, only its own parameters."""
+    _LATER[func] = make_options
+    return with_options(func, [])
+
+
+class LaterOptionsGroup(TyperGroup):
+    """A command group (`typer.Typer(cls=...)`) that gives an `options_later` command its options once it
+    is the one invoked, rebuilding it from its completed signature."""
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        func = getattr(command.callback, "__wrapped__", None) if command is not None else None
+        if func in _LATER:
+            with_options(func, _LATER[func]())
+            del _LATER[func]  # the signature is complete now: later builds of the group read it as it is
+            command = self.commands[name] = get_command_from_info(
+                CommandInfo(name=name, callback=func), pretty_exceptions_short=False,
+                rich_markup_mode=getattr(command, "rich_markup_mode", None))
+        return name, command, rest

@@ -1,38 +1,17 @@
-"""Decoding settings (paper §5.3) and batched generation over evaluation items."""
+"""Batched generation over evaluation items (the settings, DecodeConfig, live in decode_config.py)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .batching import SEPARATOR, prompt_batch
-from .config import ConfigError
+from .decode_config import DecodeConfig
 from .engine import RowPrefixes, generate_with_prefix
 from .prefix import MergedPrefix, atomic_write_bytes
-
-
-@dataclass
-class DecodeConfig:
-    """How outputs are generated. Paper: beam 5 for table-to-text; beam 6, length penalty 0.8 for XSum."""
-
-    num_beams: int = field(default=5, metadata={"help": "Beam width (1 = greedy unless sampling)."})
-    max_new_tokens: int = field(default=60, metadata={"help": "Most tokens generated per output."})
-    min_new_tokens: int = field(default=1, metadata={"help": "Fewest tokens generated per output."})
-    length_penalty: float = field(default=1.0, metadata={"help": "Beam-search length penalty (0.8 for XSum)."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of searching."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    batch_size: int = field(default=16, metadata={"help": "Sources per generate() call."})
-    stop_at_newline: bool = field(default=True, metadata={"help": "End an output at the first newline."})
-    max_source_len: int = field(default=512, metadata={"help": "Source tokens kept."})
-
-    def __post_init__(self):
-        if self.num_beams < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("DecodeConfig: num_beams, max_new_tokens and batch_size must be >= 1")
 
 
 def _stop_ids(tokenizer, stop_at_newline: bool) -> list[int]:
@@ -121,13 +100,3 @@ def write_predictions(path: str | Path, items, outputs: list[str]) -> None:
     lines = [json.dumps({"source": it.source, "output": out, "references": list(it.references)}, ensure_ascii=False)
              for it, out in zip(items, outputs)]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def decode_config_for(dataset: str, **overrides) -> DecodeConfig:
-    """The dataset recipe's decoding settings (paper §5.3), with any non-None override applied."""
-    from .recipes import decode_settings
-
-    base = asdict(DecodeConfig())
-    base.update(decode_settings(dataset))
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return DecodeConfig(**base)

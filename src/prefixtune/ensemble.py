@@ -9,11 +9,21 @@ each row's beams independently, so the K rows of a group would no longer share a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .batching import prompt_ids
 from .engine import RowPrefixes, generate_with_prefix
+
+
+def ensemble_decode_config(cfg, members: int):
+    """The settings `members` artifacts decode with together: beam search becomes greedy (see above);
+    sampling and a single artifact keep `cfg` as it is."""
+    if members > 1 and cfg.num_beams > 1 and not cfg.do_sample:
+        return dataclasses.replace(cfg, num_beams=1)
+    return cfg
 
 
 class GroupMeanLogProbs(LogitsProcessor):

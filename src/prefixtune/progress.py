@@ -67,3 +67,28 @@ def decoding_progress(total: int, label: str = "generating"):
     finally:
         _BAR = None
         bar.close()
+
+
+@contextlib.contextmanager
+def count_progress(label: str, unit: str = "run"):
+    """Yields `update(done, total)` for a count whose total may change (a sweep's runs); None when not on a
+    terminal. Log lines printed meanwhile by `progress_print` go above the bar."""
+    global _BAR
+    if not on_terminal():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit=unit, desc=label, dynamic_ncols=True, file=sys.stderr)
+    _BAR = bar
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        _BAR = None
+        bar.close()

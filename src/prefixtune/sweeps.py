@@ -110,7 +110,7 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
     folder: the comparison resumes the finished training and only adds the evaluation."""
     import torch
 
-    from .decode import decode_config_for
+    from .decode_config import decode_config_for
     from .experiments import DataPlan, evaluate, plan_data, run_training
     from .recipes import configs_for, recipe_for
     from .train import TrainingError

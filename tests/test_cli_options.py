@@ -1,0 +1,186 @@
+"""Every command's settings come from its config dataclass (issue 18): each field is an option of its name,
+a value given on the command line reaches the config, old names still work, the dataclass's own checks
+are the CLI's, and `--help` does not import torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from prefixtune.cli import app
+from prefixtune.cli_options import ALIASES, flag
+from prefixtune.decode_config import DecodeConfig
+from prefixtune.serve.config import ServeConfig
+
+from test_cli_errors import _run
+
+
+class Reached(Exception):
+    """Raised by a stand-in for the function a command calls: the command got that far."""
+
+
+def _option_names(command: str) -> set[str]:
+    group = typer.main.get_command(app)
+    ctx = group.make_context("prefixtune", [command, "--help"], resilient_parsing=True)
+    _, cmd, _ = group.resolve_command(ctx, [command])
+    return {name for p in cmd.params for name in p.opts + p.secondary_opts}
+
+
+def _settable(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) is not False]
+
+
+def _other_values(cls, **fixed) -> dict:
+    """A valid value other than the default for every settable field of `cls`."""
+    values = {}
+    for f in _settable(cls):
+        if isinstance(f.default, bool):
+            values[f.name] = not f.default
+        elif isinstance(f.default, float):
+            values[f.name] = f.default / 2
+        elif isinstance(f.default, int):
+            values[f.name] = f.default + 1
+        elif f.default is None:  # torch_threads
+            values[f.name] = 3
+    values.update(fixed)
+    cls(**values)  # valid
+    return values
+
+
+def _argv(values: dict) -> list[str]:
+    out = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            out.append(flag(name) if value else f"--no-{name.replace('_', '-')}")
+        else:
+            out += [flag(name), str(value)]
+    return out
+
+
+@pytest.mark.parametrize("command, cls", [("serve", ServeConfig), ("generate", DecodeConfig),
+                                          ("evaluate", DecodeConfig)])
+def test_every_config_field_is_an_option_of_its_name(command, cls):
+    names = _option_names(command)
+    missing = [flag(f.name) for f in _settable(cls) if flag(f.name) not in names]
+    assert not missing, f"{command} lacks options for {cls.__name__} fields: {missing}"
+
+
+def test_serve_options_reach_the_config(monkeypatch, tmp_path):
+    seen = {}
+
+    def run_server(model, store, host, port, config, files_dir):
+        seen.update(model=model, port=port, config=config)
+        raise Reached
+
+    monkeypatch.setattr("prefixtune.serve.app.run_server", run_server)
+    values = _other_values(ServeConfig)
+    with pytest.raises(Reached):
+        _run("serve", "--model", "smollm2-135m", "--store", tmp_path / "s.db", "--port", "0", *_argv(values))
+    assert seen["config"] == ServeConfig(**values) and seen["port"] == 0
+
+
+def test_serve_old_option_names_still_work(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("prefixtune.serve.app.run_server", lambda *a, config, **k: seen.update(config=config))
+    r = _run("serve", "--model", "smollm2-135m", "--store", tmp_path / "s.db", "--threads", "2",
+             "--request-timeout", "9", "--max-prefix-cache-bytes", "1000", "--store-poll", "3", "--store-sweep", "4")
+    assert r.returncode == 0, r.stderr
+    assert seen["config"] == ServeConfig(torch_threads=2, request_timeout_s=9, prefix_cache_bytes=1000,
+                                         store_poll_s=3, store_sweep_s=4)
+    assert set(ALIASES["torch_threads"]) <= _option_names("serve")
+
+
+def test_a_config_check_is_one_error_line_naming_the_option(tmp_path):
+    r = _run("serve", "--model", "smollm2-135m", "--store", tmp_path / "s.db", "--max-queue", "0")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: --max-queue: ServeConfig.max_queue: must be >= 1"), lines
+    r = _run("generate", "--model", "smollm2-135m", "--input", "x", "--min-new-tokens", "9", "--max-new-tokens", "3")
+    assert r.returncode == 2 and "--min-new-tokens" in r.stderr, r.stderr
+
+
+def _stand_in_for_decoding(monkeypatch, seen):
+    monkeypatch.setattr("prefixtune.runs.check_artifact_files", lambda paths: None)
+    monkeypatch.setattr("prefixtune.runs.load_for_decoding", lambda paths, model: (None, "base", "tok"))
+
+    def decode(*args, **kwargs):
+        seen["cfg"] = next(a for a in args if isinstance(a, DecodeConfig))
+        raise Reached
+
+    return decode
+
+
+def test_generate_options_reach_the_config(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("prefixtune.decode.generate_texts", _stand_in_for_decoding(monkeypatch, seen))
+    values = _other_values(DecodeConfig)
+    with pytest.raises(Reached):
+        _run("generate", "--model", "smollm2-135m", "--input", "x", *_argv(values))
+    assert seen["cfg"] == DecodeConfig(**values)
+
+
+def test_evaluate_options_reach_the_config_over_the_recipe(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("prefixtune.experiments.evaluate", _stand_in_for_decoding(monkeypatch, seen))
+    monkeypatch.setattr("prefixtune.runs.evaluation_items", lambda *a, **k: [])
+    values = _other_values(DecodeConfig)
+    args = ["evaluate", "--prefix", tmp_path / "p.safetensors", "--dataset", "xsum", "--out", tmp_path / "eval"]
+    with pytest.raises(Reached):
+        _run(*args, *_argv(values))
+    assert seen["cfg"] == DecodeConfig(**values)
+    with pytest.raises(Reached):  # nothing given: the recipe's settings (XSum: beam 6, length penalty 0.8)
+        _run(*args)
+    assert (seen["cfg"].num_beams, seen["cfg"].length_penalty) == (6, 0.8)
+    with pytest.raises(Reached):  # an ensemble decodes greedily
+        _run(*args, "--prefix", tmp_path / "q.safetensors")
+    assert seen["cfg"].num_beams == 1
+
+
+def test_ensemble_decode_config():
+    from prefixtune.ensemble import ensemble_decode_config
+
+    beam = DecodeConfig(num_beams=5)
+    assert ensemble_decode_config(beam, 1) is beam
+    assert ensemble_decode_config(beam, 2) == dataclasses.replace(beam, num_beams=1)
+    sampling = DecodeConfig(num_beams=5, do_sample=True)
+    assert ensemble_decode_config(sampling, 3) is sampling
+
+
+def test_evaluation_sample_reads_the_run_json_beside_the_artifact(tmp_path):
+    from prefixtune.runs import RunFileError, evaluation_sample
+
+    artifact = tmp_path / "prefix.safetensors"
+    assert evaluation_sample(artifact, "e2e", "train") == (None, 0)  # no run.json
+    (tmp_path / "run.json").write_text(json.dumps({"data": {"dataset": "e2e", "train_split": "train",
+                                                            "train_size": 50, "seed": 3}}))
+    assert evaluation_sample(artifact, "e2e", "train") == (50, 3)  # the trained sample is left out
+    assert evaluation_sample(artifact, "e2e", "train", train_size=10, seed=1) == (10, 1)  # given values win
+    assert evaluation_sample(artifact, "e2e", "dev") == (None, 0)  # another split: nothing trained on it
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(RunFileError, match="not a JSON object"):
+        evaluation_sample(artifact, "e2e", "train")
+
+
+def test_count_progress_off_a_terminal_is_silent():
+    from prefixtune.progress import count_progress
+
+    with count_progress("runs") as update:
+        assert update is None  # pytest's stderr is not a terminal
+
+
+@pytest.mark.parametrize("command", ["", "serve", "generate", "evaluate", "experiment"])
+def test_help_does_not_import_torch(command):
+    code = ("import contextlib, io, sys\n"
+            "from prefixtune.cli import main\n"
+            f"sys.argv = ['prefixtune', *{[command] if command else []!r}, '--help']\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        main()\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
