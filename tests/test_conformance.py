@@ -197,3 +197,15 @@ def test_peft_export_and_import_give_equal_logits(name, arch, tmp_path):
     torch.testing.assert_close(_logits(fresh), ours, rtol=1e-5, atol=1e-5)
     attached.detach()
     assert torch.equal(_logits(fresh), base)
+
+
+@pytest.mark.parametrize("arch", list(GENERATION_ARCHS))
+@pytest.mark.parametrize("name", [n for n, cls in TEXT.items() if cls.kind == "weight"])
+def test_weight_methods_leave_the_model_unchanged_until_trained(name, arch):
+    """Zero up-projections (adapters), zero B (LoRA), unit scales ((IA)³), untouched copies (fine-tuning):
+    a freshly built weight method gives the base model's logits bit for bit."""
+    make_model, tok, _ = _setup(name, arch)
+    model = make_model()
+    base = _logits(model)
+    _build(name, model, tok)
+    assert torch.equal(_logits(model), base)
