@@ -18,13 +18,14 @@ from .adapter import AdapterModel
 from .finetune import FinetuneModel
 from .ft_top import FtTopModel
 from .lora import LoRAModel
+from .ia3 import IA3Model
 from .ptuning_v2 import PTuningV2Config, PTuningV2Model
 from .vpt import VPTDeepModel, VPTModel, VPTShallowModel
 from .coop import CoCoOpModel, CoOpModel, DAPLModel
 from .l2p import L2PModel
 
 _REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model,
-                                   FinetuneModel, FtTopModel, AdapterModel, LoRAModel,
+                                   FinetuneModel, FtTopModel, AdapterModel, LoRAModel, IA3Model,
                                    VPTModel, VPTShallowModel, VPTDeepModel, CoOpModel, CoCoOpModel, DAPLModel,
                                    L2PModel]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
