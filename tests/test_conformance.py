@@ -73,13 +73,10 @@ def _behaviour(model, tok, artifact, name):
 
         cfg = DecodeConfig(num_beams=1, max_new_tokens=5, batch_size=2)
         return generate_texts(model, tok, ["w5 w6 w7", "w8 w9", "w10"], artifact, cfg)
-    method = attach(model, artifact, tok)
-    batch = method.collate([method.encode(tok, d.source, d.target, 64, 8) for d in contains_pairs(4, seed=3)],
-                           tok.pad_token_id)
-    with torch.no_grad():
-        loss = method.loss(batch)
-    method.detach()
-    return loss
+    with artifact.apply(model, tok) as method, torch.no_grad():  # the artifact protocol: applied, then removed
+        batch = method.collate([method.encode(tok, d.source, d.target, 64, 8) for d in contains_pairs(4, seed=3)],
+                               tok.pad_token_id)
+        return method.loss(batch)
 
 
 @pytest.mark.parametrize("name,arch", CASES)
@@ -113,6 +110,7 @@ def test_method_conforms(name, arch, tmp_path):
     got = _behaviour(fresh, tok, loaded, name)
     assert got == want if isinstance(want, list) else torch.equal(got, want)
     assert all(torch.equal(v, base[k]) for k, v in fresh.state_dict().items())  # and leaves it as it was
+    assert loaded.mixable == cls.mixable and loaded.method == name
 
     # another base model is refused, naming the fingerprint
     other = make_model()
@@ -128,9 +126,7 @@ def test_method_conforms(name, arch, tmp_path):
     resumed_model = make_model()
     resumed = _train(_build(name, resumed_model, tok), tok, data, tmp_path / "killed", resume=True)
     a, b = load_artifact(path), load_artifact(resumed["artifact_path"])
-    ta = a.tensors if hasattr(a, "tensors") else {**a.kv, **({"embeds": a.embeds} if a.embeds is not None else {})}
-    tb = b.tensors if hasattr(b, "tensors") else {**b.kv, **({"embeds": b.embeds} if b.embeds is not None else {})}
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 @pytest.mark.parametrize("name", list(TEXT))

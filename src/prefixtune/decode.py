@@ -11,7 +11,7 @@ import torch
 from .batching import SEPARATOR, prompt_batch
 from .decode_config import DecodeConfig
 from .engine import RowPrefixes, generate_with_prefix
-from .prefix import MergedPrefix, atomic_write_bytes
+from .prefix import atomic_write_bytes
 
 
 def _stop_ids(tokenizer, stop_at_newline: bool) -> list[int]:
@@ -35,16 +35,10 @@ def generate_texts(model, tokenizer, sources: list[str], prefix, cfg: DecodeConf
     weight artifact (fine-tuning, adapters, LoRA: applied to the model first).
     `on_output(i, text)` is called as each output is ready (so a caller can write it at once).
     """
-    from .methods.weights import WeightArtifact
-
-    if isinstance(prefix, WeightArtifact):
-        from .methods import attach
-
-        attached = attach(model, prefix, tokenizer=tokenizer)
-        try:
-            return generate_texts(model, tokenizer, sources, None, cfg, format_source, progress, on_output)
-        finally:
-            attached.detach()
+    if prefix is not None and not isinstance(prefix, (list, tuple)) and not prefix.mixable:
+        with prefix.apply(model, tokenizer):  # its weights in the model for the call, the base back after
+            return generate_texts(model, tokenizer, sources, prefix.row_conditioning, cfg, format_source, progress,
+                                  on_output)
     ensemble = list(prefix) if isinstance(prefix, (list, tuple)) else None
     if ensemble is not None and len(ensemble) == 1:
         prefix, ensemble = ensemble[0], None

@@ -52,12 +52,10 @@ class GroupMeanLogProbs(LogitsProcessor):
 @torch.no_grad()
 def generate_ensemble(model, tokenizer, texts: list[str], artifacts: list, cfg, stops: list[int]) -> list[torch.Tensor]:
     """New token ids for each text, decoded by the ensemble of `artifacts` (soft artifacts only)."""
-    from .methods.weights import WeightArtifact
-
     if cfg.num_beams > 1:
         raise ValueError("an ensemble decodes greedily or by sampling (num_beams=1): beam search would reorder "
                          "each member's beams separately")
-    if any(a is None or isinstance(a, WeightArtifact) for a in artifacts):
+    if any(a is None or not a.mixable for a in artifacts):
         raise ValueError("an ensemble combines soft artifacts (prefix, infix, prompt, P-tuning), not weight methods")
     k = len(artifacts)
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))

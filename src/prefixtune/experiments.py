@@ -207,8 +207,7 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
              f"({100 * method.num_trainable() / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
     result = train(method, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
                    extra_meta={"base_model": model_name, "dataset": plan.dataset, "run": identity}, progress=progress)
-    if hasattr(method, "detach"):  # weight methods changed the model in place or hooked it
-        method.detach()
+    method.detach()  # weight methods changed the model in place or hooked it: give the base back
     return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items, "method": method}
 
 

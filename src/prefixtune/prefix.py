@@ -16,8 +16,10 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -112,6 +114,45 @@ class MergedPrefix:
     kv: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     embeds: torch.Tensor | None = None
+    # The artifact protocol (shared with methods.weights.WeightArtifact): mixable, method, tensors,
+    # from_tensors, save, check_base, apply, row_conditioning.
+    mixable: ClassVar[bool] = True  # shares a batch row by row with other soft artifacts
+
+    @property
+    def method(self) -> str:
+        return self.meta.get("method", "?")
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors, as in the file: 'prefix.<kind>' key/values and 'embeds'."""
+        out = {f"prefix.{k}": v for k, v in self.kv.items()}
+        if self.embeds is not None:
+            out["embeds"] = self.embeds
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "MergedPrefix":
+        kv = {k.removeprefix("prefix."): v for k, v in tensors.items() if k.startswith("prefix.")}
+        return cls(kv=kv, meta=meta, embeds=tensors.get("embeds"))
+
+    def save(self, path: str | Path, model=None) -> Path:
+        return save_prefix(self, path, model=model)
+
+    def check_base(self, model, source: str = "prefix") -> None:
+        """Refuse a model it was not made for (shapes, attention kinds, base-model fingerprint)."""
+        check_compatible(self, model, source=source)
+
+    @contextmanager
+    def apply(self, model, tokenizer=None):
+        """Use on `model` for the block: a soft artifact changes nothing in the model (it enters each
+        batch row through the engine: `row_conditioning`), so this only checks that it fits."""
+        self.check_base(model)
+        yield self
+
+    @property
+    def row_conditioning(self) -> "MergedPrefix":
+        """What the engine adds to each batch row once the artifact is applied: itself."""
+        return self
 
     @property
     def length(self) -> int:
@@ -438,13 +479,24 @@ def check_compatible(prefix: MergedPrefix, model, source: str = "prefix", check_
         if tuple(shape) != tuple(layout.shapes[kind]):
             raise PrefixFileError(f"{source}: {kind!r} prefix has (layers, kv_heads, head_dim)={tuple(shape)} but "
                                   f"{model_name(model)} needs {tuple(layout.shapes[kind])}")
-    want = prefix.meta.get("fingerprint")
-    if check_fingerprint and want is not None:
-        got = fingerprint(model)
-        if want != got:
-            raise PrefixFileError(
-                f"{source}: made for base model {prefix.meta.get('base_model')!r} (fingerprint {want}), but the "
-                f"loaded model {model_name(model)!r} has fingerprint {got}; a prefix only works on its own base model")
+    if check_fingerprint:
+        refuse_other_base(prefix.meta, model, source)
+
+
+def refuse_other_base(meta: dict, model, source: str) -> None:
+    """THE fingerprint refusal, for every kind of artifact: raise PrefixFileError unless `model` has the
+    fingerprint recorded in `meta` (no fingerprint recorded: nothing to check)."""
+    from .models import fingerprint, model_name
+
+    want = meta.get("fingerprint")
+    if want is None:
+        return
+    got = fingerprint(model)
+    if want != got:
+        raise PrefixFileError(
+            f"{source}: {meta.get('method', 'artifact')} made for base model {meta.get('base_model')!r} (fingerprint "
+            f"{want}), but the model {model_name(model)!r} has fingerprint {got} (another model, or one that "
+            "already carries changed weights); an artifact only works on its own base model")
 
 
 

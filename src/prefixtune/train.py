@@ -129,20 +129,9 @@ def dev_loss(method: Method, encoded: list[Encoded], pad_id: int, batch_size: in
 # Checkpoints
 
 
-def _artifact_tensors(artifact) -> dict[str, torch.Tensor]:
-    if isinstance(artifact, MergedPrefix):
-        out = {f"prefix.{k}": v for k, v in artifact.kv.items()}
-        if artifact.embeds is not None:
-            out["embeds"] = artifact.embeds
-        return out
-    return dict(artifact.tensors)
-
-
 def _artifact_from(tensors: dict[str, torch.Tensor], soft: bool, meta: dict):
-    if not soft:
-        return WeightArtifact(tensors, meta)
-    kv = {k.removeprefix("prefix."): v for k, v in tensors.items() if k.startswith("prefix.")}
-    return MergedPrefix(kv=kv, meta=meta, embeds=tensors.get("embeds"))
+    """The best artifact kept in a checkpoint ('soft': a mixable one)."""
+    return (MergedPrefix if soft else WeightArtifact).from_tensors(tensors, meta)
 
 
 def save_checkpoint(path: Path, method: Method, optimizer, scheduler, state: LoopState, best, extra: dict,
@@ -161,7 +150,7 @@ def save_checkpoint(path: Path, method: Method, optimizer, scheduler, state: Loo
         for key, value in st.items():
             tensors[f"optim.{index_to_name[idx]}.{key}"] = torch.as_tensor(value).contiguous()
     if best is not None:
-        tensors.update({f"best.{k}": v.contiguous() for k, v in _artifact_tensors(best).items()})
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best.tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "format": "prefixtune.checkpoint/2",
@@ -171,7 +160,7 @@ def save_checkpoint(path: Path, method: Method, optimizer, scheduler, state: Loo
         "method": method.name,
         "method_config": method.config.to_json(),
         "train_config": json.dumps(asdict(cfg)),
-        "best_meta": json.dumps({"soft": isinstance(best, MergedPrefix), "meta": best.meta if best else {}}),
+        "best_meta": json.dumps({"soft": bool(best is not None and best.mixable), "meta": best.meta if best else {}}),
         "extra": json.dumps(extra),
     }
     atomic_write_bytes(path, save(tensors, metadata=meta))

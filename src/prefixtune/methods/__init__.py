@@ -80,10 +80,6 @@ def trainable_state(module) -> dict:
 
 def save_artifact(artifact, path: str | Path, model=None) -> Path:
     """Save what a method exported (soft artifact or weight artifact) atomically, as safetensors."""
-    from ..prefix import MergedPrefix, save_prefix
-
-    if isinstance(artifact, MergedPrefix):
-        return save_prefix(artifact, path, model=model)
     return artifact.save(path, model=model)
 
 
@@ -100,10 +96,9 @@ def load_artifact(path: str | Path, model=None):
 def attach(model, artifact, tokenizer=None) -> Method:
     """A method module carrying a loaded artifact, ready to generate (weight methods: applied), in eval
     mode: dropout (LoRA's, a classifier head's) is a training device, never on at inference."""
-    from ..prefix import MergedPrefix
-
-    if isinstance(artifact, MergedPrefix):
-        raise TypeError("soft artifacts need no attaching: pass them to generate_mixed / generate_texts")
+    if artifact.mixable:
+        raise TypeError("soft artifacts need no attaching: pass them to generate_mixed / generate_texts, or use "
+                        "`with artifact.apply(model):`")
     return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer).eval()
 
 

@@ -128,6 +128,10 @@ class Method(nn.Module):
     def export(self):
         raise NotImplementedError
 
+    def detach(self) -> None:
+        """Give the base model back exactly as before the method was built. Soft methods change nothing
+        in it (they enter per batch row through the engine); weight methods override this."""
+
     def base_meta(self) -> dict:
         return {"method": self.name, "config": self.config.to_dict(), "base_model": model_name(self.model),
                 "fingerprint": self.base_fingerprint}

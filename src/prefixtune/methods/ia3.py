@@ -24,7 +24,7 @@ from ..config import MethodConfig, _check
 from ..models import arch_of, modules_matching
 from ..prefix import PrefixFileError
 from .lora import linear_shape
-from .weights import WeightArtifact, WeightMethod, check_base
+from .weights import WeightArtifact, WeightMethod
 
 # children of an attention module that project keys or values (a fused q/k/v projection: scaled whole)
 _KEY_VALUE_NAMES = re.compile(r"^(?:k|v|key|value|k_proj|v_proj|c_attn|query_key_value|qkv_proj|qkv|Wqkv)$")
@@ -133,7 +133,7 @@ class IA3Model(WeightMethod):
                 feedforward.append(module)
         conv1d = False
         if model is not None:
-            check_base(artifact, model)
+            artifact.check_base(model)
             conv1d = any(linear_shape(m) is not None and not isinstance(m, nn.Linear)
                          for name, m in model.named_modules() if name in set(targets))
             cls.from_artifact(model, artifact).detach()  # every tensor fits the model (names, shapes)

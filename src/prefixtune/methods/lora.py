@@ -19,7 +19,7 @@ from torch import nn
 from ..config import MethodConfig, _check
 from ..models import arch_of, modules_matching
 from ..prefix import PrefixFileError
-from .weights import WeightArtifact, WeightMethod, check_base
+from .weights import WeightArtifact, WeightMethod
 
 # PEFT's name of one LoRA tensor: base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
@@ -149,7 +149,7 @@ class LoRAModel(WeightMethod):
         modules = sorted(set(modules))
         conv1d = False
         if model is not None:
-            check_base(artifact, model)
+            artifact.check_base(model)
             conv1d = any(linear_shape(m) is not None and not isinstance(m, nn.Linear)
                          for name, m in model.named_modules() if name in set(modules))
             cls.from_artifact(model, artifact).detach()  # every tensor fits the model (names, shapes)

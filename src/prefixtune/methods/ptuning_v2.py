@@ -36,7 +36,7 @@ from ..models import model_name
 from ..prefix import Prefix, PrefixFileError
 from .base import Method
 from .prompt import initial_embeddings
-from .weights import WeightArtifact, check_base
+from .weights import WeightArtifact
 
 DEPTHS = ("deep", "input", "none")
 
@@ -238,7 +238,7 @@ class PTuningV2Model(Method):
         if meta.get("method") != cls.name:
             raise PrefixFileError(f"{source}: was made by method {meta.get('method')!r}, not {cls.name!r}")
         if check_fingerprint:
-            check_base(artifact, model, source)
+            artifact.check_base(model, source)
         try:
             saved = PTuningV2Config.from_dict(meta["config"])
         except (KeyError, TypeError, ConfigError) as e:

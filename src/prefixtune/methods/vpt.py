@@ -45,7 +45,7 @@ from ..engine import RowPrefixes, use_prefix
 from ..models import model_name, modules_matching
 from ..prefix import PrefixFileError
 from .base import Method
-from .weights import WeightArtifact, check_base
+from .weights import WeightArtifact
 
 DEPTHS = ("shallow", "deep", "prefix", "none")
 TUNES = ("head", "full", "lora", "adapter")
@@ -320,7 +320,7 @@ class ImageClassifier(Method):
         if meta.get("method") != cls.name:
             raise PrefixFileError(f"{source}: was made by method {meta.get('method')!r}, not {cls.name!r}")
         if check_fingerprint:
-            check_base(artifact, model, source)
+            artifact.check_base(model, source)
         try:
             return cls.config_class.from_dict(meta["config"])
         except (KeyError, TypeError, ConfigError) as e:

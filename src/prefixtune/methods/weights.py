@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from ..prefix import PrefixFileError, atomic_write_bytes, decode_meta, read_safetensors
+from ..prefix import PrefixFileError, atomic_write_bytes, decode_meta, read_safetensors, refuse_other_base
 from .base import Method
 
 WEIGHTS_FORMAT = "prefixtune.weights/1"
@@ -27,10 +29,37 @@ class WeightArtifact:
 
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
+    # The artifact protocol (shared with prefix.MergedPrefix): mixable, method, tensors, from_tensors,
+    # save, check_base, apply, row_conditioning.
+    mixable: ClassVar[bool] = False  # changes the model itself: one set of weights per batch
 
     @property
     def method(self) -> str:
         return self.meta.get("method", "?")
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "WeightArtifact":
+        return cls(dict(tensors), meta)
+
+    def check_base(self, model, source: str = "weight artifact") -> None:
+        refuse_other_base(self.meta, model, source)
+
+    @contextmanager
+    def apply(self, model, tokenizer=None):
+        """Apply to `model` for the block (the method's weights or hooks in place), then give the base
+        model back exactly; yields the method module."""
+        from . import get_method
+
+        method = get_method(self.method).from_artifact(model, self, tokenizer=tokenizer).eval()
+        try:
+            yield method
+        finally:
+            method.detach()
+
+    @property
+    def row_conditioning(self) -> None:
+        """Nothing enters per batch row: once applied, the weights are in the model."""
+        return None
 
     def num_values(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
@@ -66,27 +95,9 @@ class WeightArtifact:
             if not torch.isfinite(t).all():
                 raise PrefixFileError(f"{path}: tensor {name!r} holds NaN or inf values")
         artifact = cls(tensors, meta)
-        if model is not None and check_fingerprint and meta.get("fingerprint"):
-            from ..models import fingerprint, model_name
-
-            got = fingerprint(model)
-            if got != meta["fingerprint"]:
-                raise PrefixFileError(
-                    f"{path}: made for base model {meta.get('base_model')!r} (fingerprint {meta['fingerprint']}), but "
-                    f"the loaded model {model_name(model)!r} has fingerprint {got}; it only works on its own base model")
+        if model is not None and check_fingerprint:
+            artifact.check_base(model, str(path))
         return artifact
-
-
-def check_base(artifact: WeightArtifact, model, source: str = "weight artifact") -> None:
-    """Refuse to apply `artifact` to another base model than the one it was made for."""
-    from ..models import fingerprint, model_name
-
-    want = artifact.meta.get("fingerprint")
-    if want and fingerprint(model) != want:
-        raise PrefixFileError(
-            f"{source}: {artifact.method} weights made for base model {artifact.meta.get('base_model')!r} (fingerprint "
-            f"{want}), but the model {model_name(model)!r} has fingerprint {fingerprint(model)} (another model, or one "
-            "that already carries changed weights); it only works on its own base model")
 
 
 class WeightMethod(Method):
@@ -133,7 +144,7 @@ class WeightMethod(Method):
 
         if artifact.method != cls.name:
             raise PrefixFileError(f"a {artifact.method!r} artifact cannot be applied as {cls.name!r}")
-        check_base(artifact, model)
+        artifact.check_base(model)
         try:
             config = cls.config_class.from_dict(artifact.meta.get("config") or {})
         except (ConfigError, TypeError) as e:
