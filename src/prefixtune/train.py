@@ -219,6 +219,63 @@ def load_checkpoint(path: Path, method: Method, optimizer, scheduler):
 # The loop
 
 
+@dataclass
+class _Run:
+    """One training run's parts that outlive a step: what `train()` measures and records.
+
+    The loop advances `state`; `evaluate()` measures the dev loss and keeps the best artifact,
+    `checkpoint()` writes everything needed to resume. Explicit fields instead of closures over the
+    loop's locals, so what each of them reads and changes is visible here."""
+
+    method: Method
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dev_enc: list[Encoded]
+    pad_id: int
+    ckpt_path: Path
+    log_path: Path
+    meta: dict                        # recorded in every checkpoint and in the artifact
+    is_main: bool                     # the process that writes files (one, under several processes)
+    device_type: str
+    print_fn: Callable[[str], None]
+    state: LoopState = field(default_factory=LoopState)
+    best: object = None               # the best artifact so far (MergedPrefix or WeightArtifact)
+
+    def checkpoint(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.ckpt_path, self.method, self.optimizer, self.scheduler, self.state, self.best,
+                            self.meta, self.cfg)
+
+    def evaluate(self) -> bool:
+        """Dev loss of the current state; keeps the best artifact. Returns True when early stopping says stop.
+
+        Dropout is off while measuring and exporting (eval mode), and back on for the next steps."""
+        state, method = self.state, self.method
+        if not self.dev_enc or state.evaluated_step == state.step:
+            return False
+        method.eval()
+        try:
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                loss = dev_loss(method, self.dev_enc, self.pad_id, self.cfg.batch_size)
+            if not math.isfinite(loss):
+                raise TrainingError(f"dev loss became {loss} at step {state.step}; the last good checkpoint is kept "
+                                    f"at {self.ckpt_path}; try a lower --lr")
+            improved = loss < state.best_dev_loss
+            if improved:
+                state.best_dev_loss, state.best_step, state.bad_evals = loss, state.step, 0
+                self.best = method.export()
+            else:
+                state.bad_evals += 1
+        finally:
+            method.train()
+        state.evaluated_step = state.step
+        self.print_fn(f"  dev loss {loss:.4f}{' (best)' if improved else ''} at step {state.step}")
+        if self.is_main:
+            _append_log(self.log_path, {"step": state.step, "epoch": state.epoch, "dev_loss": loss})
+        return self.cfg.patience is not None and state.bad_evals >= self.cfg.patience
+
+
 def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = False, print_fn: Callable[[str], None] = print, extra_meta: dict | None = None,
           progress: Callable[[dict], None] | None = None) -> dict:
@@ -255,49 +312,20 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
     params = list(method.trainable().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
-    state, best = LoopState(), None
-    meta = dict(extra_meta or {})
+    run = _Run(method, cfg, optimizer, scheduler, dev_enc, pad_id, ckpt_path, log_path, dict(extra_meta or {}),
+               accelerator.is_main_process, accelerator.device.type, print_fn)
     if resume and ckpt_path.exists():
-        state, best, _ = load_checkpoint(ckpt_path, method, optimizer, scheduler)
-        print_fn(f"resumed from {ckpt_path} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
+        run.state, run.best, _ = load_checkpoint(ckpt_path, method, optimizer, scheduler)
+        print_fn(f"resumed from {ckpt_path} at step {run.state.step} (epoch {run.state.epoch + 1}, "
+                 f"batch {run.state.batch_in_epoch})")
     model, optimizer = accelerator.prepare(method, optimizer)  # DDP over several processes; identity on one CPU
+    run.optimizer = optimizer
     rank = accelerator.process_index
     if world > 1:
         print_fn(f"{world} processes: each takes every {world}th batch; gradients are averaged")
     if not accelerator.is_main_process:
-        print_fn = _quiet
-
-    def checkpoint():
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt_path, method, optimizer, scheduler, state, best, meta, cfg)
-
-    def evaluate() -> bool:
-        """Dev loss of the current state; keeps the best artifact. Returns True when early stopping says stop.
-
-        Dropout is off while measuring and exporting (eval mode), and back on for the next steps."""
-        nonlocal best
-        if not dev_enc or state.evaluated_step == state.step:
-            return False
-        method.eval()
-        try:
-            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = dev_loss(method, dev_enc, pad_id, cfg.batch_size)
-            if not math.isfinite(loss):
-                raise TrainingError(f"dev loss became {loss} at step {state.step}; the last good checkpoint is kept "
-                                    f"at {ckpt_path}; try a lower --lr")
-            improved = loss < state.best_dev_loss
-            if improved:
-                state.best_dev_loss, state.best_step, state.bad_evals = loss, state.step, 0
-                best = method.export()
-            else:
-                state.bad_evals += 1
-        finally:
-            method.train()
-        state.evaluated_step = state.step
-        print_fn(f"  dev loss {loss:.4f}{' (best)' if improved else ''} at step {state.step}")
-        if accelerator.is_main_process:
-            _append_log(log_path, {"step": state.step, "epoch": state.epoch, "dev_loss": loss})
-        return cfg.patience is not None and state.bad_evals >= cfg.patience
+        print_fn = run.print_fn = _quiet
+    state = run.state  # the loop below advances it; run.evaluate / run.checkpoint read and record it
 
     started = time.time() - state.train_seconds
     tokens_seen, rows_seen, window_start = 0, 0, time.time()
@@ -352,7 +380,7 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
                 tokens_seen, rows_seen, window_start = 0, 0, time.time()
             elif progress is not None:
                 window_start, tokens_seen, rows_seen = time.time(), 0, 0
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and evaluate():
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and run.evaluate():
                 stop = True
             out_of_time = cfg.time_budget_s is not None and state.train_seconds >= cfg.time_budget_s
             if out_of_time:
@@ -360,22 +388,22 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
             if state.step >= total_steps or out_of_time:
                 stop = True
             if stop:
-                evaluate()  # the final state always competes for best (a no-op if this step was just evaluated)
+                run.evaluate()  # the final state always competes for best (a no-op if this step was just evaluated)
             if stop or state.step % cfg.checkpoint_every == 0:
                 state.done = stop
-                checkpoint()
+                run.checkpoint()
             if stop:
                 break
         if not stop:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if not cfg.eval_every and evaluate():
+            if not cfg.eval_every and run.evaluate():
                 stop = state.done = True
-            checkpoint()
+            run.checkpoint()
     if dev_enc and state.evaluated_step != state.step:
-        evaluate()  # e.g. a run resumed after its last step, or one with no step at all
+        run.evaluate()  # e.g. a run resumed after its last step, or one with no step at all
     method.eval()  # the artifact is exported (and the method handed back) with dropout off
-    final = best if best is not None else method.export()
-    final.meta.update({"train": asdict(cfg), **meta})
+    final = run.best if run.best is not None else method.export()
+    final.meta.update({"train": asdict(cfg), **run.meta})
     if accelerator.is_main_process:
         save_artifact(final, artifact_path, model=method.model)
     return {"steps": state.step, "best_dev_loss": state.best_dev_loss, "best_step": state.best_step,
