@@ -10,7 +10,7 @@ step (forward, loss, backward, AdamW), interleaved, best and median of `reps` af
   full-logits      LM head and cross-entropy at every position (what PEFT + HF Trainer compute)
   unchunked-ce     LM head + cross-entropy over all target positions at once (the base before 2026-11-28)
   1-thread         the base step with 1 torch thread (the machine's cores: see "threads"; --skip-threads)
-  checkpointing    the base step with gradient checkpointing (prefixtune.checkpointing)
+  checkpointing    the base step with gradient checkpointing (prefixtune.gradient_checkpointing)
   bf16             the base step under bf16 autocast (one run only when it is > 2x slower)
 
 Peak RSS of a step (VmHWM reset before it) is recorded for base, full-logits, unchunked-ce and
@@ -26,7 +26,8 @@ import common
 from common import pt
 
 from prefixtune.batching import IGNORE, collate
-from prefixtune.engine import forward_with_prefix, target_loss, trainable_state
+from prefixtune.engine import forward_with_prefix, target_loss
+from prefixtune.methods import trainable_state
 
 
 def unchunked_target_loss(model, rows, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -48,7 +49,7 @@ def full_logits_loss(model, rows, input_ids, attention_mask, labels) -> torch.Te
 
 def main() -> None:
     import bench_train as bt
-    from prefixtune.checkpointing import enable_gradient_checkpointing
+    from prefixtune.gradient_checkpointing import enable_gradient_checkpointing
 
     ap = common.parser(__doc__)
     ap.add_argument("--skip-other-precision", action="store_true",

@@ -18,7 +18,8 @@ import common
 from common import pt
 
 from prefixtune.batching import collate
-from prefixtune.engine import target_loss, trainable_state
+from prefixtune.engine import target_loss
+from prefixtune.methods import trainable_state
 
 
 def make_step(model, tok, pairs, batch_size: int, prefix_len: int, env):

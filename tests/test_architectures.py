@@ -18,7 +18,8 @@ import torch
 import transformers as tf
 
 import prefixtune as pt
-from prefixtune.engine import RowPrefixes, activations_of_text, forward_with_prefix
+from prefixtune.engine import activations_of_text, forward_with_prefix
+from prefixtune.attention import RowPrefixes
 from prefixtune.models import ARCHITECTURES
 from prefixtune.prefix import MergedPrefix
 

@@ -8,7 +8,7 @@ import torch
 
 import prefixtune as pt
 from prefixtune.batching import collate, encode
-from prefixtune.checkpointing import enable_gradient_checkpointing
+from prefixtune.gradient_checkpointing import enable_gradient_checkpointing
 
 from conftest import reversal_pairs, tiny, tiny_tokenizer
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.engine import RowPrefixes, activations_of_text, forward_with_prefix
+from prefixtune.engine import activations_of_text, forward_with_prefix
+from prefixtune.attention import RowPrefixes
 from prefixtune.prefix import MergedPrefix
 
 from conftest import tiny

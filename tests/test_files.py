@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.engine import RowPrefixes, forward_with_prefix
+from prefixtune.engine import forward_with_prefix
+from prefixtune.attention import RowPrefixes
 from prefixtune.peft_io import to_peft_model
 
 from conftest import tiny

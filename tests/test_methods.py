@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.engine import RowPrefixes, activations_of_text, forward_with_prefix, lay_out
+from prefixtune.engine import activations_of_text, forward_with_prefix, lay_out
+from prefixtune.attention import RowPrefixes
 
 from conftest import reversal_pairs, tiny, tiny_tokenizer
 

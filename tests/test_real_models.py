@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.engine import RowPrefixes, forward_with_prefix
+from prefixtune.engine import forward_with_prefix
+from prefixtune.attention import RowPrefixes
 
 pytestmark = pytest.mark.real
 

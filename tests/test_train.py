@@ -17,7 +17,8 @@ import torch
 import prefixtune as pt
 from prefixtune.batching import collate, encode
 from prefixtune.decode import DecodeConfig, generate_texts
-from prefixtune.engine import RowPrefixes, forward_with_prefix, target_loss
+from prefixtune.engine import forward_with_prefix, target_loss
+from prefixtune.attention import RowPrefixes
 from prefixtune.train import TrainConfig, TrainingError, train
 
 from conftest import reversal_pairs, tiny, tiny_tokenizer

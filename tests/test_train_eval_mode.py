@@ -43,7 +43,8 @@ def test_final_state_is_evaluated_when_eval_every_does_not_divide_max_steps(eval
     from prefixtune.methods.prefix import PrefixModel  # the saved prefix, re-measured on a fresh module
     fresh = PrefixModel(model, pt.PrefixConfig(length=2))
     saved = pt.load_prefix(tmp_path / "prefix.safetensors", model)
-    from prefixtune.engine import RowPrefixes, target_loss
+    from prefixtune.engine import target_loss
+    from prefixtune.attention import RowPrefixes
     batch = fresh.collate(enc, tok.pad_token_id)
     with torch.no_grad():
         again = target_loss(model, RowPrefixes.per_row([saved] * len(enc)), batch.input_ids, batch.attention_mask,

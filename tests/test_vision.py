@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 
 import prefixtune as pt
-from prefixtune.engine import RowPrefixes, use_prefix
+from prefixtune.attention import RowPrefixes, use_prefix
 from prefixtune.methods import build, get_method, load_artifact, save_artifact
 from prefixtune.vision import Image, ImageProcessor, evaluate_images
 

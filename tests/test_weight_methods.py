@@ -366,7 +366,8 @@ def test_peft_refusals_name_the_reason(tmp_path):
 
 
 def _prompt_logits(model, prompt):
-    from prefixtune.engine import RowPrefixes, forward_with_prefix, lay_out
+    from prefixtune.engine import forward_with_prefix, lay_out
+    from prefixtune.attention import RowPrefixes
 
     ids = torch.tensor([lay_out(prompt.template, X[0].tolist())])
     with torch.no_grad():

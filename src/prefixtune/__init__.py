@@ -6,8 +6,8 @@ __version__ = "0.2.0"
 # on `prefixtune --help`, a config dataclass) should not pay for importing torch (start-up time).
 _FROM = {
     "config": ["PrefixConfig"],
-    "engine": ["RowPrefixes", "describe", "forward_with_prefix", "generate_mixed", "generate_with_prefix",
-               "layout_of", "use_prefix"],
+    "attention": ["RowPrefixes", "describe", "layout_of", "use_prefix"],
+    "engine": ["forward_with_prefix", "generate_mixed", "generate_with_prefix"],
     "methods": ["METHODS", "InfixConfig", "InfixModel", "Method", "PrefixModel", "PromptConfig", "PromptModel",
                 "PTuningConfig", "PTuningModel", "attach", "build", "get_method", "load_artifact", "save_artifact",
                 "trainable_state"],

@@ -10,7 +10,8 @@ import torch
 
 from .batching import SEPARATOR, prompt_batch
 from .decode_config import DecodeConfig
-from .engine import RowPrefixes, generate_with_prefix
+from .engine import generate_with_prefix
+from .attention import RowPrefixes
 from .prefix import atomic_write_bytes
 
 

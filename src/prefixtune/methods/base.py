@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..batching import Batch, Encoded, collate, encode
-from ..engine import RowPrefixes, forward_with_prefix, generate_with_prefix, layout_of, target_loss
+from ..engine import forward_with_prefix, generate_with_prefix, target_loss
+from ..attention import RowPrefixes, layout_of
 from ..models import fingerprint, freeze, model_name
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import PrefixConfig
-from ..engine import RowPrefixes
+from ..attention import RowPrefixes
 from ..prefix import MergedPrefix
 from .prefix import PrefixModel
 
@@ -39,7 +39,7 @@ class InfixModel(PrefixModel):
     peft_type = None  # PEFT's PREFIX_TUNING puts key/values before the input only
 
     def __init__(self, model, config: InfixConfig | None = None, tokenizer=None, prefix: MergedPrefix | None = None):
-        from ..engine import describe
+        from ..attention import describe
 
         layout = describe(model)
         if layout.is_encoder_decoder or not layout.arch.infix:

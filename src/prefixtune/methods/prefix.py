@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..config import PrefixConfig
-from ..engine import RowPrefixes, activations_of_text
+from ..engine import activations_of_text
+from ..attention import RowPrefixes
 from ..models import model_name
 from ..prefix import MergedPrefix, Prefix, PrefixFileError, check_compatible
 from .base import Method

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MethodConfig, _check
-from ..engine import RowPrefixes
+from ..attention import RowPrefixes
 from ..prefix import MergedPrefix, PrefixFileError, check_compatible
 from .base import Method
 

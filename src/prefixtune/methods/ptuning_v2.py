@@ -31,7 +31,8 @@ from torch import nn
 from ..batching import IGNORE, Batch, Encoded
 from ..config import ConfigError, PrefixConfig, _check
 from ..data.boolq import PAIR_SEPARATOR
-from ..engine import RowPrefixes, activations_of_text, forward_with_prefix
+from ..engine import activations_of_text, forward_with_prefix
+from ..attention import RowPrefixes
 from ..models import model_name
 from ..prefix import Prefix, PrefixFileError
 from .base import Method

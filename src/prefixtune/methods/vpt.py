@@ -41,7 +41,7 @@ from torch import nn
 from ..batching import IGNORE, Batch, Encoded
 from ..config import ConfigError, MethodConfig, _check
 from ..data.cifar10 import CLASSES
-from ..engine import RowPrefixes, use_prefix
+from ..attention import RowPrefixes, use_prefix
 from ..models import model_name, modules_matching
 from ..prefix import PrefixFileError
 from .base import Method

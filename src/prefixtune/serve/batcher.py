@@ -30,7 +30,9 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..engine import RowPrefixes, forward_with_prefix, lay_out, layout_of
+from ..engine import forward_with_prefix, lay_out
+
+from ..attention import RowPrefixes, layout_of
 from ..models import model_name
 from ..prefix import MergedPrefix, check_compatible
 from .config import ServeConfig

@@ -1,7 +1,9 @@
 """Gradient (activation) checkpointing with a prefix: less memory for long inputs, same gradients.
 
-    from prefixtune.checkpointing import enable_gradient_checkpointing
-    enable_gradient_checkpointing(pm)     # pm: a PrefixModel (or its frozen HF model)
+    from prefixtune.gradient_checkpointing import enable_gradient_checkpointing
+    enable_gradient_checkpointing(pm)     # pm: a method module (or its frozen HF model)
+
+(Run checkpoints, which make a killed run resumable, are train.py's.)
 
 Hugging Face's own switch (`model.gradient_checkpointing_enable()`) does not work for a prefix
 as is, for three reasons, each covered by tests/test_checkpointing.py:
@@ -19,21 +21,12 @@ from __future__ import annotations
 
 import contextlib
 
-from .engine import _ACTIVE, PrefixModel
-
-
-@contextlib.contextmanager
-def _active(state):
-    token = _ACTIVE.set(state)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+from .attention import reenter_active
 
 
 def prefix_context():
     """`context_fn` for torch.utils.checkpoint: the recomputation sees the prefix the forward saw."""
-    return contextlib.nullcontext(), _active(_ACTIVE.get())
+    return contextlib.nullcontext(), reenter_active()
 
 
 def _train_mode_when_grad(layer, args):
@@ -41,10 +34,12 @@ def _train_mode_when_grad(layer, args):
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Checkpoint every transformer layer of `model` (a PrefixModel or a frozen HF model)."""
+    """Checkpoint every transformer layer of `model` (a method module or a frozen HF model)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    hf = model.model if isinstance(model, PrefixModel) else model
+    from .methods import Method
+
+    hf = model.model if isinstance(model, Method) else model
     hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
                                                                         "context_fn": prefix_context})
     for m in hf.modules():
