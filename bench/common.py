@@ -211,7 +211,7 @@ def ratio(name: str, value: float, goal: str | None = None, note: str = "") -> d
 
 def write(args, result: dict) -> None:
     """Print this script's ratios and write its JSON (atomically) when --json was given."""
-    from prefixtune.prefix import atomic_write_bytes
+    from prefixtune.files import atomic_write_bytes
 
     result = {"machine": machine(), "quick": bool(args.quick), **result}
     print_ratios(result.get("ratios", []))

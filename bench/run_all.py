@@ -106,7 +106,7 @@ def main() -> None:
 
 
 def save(path: Path, result: dict) -> None:
-    from prefixtune.prefix import atomic_write_bytes
+    from prefixtune.files import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(result, indent=2).encode())
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.prefix import MergedPrefix, PrefixFileError, parse_safetensors
+from prefixtune.prefix import MergedPrefix, parse_safetensors
+from prefixtune.files import PrefixFileError
 from prefixtune.serve import PrefixStore
 from prefixtune.serve.prefix_cache import PrefixCache, watch_store
 from prefixtune.serve.store import StoreError

@@ -17,7 +17,7 @@ from prefixtune.methods import attach, build, load_artifact
 from prefixtune.methods.ptuning_v2 import PTuningV2Config, PTuningV2Model
 from prefixtune.methods.weights import WeightArtifact
 from prefixtune.metrics import score
-from prefixtune.prefix import PrefixFileError
+from prefixtune.files import PrefixFileError
 from prefixtune.recipes import recipe_for
 
 from conftest import SHARED, VOCAB, missing, one_torch_thread_impl, tiny

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.prefix import MergedPrefix, PrefixFileError
+from prefixtune.prefix import MergedPrefix
+from prefixtune.files import PrefixFileError
 from prefixtune.serve.prefix_cache import PrefixCache
 from prefixtune.serve import store_sql
 from prefixtune.serve.store import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound,

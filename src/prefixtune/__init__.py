@@ -14,16 +14,20 @@ _FROM = {
     "methods.weights": ["WeightArtifact"],
     "models": ["load_model"],
     "peft_io": ["export_peft", "import_peft"],
-    "prefix": ["MergedPrefix", "Prefix", "PrefixFileError", "load_prefix", "save_prefix"],
+    "files": ["PrefixFileError"],
+    "prefix": ["MergedPrefix", "Prefix", "load_prefix", "save_prefix"],
 }
 _MODULE_OF = {name: module for module, names in _FROM.items() for name in names}
 
 
 def __getattr__(name: str):
-    if name in _MODULE_OF:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in _MODULE_OF:
         return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: pt.models, pt.methods, ...
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -326,7 +326,7 @@ def prefixes_add(
     files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
 ):
     """Add a prefix file to the store (checked, copied in, sha256 recorded)."""
-    from .prefix import PrefixFileError
+    from .files import PrefixFileError
     from .serve.store import StoreError
 
     try:
@@ -449,7 +449,7 @@ def user_error_message(e: BaseException) -> str | None:
     from .config import ConfigError
     from .data import DataError, MissingDataError
     from .data.fetch import DownloadError
-    from .prefix import PrefixFileError
+    from .files import PrefixFileError
     from .serve.store import StoreError
     from .train import TrainingError
 

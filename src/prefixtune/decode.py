@@ -12,7 +12,7 @@ from .batching import SEPARATOR, prompt_batch
 from .decode_config import DecodeConfig
 from .engine import generate_with_prefix
 from .attention import RowPrefixes
-from .prefix import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def _stop_ids(tokenizer, stop_at_newline: bool) -> list[int]:

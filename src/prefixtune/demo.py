@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import PrefixConfig
 from .decode import DecodeConfig
 from .experiments import DataPlan, evaluate, run_training
-from .prefix import atomic_write_bytes
+from .files import atomic_write_bytes
 from .sweeps import package_versions, machine
 from .train import TrainConfig
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .decode import DecodeConfig, generate_texts, write_predictions
-from .prefix import atomic_write_bytes
+from .files import atomic_write_bytes
 from .train import TrainConfig, TrainingError, train
 
 

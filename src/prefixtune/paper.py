@@ -504,14 +504,14 @@ def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = N
 
 def save_experiment_meta(exp: Experiment, out: Path) -> None:
     """What the report needs to redraw this folder's table and figures without the command line."""
-    from .prefix import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(Path(out) / "experiment.json", json.dumps(
         {k: v for k, v in dataclasses.asdict(exp).items() if k != "runs"}, indent=2).encode())
 
 
 def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = None) -> dict:
-    from .prefix import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     out = Path(out)
     rows = read_results(out) if rows is None else rows

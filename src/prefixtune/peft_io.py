@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .methods import METHODS, artifact_method
-from .prefix import PrefixFileError, atomic_write_bytes, read_safetensors
+from .prefix import read_safetensors
+from .files import PrefixFileError, atomic_write_bytes
 
 
 def _write_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:

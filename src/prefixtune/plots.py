@@ -62,7 +62,7 @@ def save_png(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure as a PNG atomically (a reader never sees half a file) and close it."""
     import matplotlib.pyplot as plt
 
-    from .prefix import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

@@ -216,7 +216,7 @@ def choose(option: str | None = None, device: str | None = None, cache: Path | N
     times = measure(device, timer=timer)
     bf16, threads, reason = _decide(times, device)
     if path is not None:
-        from .prefix import atomic_write_bytes  # atomic: two processes measuring at once never leave half a file
+        from .files import atomic_write_bytes  # atomic: two processes measuring at once never leave half a file
 
         entries[key] = {"bf16": bf16, "threads": threads, "reason": reason, "times_s": times,
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

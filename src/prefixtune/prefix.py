@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,14 +24,11 @@ import torch
 from torch import nn
 
 from .config import PrefixConfig
+from .files import PrefixFileError, atomic_write_bytes, read_file_bytes
 
 FORMAT = "prefixtune.prefix/1"
 # Shapes of one prefix: kind -> (layers, kv_heads, head_dim)
 Shapes = dict[str, tuple[int, int, int]]
-
-
-class PrefixFileError(ValueError):
-    """A prefix file cannot be used; the message names the file and why."""
 
 
 class Prefix(nn.Module):
@@ -193,23 +189,6 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or (head.startswith(b"\x80") and head[8:9] != b"{")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_prefix(prefix: MergedPrefix, path: str | Path, model=None) -> Path:
     """Save a merged prefix atomically. With `model`, records its name and fingerprint."""
     from safetensors.torch import save
@@ -242,19 +221,6 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if not path.is_file():
         raise PrefixFileError(f"{path}: no such file")
     return parse_safetensors(read_file_bytes(path), str(path))
-
-
-def read_file_bytes(path: str | Path) -> bytearray:
-    """A file's bytes in one writable buffer of exactly its size: `parse_safetensors` makes tensors that
-    view it, so a file costs its size once in memory (no copy on parse)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        n = f.readinto(buf)
-        if n == size and not f.read(1):
-            return buf
-    # the file changed size while we read it: what was read is what is checked (a hash will differ)
-    return bytearray(Path(path).read_bytes())
 
 
 # safetensors dtype names -> torch dtypes (the ones a prefixtune or PEFT file can hold)
@@ -463,7 +429,7 @@ def parse_prefix(data: bytes, label: str, model=None, check_fingerprint: bool = 
 def check_compatible(prefix: MergedPrefix, model, source: str = "prefix", check_fingerprint: bool = True) -> None:
     """Raise PrefixFileError unless `prefix` fits `model` (shapes, and the base-model fingerprint)."""
     from .attention import describe
-    from .models import fingerprint, model_name
+    from .models import model_name
 
     layout = describe(model)
     if prefix.embeds is not None and prefix.embeds.shape[1] != layout.embeddings.embedding_dim:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .prefix import atomic_write_bytes
+from .files import atomic_write_bytes
 from .sweeps import ZERO_STEP, RunSpec, run_sweep
 
 

@@ -162,7 +162,7 @@ def regenerate(root: str | Path = ".", check: bool = False, redraw: bool = True)
     """Rewrite every generated block of the docs (and redraw the experiments' tables and figures);
     returns the docs whose blocks differed. `check=True` writes nothing."""
     from .paper import write_outputs
-    from .prefix import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     root = Path(root)
     if redraw and not check:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .prefix import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 @dataclass

@@ -27,7 +27,8 @@ from .batching import Encoded
 from .config import ConfigError
 from .methods import Method, get_method, save_artifact
 from .methods.weights import WeightArtifact
-from .prefix import MergedPrefix, atomic_write_bytes, read_safetensors
+from .prefix import MergedPrefix, read_safetensors
+from .files import atomic_write_bytes
 
 # Settings a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "time_budget_s")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from .prefix import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def evaluate_image_artifact(model, processor, artifact, items, out: Path, dataset: str, split: str) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .plots import save_png
-from .prefix import atomic_write_bytes
+from .files import atomic_write_bytes
 
 DEFAULT_MODEL = "dinov2-small"
 

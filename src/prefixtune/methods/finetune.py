@@ -6,11 +6,11 @@ applied to a model of the same base and `detach()` restores the original weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import MethodConfig, _check
+from ..config import MethodConfig
 from .weights import WeightMethod
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import MethodConfig, _check
 from ..models import arch_of, modules_matching
-from ..prefix import PrefixFileError
+from ..files import PrefixFileError
 from .lora import linear_shape
 from .weights import WeightArtifact, WeightMethod
 

@@ -10,7 +10,7 @@ in an encoder-decoder model the decoder prefix already sits between source and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import PrefixConfig
 from ..attention import RowPrefixes

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import MethodConfig, _check
 from ..models import arch_of, modules_matching
-from ..prefix import PrefixFileError
+from ..files import PrefixFileError
 from .weights import WeightArtifact, WeightMethod
 
 # PEFT's name of one LoRA tensor: base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)

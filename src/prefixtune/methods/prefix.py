@@ -13,7 +13,8 @@ from ..config import PrefixConfig
 from ..engine import activations_of_text
 from ..attention import RowPrefixes
 from ..models import model_name
-from ..prefix import MergedPrefix, Prefix, PrefixFileError, check_compatible
+from ..prefix import MergedPrefix, Prefix, check_compatible
+from ..files import PrefixFileError
 from .base import Method
 
 

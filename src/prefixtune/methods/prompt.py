@@ -15,7 +15,8 @@ from torch import nn
 
 from ..config import ConfigError, MethodConfig, _check
 from ..attention import RowPrefixes
-from ..prefix import MergedPrefix, PrefixFileError, check_compatible
+from ..prefix import MergedPrefix, check_compatible
+from ..files import PrefixFileError
 from .base import Method
 
 PROMPT_INITS = ("random", "vocab", "text")

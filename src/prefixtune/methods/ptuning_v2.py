@@ -34,7 +34,8 @@ from ..data.boolq import PAIR_SEPARATOR
 from ..engine import activations_of_text, forward_with_prefix
 from ..attention import RowPrefixes
 from ..models import model_name
-from ..prefix import Prefix, PrefixFileError
+from ..prefix import Prefix
+from ..files import PrefixFileError
 from .base import Method
 from .prompt import initial_embeddings
 from .weights import WeightArtifact

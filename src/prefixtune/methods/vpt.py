@@ -32,7 +32,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from ..config import ConfigError, MethodConfig, _check
 from ..data.cifar10 import CLASSES
 from ..attention import RowPrefixes, use_prefix
 from ..models import model_name, modules_matching
-from ..prefix import PrefixFileError
+from ..files import PrefixFileError
 from .base import Method
 from .weights import WeightArtifact
 

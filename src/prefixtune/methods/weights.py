@@ -16,7 +16,9 @@ from typing import ClassVar
 
 import torch
 
-from ..prefix import PrefixFileError, atomic_write_bytes, decode_meta, read_safetensors, refuse_other_base
+from ..prefix import decode_meta, read_safetensors, refuse_other_base
+
+from ..files import PrefixFileError, atomic_write_bytes
 from .base import Method
 
 WEIGHTS_FORMAT = "prefixtune.weights/1"

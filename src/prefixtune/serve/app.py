@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..models import fingerprint, model_name
-from ..prefix import PrefixFileError
+from ..files import PrefixFileError
 from .batcher import Batcher, Completion, GenerationRequest, PrefixRemoved, QueueFull, RequestHandle, ShuttingDown
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE, ServerMetrics

@@ -36,7 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..prefix import MergedPrefix, PrefixFileError, parse_prefix, read_file_bytes
+from ..prefix import MergedPrefix, parse_prefix
+
+from ..files import PrefixFileError, read_file_bytes
 from . import store_sql
 from .store_sql import SCHEMA_VERSION  # noqa: F401 (re-exported: it lived here)
 

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..prefix import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .store import PrefixStore
