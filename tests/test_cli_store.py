@@ -45,7 +45,7 @@ def test_keys_and_prefixes_commands(tmp_path):
 def test_store_migrate_and_copy_commands(tmp_path, postgres):
     """A PostgreSQL store set up from the command line, then copied to SQLite."""
     from prefixtune.serve import PrefixStore
-    from prefixtune.serve.store import StoreError
+    from prefixtune.serve.store_errors import StoreError
 
     runner = CliRunner()
     url = postgres.create_database()

@@ -26,7 +26,7 @@ from prefixtune.prefix import MergedPrefix, parse_safetensors
 from prefixtune.files import PrefixFileError
 from prefixtune.serve import PrefixStore
 from prefixtune.serve.prefix_cache import PrefixCache, watch_store
-from prefixtune.serve.store import StoreError
+from prefixtune.serve.store_errors import StoreError
 
 from conftest import one_torch_thread_impl, tiny
 from test_cli_errors import _run, assets  # noqa: F401 (assets is a fixture)

@@ -19,8 +19,9 @@ from prefixtune.prefix import MergedPrefix
 from prefixtune.files import PrefixFileError
 from prefixtune.serve.prefix_cache import PrefixCache
 from prefixtune.serve import store_sql
-from prefixtune.serve.store import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound,
-                                    PrefixStore, StoreError)
+from prefixtune.serve.store import PrefixStore
+from prefixtune.serve.store_errors import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound,
+                                           StoreError)
 
 from conftest import tiny
 

@@ -327,7 +327,7 @@ def prefixes_add(
 ):
     """Add a prefix file to the store (checked, copied in, sha256 recorded)."""
     from .files import PrefixFileError
-    from .serve.store import StoreError
+    from .serve.store_errors import StoreError
 
     try:
         record = _store(store, model, files_dir).add(name, owner, file, public=public)
@@ -365,7 +365,7 @@ def prefixes_rm(
     store: str = typer.Option("prefixes.db", help=STORE_HELP),
 ):
     """Remove a prefix: it is never served again."""
-    from .serve.store import StoreError
+    from .serve.store_errors import StoreError
 
     try:
         record = _store(store).remove(name, owner)
@@ -412,7 +412,7 @@ def store_migrate(
     files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
 ):
     """Bring the store's schema up to date (servers also do this on start; safe to run while they serve)."""
-    from .serve.store import StoreError
+    from .serve.store_errors import StoreError
 
     try:
         opened = _store(store, files_dir=files_dir)
@@ -432,7 +432,7 @@ def store_copy(
     dst_files_dir: Optional[Path] = typer.Option(None, help="DST's files folder (required for a new PostgreSQL store)."),
 ):
     """Copy every prefix (file and row, ids kept, sha256 checked) and API key from SRC into the empty store DST."""
-    from .serve.store import StoreError
+    from .serve.store_errors import StoreError
     from .serve.store_sql import copy_store
 
     try:
@@ -450,7 +450,7 @@ def user_error_message(e: BaseException) -> str | None:
     from .data import DataError, MissingDataError
     from .data.fetch import DownloadError
     from .files import PrefixFileError
-    from .serve.store import StoreError
+    from .serve.store_errors import StoreError
     from .train import TrainingError
 
     if isinstance(e, StoreError):

@@ -38,8 +38,8 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .prefix_cache import LoadedPrefix, PrefixCache, watch_store
 from .sampling import SamplingParams
 from .schemas import CompletionRequest, choice, completion_body, error_body, usage
-from .store import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound, PrefixRecord,
-                    PrefixStore, StoreError)
+from .store import PrefixRecord, PrefixStore
+from .store_errors import InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound, StoreError
 
 log = logging.getLogger("prefixtune.serve")
 

@@ -15,7 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..prefix import MergedPrefix
-from .store import PrefixIntegrityError, PrefixNotFound, PrefixRecord, PrefixStore
+from .store import PrefixRecord, PrefixStore
+from .store_errors import PrefixIntegrityError, PrefixNotFound
 
 log = logging.getLogger("prefixtune.serve")
 

@@ -40,36 +40,12 @@ from ..prefix import MergedPrefix, parse_prefix
 
 from ..files import PrefixFileError, read_file_bytes
 from . import store_sql
-from .store_sql import SCHEMA_VERSION  # noqa: F401 (re-exported: it lived here)
+from .store_errors import InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no '/': names are URL path segments
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 KEY_ID_CHARS = 12  # how much of a key's sha256 identifies it in listings
 TEMP_GRACE_S = 60.0  # the periodic sweep leaves temp files written within this long (an upload writes in seconds)
-
-
-class StoreError(Exception):
-    """Base class of the store's errors; the message is meant for the user."""
-
-
-class PrefixNotFound(StoreError, LookupError):
-    """No prefix of that name that this caller may see."""
-
-
-class PrefixExists(StoreError):
-    """The name is taken (by this owner, or by a public prefix)."""
-
-
-class NotOwner(StoreError, PermissionError):
-    """The caller may use this public prefix but not change it."""
-
-
-class PrefixIntegrityError(StoreError):
-    """A stored file is missing or changed since it was added; it is not served."""
-
-
-class InvalidName(StoreError, ValueError):
-    """A prefix name or owner that the store does not accept."""
 
 
 @dataclass(frozen=True)

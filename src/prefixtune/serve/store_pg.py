@@ -21,6 +21,7 @@ from typing import Iterator
 import psycopg
 from psycopg.rows import dict_row
 
+from .store_errors import StoreError
 from .store_sql import POSTGRES_SCHEMA_1, Backend, redact
 
 CHANNEL = "prefixtune_store"
@@ -58,7 +59,6 @@ class PostgresBackend(Backend):
         try:
             self._give(self._new())  # fail now, with the URL in the message, if the server is unreachable
         except psycopg.OperationalError as e:
-            from .store import StoreError
 
             raise StoreError(f"cannot connect to the PostgreSQL store {self.location}: {str(e).strip()}") from None
 

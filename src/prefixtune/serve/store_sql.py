@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..files import atomic_write_bytes
+from .store_errors import PrefixIntegrityError, StoreError
 
 if TYPE_CHECKING:
     from .store import PrefixStore
@@ -148,7 +149,6 @@ class SqliteBackend(Backend):
     integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: Path):
-        from .store import StoreError
 
         self.path = Path(path)
         self.location = str(self.path)
@@ -247,7 +247,6 @@ def migrate(store: "PrefixStore") -> tuple[int, int]:
 
     Concurrent starts are serialized by the schema lock; the second finds nothing left to do.
     """
-    from .store import StoreError
 
     backend = store.backend
     with backend.write() as db:
@@ -275,7 +274,6 @@ def migrate(store: "PrefixStore") -> tuple[int, int]:
 
 def _resolve_files_dir(store: "PrefixStore", db) -> None:
     """The first open of a shared store records its files folder; later opens default to it."""
-    from .store import StoreError
 
     if store.files_dir is not None:
         db.execute("INSERT INTO store_meta (key, value) VALUES ('files_dir', ?) ON CONFLICT (key) DO NOTHING",
@@ -295,7 +293,6 @@ def _claim_files_dir(store: "PrefixStore", store_id: str) -> None:
     if marker.exists():
         found = marker.read_text().strip()
         if found != store_id:
-            from .store import StoreError
 
             raise StoreError(f"{store.files_dir} holds the files of another store (id {found}, this one is "
                              f"{store_id}); give each store its own files folder")
@@ -346,8 +343,6 @@ def copy_store(src: "PrefixStore", dst: "PrefixStore") -> tuple[int, int]:
     (files already written are deleted). Returns (prefixes, keys) copied.
     """
     import hashlib
-
-    from .store import PrefixIntegrityError, StoreError
 
     with dst.backend.connect() as db:
         n_prefixes = db.execute("SELECT count(*) AS n FROM prefixes").fetchone()["n"]
