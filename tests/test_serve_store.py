@@ -19,7 +19,7 @@ from prefixtune.prefix import MergedPrefix
 from prefixtune.files import PrefixFileError
 from prefixtune.serve.prefix_cache import PrefixCache
 from prefixtune.serve import store_sql
-from prefixtune.serve.store import PrefixStore
+from prefixtune.serve.store import PrefixStore, open_backend
 from prefixtune.serve.store_errors import (InvalidName, NotOwner, PrefixExists, PrefixIntegrityError, PrefixNotFound,
                                            StoreError)
 
@@ -402,7 +402,7 @@ def test_a_crash_mid_upload_leaves_a_file_that_the_next_open_sweeps(model, files
 
 def test_migrates_a_schema_1_store(model, files, open_store):
     """A store written by the previous release (random file names, schema 1) opens as schema 2."""
-    backend, files_dir = store_sql.open_backend(open_store.location, open_store.files_dir)
+    backend, files_dir = open_backend(open_store.location, open_store.files_dir)
     files_dir.mkdir(parents=True, exist_ok=True)
     data = files["f2"].read_bytes()
     (files_dir / ("0123abcd" * 4 + ".safetensors")).write_bytes(data)

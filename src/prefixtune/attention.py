@@ -22,6 +22,7 @@ import contextvars
 import sys
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from .models import ARCHITECTURES, Arch, arch_of, attention_modules, model_name, position_modules
-from .prefix import MergedPrefix
+if TYPE_CHECKING:  # per_row reads .kv, .embeds and .is_infix only: no runtime import of the artifact module
+    from .prefix import MergedPrefix
 
 SUPPORTED = ("sdpa", "eager")
 

@@ -150,13 +150,11 @@ def load_image_model(target: str, config, name: str, dtype=torch.float32, attn_i
     text tokenizer (`processor.tokenizer`)."""
     from transformers import AutoModel
 
-    from .models import freeze
-
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModel.from_pretrained(target, config=config, **kwargs)  # safetensors (transformers' default)
-    freeze(model)
+    model.eval().requires_grad_(False)  # frozen, as models.load_model leaves every base model
     model._prefixtune_name = name
     processor = ImageProcessor.from_pretrained(target)
     if getattr(config, "model_type", "") == "clip":

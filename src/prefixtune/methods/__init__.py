@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Method
+from .registry import METHODS, get_method, register
 from .infix import InfixConfig, InfixModel
 from .prefix import PrefixModel
 from .prompt import PromptConfig, PromptModel
@@ -28,20 +29,8 @@ _REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuning
                                    FinetuneModel, FtTopModel, AdapterModel, LoRAModel, IA3Model,
                                    VPTModel, VPTShallowModel, VPTDeepModel, CoOpModel, CoCoOpModel, DAPLModel,
                                    L2PModel]
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _REGISTERED}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Add a method class to the registry (usable as a decorator by third-party methods)."""
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[Method]:
-    key = name.lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
-    return METHODS[key]
+for _cls in _REGISTERED:
+    register(_cls)
 
 
 def method_of(config) -> type[Method]:

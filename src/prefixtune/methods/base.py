@@ -138,9 +138,7 @@ class Method(nn.Module):
                 "fingerprint": self.base_fingerprint}
 
     def save(self, path) -> None:
-        from . import save_artifact
-
-        save_artifact(self.export(), path, model=self.model)
+        self.export().save(path, model=self.model)
 
     # -- PEFT interop (methods with a `peft_type`) ---------------------------------------------------
     @staticmethod

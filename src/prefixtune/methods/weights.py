@@ -50,7 +50,7 @@ class WeightArtifact:
     def apply(self, model, tokenizer=None):
         """Apply to `model` for the block (the method's weights or hooks in place), then give the base
         model back exactly; yields the method module."""
-        from . import get_method
+        from .registry import get_method  # at run time: every method is registered by then
 
         method = get_method(self.method).from_artifact(model, self, tokenizer=tokenizer).eval()
         try:

@@ -48,6 +48,24 @@ KEY_ID_CHARS = 12  # how much of a key's sha256 identifies it in listings
 TEMP_GRACE_S = 60.0  # the periodic sweep leaves temp files written within this long (an upload writes in seconds)
 
 
+def is_database_url(location) -> bool:
+    return isinstance(location, str) and location.split("://", 1)[0] in ("postgresql", "postgres")
+
+
+def open_backend(location: str | Path, files_dir: str | Path | None = None) -> tuple[store_sql.Backend, Path]:
+    """The backend for a store location: a postgresql:// URL, else a SQLite file path."""
+    if is_database_url(location):
+        from .store_pg import PostgresBackend  # imports psycopg: only for PostgreSQL stores
+
+        # files_dir None: the folder recorded in the store when it was first opened (see migrate)
+        return PostgresBackend(location), Path(files_dir) if files_dir is not None else None
+    if isinstance(location, str) and "://" in location:
+        raise ValueError(f"unknown store URL {store_sql.redact(location)!r}: use postgresql://user@host[:port]/database, "
+                         "or a file path for SQLite")
+    path = Path(location)
+    return store_sql.SqliteBackend(path), Path(files_dir) if files_dir is not None else path.with_name(path.stem + "-files")
+
+
 @dataclass(frozen=True)
 class PrefixRecord:
     """One row of the index."""
@@ -142,7 +160,7 @@ class PrefixStore:
 
     def __init__(self, location: str | Path, model=None, max_file_bytes: int = 256 * 2**20,
                  files_dir: str | Path | None = None):
-        self.backend, self.files_dir = store_sql.open_backend(location, files_dir)
+        self.backend, self.files_dir = open_backend(location, files_dir)
         self.path = getattr(self.backend, "path", None)  # the SQLite file; None on PostgreSQL
         self.model = model
         self.max_file_bytes = max_file_bytes

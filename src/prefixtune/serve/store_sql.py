@@ -4,8 +4,8 @@
 facts live here and nowhere else: schema DDL, how a write transaction takes its lock, how uploads
 of the same content are serialized, how other replicas hear about a change.
 
-    backend, files_dir = open_backend("prefixes.db")                 # SQLite, files in prefixes-files/
-    backend, files_dir = open_backend("postgresql://u@host/db", "/mnt/prefixes")   # shared by replicas
+    backend, files_dir = store.open_backend("prefixes.db")           # SQLite, files in prefixes-files/
+    backend, files_dir = store.open_backend("postgresql://u@host/db", "/mnt/prefixes")   # shared by replicas
 
 Also here: schema migrations (run on open), the sweep of files left by a crash, and `copy_store`.
 
@@ -188,24 +188,6 @@ class SqliteBackend(Backend):
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-
-
-def is_database_url(location) -> bool:
-    return isinstance(location, str) and location.split("://", 1)[0] in ("postgresql", "postgres")
-
-
-def open_backend(location: str | Path, files_dir: str | Path | None = None) -> tuple[Backend, Path]:
-    """The backend for a store location: a postgresql:// URL, else a SQLite file path."""
-    if is_database_url(location):
-        from .store_pg import PostgresBackend
-
-        # files_dir None: the folder recorded in the store when it was first opened (see migrate)
-        return PostgresBackend(location), Path(files_dir) if files_dir is not None else None
-    if isinstance(location, str) and "://" in location:
-        raise ValueError(f"unknown store URL {redact(location)!r}: use postgresql://user@host[:port]/database, "
-                         "or a file path for SQLite")
-    path = Path(location)
-    return SqliteBackend(path), Path(files_dir) if files_dir is not None else path.with_name(path.stem + "-files")
 
 
 def redact(url: str) -> str:
