@@ -84,3 +84,64 @@ def test_real_workload_times_both_precisions():
     fp32 = P.time_workload("cpu", False, 1, reps=1)
     bf16 = P.time_workload("cpu", True, 1, reps=1, give_up_after=0.0)  # one timed run, then stop
     assert 0 < fp32 < 30 and 0 < bf16 < 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen weights stored in bf16: the same numbers as autocast's per-forward casts
+
+
+@pytest.mark.parametrize("arch,method,options", [("llama", "prefix", {"length": 3}), ("gpt2", "prefix", {"length": 3}),
+                                                 ("t5", "prefix", {"length": 3}), ("llama", "lora", {"rank": 2}),
+                                                 ("gpt2", "ft-top", {"layers": 1})])
+def test_frozen_weights_stored_in_bf16_give_autocasts_loss_and_gradients_exactly(arch, method, options):
+    from conftest import reversal_pairs, tiny, tiny_tokenizer
+
+    import prefixtune as pt
+    from prefixtune.precision import frozen_matmul_weights_in
+
+    model, tok = tiny(arch), tiny_tokenizer(arch)
+    before = {n: (p.data_ptr(), p.dtype, p.clone()) for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    m = pt.build(model, method, tok, **options)
+    with torch.no_grad():  # away from init, so every trainable tensor gets a gradient
+        for p in m.trainable().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    params = list(m.trainable().values())
+    batch = m.collate([m.encode(tok, d.source, d.target, 32, 16) for d in reversal_pairs(4)], tok.pad_token_id)
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.loss(batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return loss.detach(), grads
+
+    want = loss_and_grads()
+    with frozen_matmul_weights_in(model, torch.bfloat16, keep=params):
+        cast = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+        got = loss_and_grads()
+    assert cast and all(p.dtype == torch.float32 for p in params)          # frozen weights cast, trained ones not
+    assert not any("embed" in n or "wte" in n or "shared" in n for n in cast)  # embeddings (and tied heads) kept
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    m.detach()
+    for n, p in model.named_parameters():  # the very same float32 storage is back
+        ptr, dtype, value = before[n]
+        assert p.data_ptr() == ptr and p.dtype == dtype and torch.equal(p, value), n
+
+
+def test_training_in_bf16_stores_the_frozen_weights_in_bf16_and_restores_them(tmp_path):
+    from conftest import reversal_pairs, tiny, tiny_tokenizer
+
+    import prefixtune as pt
+    from prefixtune.train import TrainConfig, train
+
+    model, tok = tiny("llama"), tiny_tokenizer("llama")
+    seen = []
+    m = pt.build(model, "prefix", tok, length=3)
+    train(m, tok, reversal_pairs(12), reversal_pairs(4, seed=1),
+          TrainConfig(lr=1e-2, epochs=1, batch_size=4, max_steps=2, bf16=True, log_every=100), tmp_path,
+          print_fn=lambda s: None, progress=lambda r: seen.append(model.model.layers[0].self_attn.q_proj.weight.dtype))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -20,6 +20,7 @@ An explicit choice ("fp32", "bf16", or $PREFIXTUNE_PRECISION) skips the measurem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -238,3 +239,43 @@ def resolve_bf16(option: str | None = "auto", print_fn: Callable[[str], None] | 
     if print_fn is not None:
         print_fn(f"precision {p.reason}")
     return p.bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen weights stored in the compute dtype
+
+
+@contextlib.contextmanager
+def frozen_matmul_weights_in(model, dtype: torch.dtype | None, keep=()):
+    """Within the block, the frozen weights and biases of `model`'s linear layers (nn.Linear, GPT-2's
+    Conv1D) are stored in `dtype`; at exit the original float32 tensors are put back (the very same
+    storage: exact).
+
+    Under bf16 autocast a float32 weight is cast to bf16 on every forward (frozen weights are not in
+    autocast's cast cache: it caches only leaves that require grad). Stored in bf16 once, the cast is
+    a no-op and the numbers are the same: autocast rounds weights and biases to bf16 either way.
+    `keep`: parameters left as they are (what the method trains). Parameters shared with other
+    modules (a tied LM head is the embedding) are kept too: embeddings and norms are not autocast ops,
+    and casting them would change the numbers. `dtype=None`: nothing is changed.
+    """
+    if dtype is None:
+        yield model
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    keep_ids = {id(p) for p in keep}
+    linear, other = set(), set()
+    for module in model.modules():
+        own = {id(p) for p in module.parameters(recurse=False)}
+        (linear if isinstance(module, (torch.nn.Linear, Conv1D)) else other).update(own)
+    originals = []
+    for p in model.parameters():
+        if id(p) in linear and id(p) not in other and id(p) not in keep_ids and not p.requires_grad \
+                and p.dtype == torch.float32:
+            originals.append((p, p.data))
+            p.data = p.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for p, data in originals:
+            p.data = data

@@ -26,6 +26,7 @@ import torch
 from .batching import Encoded
 from .config import ConfigError
 from .methods import Method, get_method, save_artifact
+from .precision import frozen_matmul_weights_in
 from .methods.weights import WeightArtifact
 from .prefix import MergedPrefix, read_safetensors
 from .files import atomic_write_bytes
@@ -328,80 +329,83 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
         print_fn = run.print_fn = _quiet
     state = run.state  # the loop below advances it; run.evaluate / run.checkpoint read and record it
 
-    started = time.time() - state.train_seconds
-    tokens_seen, rows_seen, window_start = 0, 0, time.time()
-    stop = state.done
-    method.train()  # the method's own modules (e.g. LoRA dropout); the frozen base stays in eval mode
-    while not stop and state.epoch < cfg.epochs:
-        # every process sees the same batch list and takes every world-th batch (equal counts: DDP steps in lockstep)
-        batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, state.epoch)[:n_batches]
-        for bi in range(state.batch_in_epoch, len(batches)):
-            if bi % world != rank:  # each process takes its share of the batches
-                continue
-            batch = method.collate([train_enc[i] for i in batches[bi]], pad_id).to(accelerator.device)
-            # through the (possibly DDP-wrapped) module, so gradients are averaged across processes
-            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                             loss_on_targets=True)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, "
-                                    f"batch {bi}); the last good checkpoint is kept at {ckpt_path}"
-                                    f"{'' if ckpt_path.exists() else ' (none written yet)'}; try a lower --lr")
-            accelerator.backward(loss / cfg.grad_accum)
-            tokens_seen += batch.n_target_tokens
-            rows_seen += batch.input_ids.shape[0]
-            if (bi // world + 1) % cfg.grad_accum and bi + world < len(batches):
-                continue
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not all(torch.isfinite(p).all() for p in params):
-                raise TrainingError(f"parameters became NaN or inf at step {state.step + 1}; the last good checkpoint "
-                                    f"is kept at {ckpt_path}; try a lower --lr")
-            state.step += 1
-            state.batch_in_epoch = bi + 1
-            state.train_seconds = time.time() - started
-            record = {"step": state.step, "epoch": state.epoch, "loss": loss.item(),
-                      "lr": scheduler.get_last_lr()[0], "target_tokens": batch.n_target_tokens}
-            if accelerator.is_main_process:
-                _append_log(log_path, record)
-            eta = state.train_seconds / state.step * (total_steps - state.step)
-            if progress is not None:
-                progress({**record, "total": total_steps, "eta_s": eta,
-                          "tokens_per_s": batch.n_target_tokens / max(1e-9, time.time() - window_start),
-                          "examples_per_s": batch.input_ids.shape[0] / max(1e-9, time.time() - window_start)})
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                elapsed = max(time.time() - window_start, 1e-9)
-                # classifiers have no target tokens: their speed is in examples
-                speed = f"{tokens_seen / elapsed:.0f} target tok/s" if tokens_seen else f"{rows_seen / elapsed:.1f} examples/s"
-                print_fn(f"step {state.step}/{total_steps} epoch {state.epoch + 1} loss {loss.item():.4f} {speed} "
-                         f"ETA {eta:.0f}s")
-                tokens_seen, rows_seen, window_start = 0, 0, time.time()
-            elif progress is not None:
-                window_start, tokens_seen, rows_seen = time.time(), 0, 0
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and run.evaluate():
-                stop = True
-            out_of_time = cfg.time_budget_s is not None and state.train_seconds >= cfg.time_budget_s
-            if out_of_time:
-                print_fn(f"time budget of {cfg.time_budget_s:g} s reached at step {state.step}/{total_steps}")
-            if state.step >= total_steps or out_of_time:
-                stop = True
-            if stop:
-                run.evaluate()  # the final state always competes for best (a no-op if this step was just evaluated)
-            if stop or state.step % cfg.checkpoint_every == 0:
-                state.done = stop
+    # bf16: the frozen linear weights stored in bf16 for the run (autocast would recast them on every
+    # forward; the numbers are identical), the originals put back before the artifact is exported
+    with frozen_matmul_weights_in(method.model, torch.bfloat16 if cfg.bf16 else None, keep=params):
+        started = time.time() - state.train_seconds
+        tokens_seen, rows_seen, window_start = 0, 0, time.time()
+        stop = state.done
+        method.train()  # the method's own modules (e.g. LoRA dropout); the frozen base stays in eval mode
+        while not stop and state.epoch < cfg.epochs:
+            # every process sees the same batch list and takes every world-th batch (equal counts: DDP steps in lockstep)
+            batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, state.epoch)[:n_batches]
+            for bi in range(state.batch_in_epoch, len(batches)):
+                if bi % world != rank:  # each process takes its share of the batches
+                    continue
+                batch = method.collate([train_enc[i] for i in batches[bi]], pad_id).to(accelerator.device)
+                # through the (possibly DDP-wrapped) module, so gradients are averaged across processes
+                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                                 loss_on_targets=True)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}, "
+                                        f"batch {bi}); the last good checkpoint is kept at {ckpt_path}"
+                                        f"{'' if ckpt_path.exists() else ' (none written yet)'}; try a lower --lr")
+                accelerator.backward(loss / cfg.grad_accum)
+                tokens_seen += batch.n_target_tokens
+                rows_seen += batch.input_ids.shape[0]
+                if (bi // world + 1) % cfg.grad_accum and bi + world < len(batches):
+                    continue
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise TrainingError(f"parameters became NaN or inf at step {state.step + 1}; the last good checkpoint "
+                                        f"is kept at {ckpt_path}; try a lower --lr")
+                state.step += 1
+                state.batch_in_epoch = bi + 1
+                state.train_seconds = time.time() - started
+                record = {"step": state.step, "epoch": state.epoch, "loss": loss.item(),
+                          "lr": scheduler.get_last_lr()[0], "target_tokens": batch.n_target_tokens}
+                if accelerator.is_main_process:
+                    _append_log(log_path, record)
+                eta = state.train_seconds / state.step * (total_steps - state.step)
+                if progress is not None:
+                    progress({**record, "total": total_steps, "eta_s": eta,
+                              "tokens_per_s": batch.n_target_tokens / max(1e-9, time.time() - window_start),
+                              "examples_per_s": batch.input_ids.shape[0] / max(1e-9, time.time() - window_start)})
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    # classifiers have no target tokens: their speed is in examples
+                    speed = f"{tokens_seen / elapsed:.0f} target tok/s" if tokens_seen else f"{rows_seen / elapsed:.1f} examples/s"
+                    print_fn(f"step {state.step}/{total_steps} epoch {state.epoch + 1} loss {loss.item():.4f} {speed} "
+                             f"ETA {eta:.0f}s")
+                    tokens_seen, rows_seen, window_start = 0, 0, time.time()
+                elif progress is not None:
+                    window_start, tokens_seen, rows_seen = time.time(), 0, 0
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and run.evaluate():
+                    stop = True
+                out_of_time = cfg.time_budget_s is not None and state.train_seconds >= cfg.time_budget_s
+                if out_of_time:
+                    print_fn(f"time budget of {cfg.time_budget_s:g} s reached at step {state.step}/{total_steps}")
+                if state.step >= total_steps or out_of_time:
+                    stop = True
+                if stop:
+                    run.evaluate()  # the final state always competes for best (a no-op if this step was just evaluated)
+                if stop or state.step % cfg.checkpoint_every == 0:
+                    state.done = stop
+                    run.checkpoint()
+                if stop:
+                    break
+            if not stop:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if not cfg.eval_every and run.evaluate():
+                    stop = state.done = True
                 run.checkpoint()
-            if stop:
-                break
-        if not stop:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if not cfg.eval_every and run.evaluate():
-                stop = state.done = True
-            run.checkpoint()
-    if dev_enc and state.evaluated_step != state.step:
-        run.evaluate()  # e.g. a run resumed after its last step, or one with no step at all
+        if dev_enc and state.evaluated_step != state.step:
+            run.evaluate()  # e.g. a run resumed after its last step, or one with no step at all
     method.eval()  # the artifact is exported (and the method handed back) with dropout off
     final = run.best if run.best is not None else method.export()
     final.meta.update({"train": asdict(cfg), **run.meta})
