@@ -228,7 +228,7 @@ def test_learns_a_toy_task_and_accuracy_matches_row_by_row_predictions(tmp_path)
     # the experiments' evaluation: the same accuracy, predictions written, and the majority-class bar
     from prefixtune.data import EvalItem
     from prefixtune.decode import DecodeConfig
-    from prefixtune.experiments import evaluate
+    from prefixtune.experiments.run import evaluate
 
     items = [EvalItem(d.source, (d.target,)) for d in held_out[:15]]
     got = evaluate(method.model, tok, method.export(), items, "accuracy", DecodeConfig(), tmp_path / "eval")

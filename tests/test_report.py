@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixtune.report import ReportError, regenerate, render
+from prefixtune.experiments.report import ReportError, regenerate, render
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")

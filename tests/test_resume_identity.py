@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from prefixtune.experiments import DataPlan, run_training
+from prefixtune.experiments.run import DataPlan, run_training
 from prefixtune.recipes import configs_for
 from prefixtune.train import TrainingError
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from prefixtune.metrics import score
-from prefixtune.protocol import Protocol, choose
-from prefixtune.stats import BleuStats, Interval, mean_std, paired_bootstrap
+from prefixtune.experiments.protocol import Protocol, choose
+from prefixtune.experiments.stats import BleuStats, Interval, mean_std, paired_bootstrap
 
 WORDS = "the eagle is a coffee shop near the river serving cheap french food family friendly".split()
 

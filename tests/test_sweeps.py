@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import SHARED, reversal_pairs, tiny, tiny_tokenizer
 
-from prefixtune import paper
-from prefixtune.stats import mean_std
-from prefixtune.sweeps import RunSpec, read_results, run_one, run_sweep
+from prefixtune.experiments import catalogue, command, figures, tables
+from prefixtune.experiments.executor import RunSpec, read_results, run_one, run_sweep
+from prefixtune.experiments.stats import mean_std
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -49,7 +49,7 @@ def local_ray():
 
 def _tiny_experiment(assets, name="low-data"):
     model_dir, data = assets
-    return paper.build(name, "tiny", model=str(model_dir), dataset="jsonl", path=str(data), methods=["prefix"])
+    return catalogue.build(name, "tiny", model=str(model_dir), dataset="jsonl", path=str(data), methods=["prefix"])
 
 
 def _png(path: Path) -> bool:
@@ -59,7 +59,7 @@ def _png(path: Path) -> bool:
 def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path):
     exp = _tiny_experiment(assets)
     assert [r.id for r in exp.runs] == ["prefix-n20-s0", "prefix-n40-s0"]  # 2 sizes x 1 seed
-    result = paper.run_experiment(exp, tmp_path, print_fn=lambda s: None)
+    result = command.run_experiment(exp, tmp_path, print_fn=lambda s: None)
     choices = json.loads((tmp_path / "lr_choice.json").read_text())
     assert set(choices) == {"prefix-n20", "prefix-n40"}
     rows = read_results(tmp_path)
@@ -79,7 +79,7 @@ def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path
         # seed 0 at the chosen rate IS the selection run at that rate: trained once, evaluated once
         assert (tmp_path / "runs" / r["id"] / "select.json").exists()
         # evaluation sources were never trained on
-        from prefixtune.experiments import DataPlan, plan_data
+        from prefixtune.experiments.run import DataPlan, plan_data
 
         train_pairs, _, _ = plan_data(DataPlan(**exp.runs[(20, 40).index(size)].plan))
         preds = [json.loads(x) for x in (tmp_path / "runs" / r["id"] / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -102,15 +102,15 @@ def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path
 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/*.json")}
     said = []
-    again = paper.run_experiment(exp, tmp_path, print_fn=said.append)
+    again = command.run_experiment(exp, tmp_path, print_fn=said.append)
     assert "4 runs: 4 already done, 0 to run" in said
     assert again["rows"] == rows and {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # another seed later: its row joins the rows on record, and the table averages both seeds
     model_dir, data = assets
-    more = paper.build("low-data", "tiny", model=str(model_dir), dataset="jsonl", path=str(data), methods=["prefix"],
+    more = catalogue.build("low-data", "tiny", model=str(model_dir), dataset="jsonl", path=str(data), methods=["prefix"],
                        seeds=[1], sizes=[20])
-    result = paper.run_experiment(more, tmp_path, print_fn=lambda s: None)
+    result = command.run_experiment(more, tmp_path, print_fn=lambda s: None)
     assert f"prefix-n20-s1-lr{lr['prefix-n20']:g}" in [r["id"] for r in read_results(tmp_path)]
 
     # the same run id asked for with other settings is refused, naming the run (nothing is trained)
@@ -132,7 +132,7 @@ def test_killed_run_resumes_from_its_checkpoint(assets, local_ray, tmp_path):
                               "checkpoint_every": 3},
                    decode={"num_beams": 1, "max_new_tokens": 4}, eval_limit=3, labels={"label": "prefix"})
     reference = run_one(spec, str(model_dir), tmp_path / "reference", threads=1)
-    code = ("import json, sys; from prefixtune.sweeps import RunSpec, run_one; "
+    code = ("import json, sys; from prefixtune.experiments.executor import RunSpec, run_one; "
             "run_one(RunSpec(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], threads=1)")
     env = dict(os.environ, PYTHONPATH=SRC)
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(spec)), str(model_dir), str(tmp_path / "sweep")],
@@ -203,17 +203,17 @@ def test_experiment_command_against_a_ray_start_head_cluster(assets, tmp_path):
 
 def test_webnlg_split_keeps_unseen_categories_out_of_training():
     from prefixtune.data import load_dataset
-    from prefixtune.experiments import DataPlan, plan_data
+    from prefixtune.experiments.run import DataPlan, plan_data
 
     data_dir = SHARED / "data"
     if not (data_dir / "webnlg2017").exists():
         pytest.skip("shared WebNLG 2017 not found") if not os.environ.get("CI") else pytest.fail("no shared WebNLG")
-    exp = paper.build("extrapolation", "tiny", data_dir=str(data_dir), methods=["prefix"])
+    exp = catalogue.build("extrapolation", "tiny", data_dir=str(data_dir), methods=["prefix"])
     plan = DataPlan(**exp.runs[0].plan)
-    assert set(plan.exclude_categories) == set(paper.UNSEEN_WEBNLG)
+    assert set(plan.exclude_categories) == set(catalogue.UNSEEN_WEBNLG)
     train_pairs, dev_pairs, items = plan_data(plan)
     seen = [c for c in ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "Food", "Monument",
-                        "SportsTeam", "University", "WrittenWork") if c not in paper.UNSEEN_WEBNLG]
+                        "SportsTeam", "University", "WrittenWork") if c not in catalogue.UNSEEN_WEBNLG]
 
     def pairs(split, categories):
         return {(e.source, e.target) for e in load_dataset("webnlg2017", split, data_dir=data_dir,
@@ -222,13 +222,13 @@ def test_webnlg_split_keeps_unseen_categories_out_of_training():
     # every training pair comes from an entry of a seen category (a few generic triple sets such as
     # "United_States : leaderName : Barack_Obama" recur in several categories, so compare pairs of entries)
     assert train_pairs and {(e.source, e.target) for e in train_pairs} <= pairs("train", seen)
-    only_unseen = pairs("train", list(paper.UNSEEN_WEBNLG)) - pairs("train", seen)
+    only_unseen = pairs("train", list(catalogue.UNSEEN_WEBNLG)) - pairs("train", seen)
     assert only_unseen and not {(e.source, e.target) for e in train_pairs} & only_unseen
-    dev_unseen = {s for s, _ in pairs("dev", list(paper.UNSEEN_WEBNLG))}
+    dev_unseen = {s for s, _ in pairs("dev", list(catalogue.UNSEEN_WEBNLG))}
     marked_unseen = {it.source for it in items if not it.meta["seen"]}
     assert marked_unseen and marked_unseen <= dev_unseen
     assert not {e.source for e in dev_pairs} & marked_unseen  # early stopping never sees them either
-    from prefixtune.sweeps import _pick_eval_items
+    from prefixtune.experiments.executor import _pick_eval_items
 
     picked = _pick_eval_items(items, 10)
     assert sum(it.meta["seen"] for it in picked) == 5 and len(picked) == 10
@@ -239,51 +239,51 @@ def test_table_means_and_sample_std_over_seeds():
              "stopped_early": s > 0, "best_dev_loss": 1.0, "train_seconds": 2.0} for s, b in enumerate([0.25, 0.5, 0.75])]
     m, sd = mean_std([0.25, 0.5, 0.75])
     assert m == pytest.approx(statistics.mean([0.25, 0.5, 0.75])) and sd == pytest.approx(statistics.stdev([0.25, 0.5, 0.75]))
-    exp = paper.Experiment("low-data", "quick", "m", "e2e", [], ("label", "train_size"), x="train_size")
-    assert "| prefix | 50 | 3 | 0.001 | 2/3 | 7 | 0.5 ± 0.25 |" in paper.table_markdown(exp, rows)
+    exp = catalogue.Experiment("low-data", "quick", "m", "e2e", [], ("label", "train_size"), x="train_size")
+    assert "| prefix | 50 | 3 | 0.001 | 2/3 | 7 | 0.5 ± 0.25 |" in tables.table_markdown(exp, rows)
 
 
 def test_unregistered_method_or_unknown_experiment_is_refused_by_name():
-    with pytest.raises(paper.ExperimentError, match="no-such-method"):
-        paper.build("low-data", "tiny", methods=["prefix", "no-such-method"])
-    with pytest.raises(paper.ExperimentError, match="unknown experiment 'nope'"):
-        paper.build("nope")
-    with pytest.raises(paper.ExperimentError, match="compares classifiers ptuning-v2, prompt, finetune, probe; "
+    with pytest.raises(catalogue.ExperimentError, match="no-such-method"):
+        catalogue.build("low-data", "tiny", methods=["prefix", "no-such-method"])
+    with pytest.raises(catalogue.ExperimentError, match="unknown experiment 'nope'"):
+        catalogue.build("nope")
+    with pytest.raises(catalogue.ExperimentError, match="compares classifiers ptuning-v2, prompt, finetune, probe; "
                                                     "unknown: ptuning-v3"):
-        paper.build("ptuning-v2", "quick", methods=["ptuning-v2", "ptuning-v3"])
+        catalogue.build("ptuning-v2", "quick", methods=["ptuning-v2", "ptuning-v3"])
 
 
 def test_seeds_and_sizes_replace_the_scale_and_are_checked():
     # quick scale: 3 seeds, sizes 50 and 200, the issue's four methods; a subset can run now, more later
-    assert [r.id for r in paper.build("low-data", "quick", sizes=[50], seeds=[0]).runs] == [
+    assert [r.id for r in catalogue.build("low-data", "quick", sizes=[50], seeds=[0]).runs] == [
         "prefix-n50-s0", "finetune-n50-s0", "adapter-n50-s0", "lora-n50-s0"]
-    assert len(paper.build("low-data", "quick").runs) == 4 * 2 * 3
-    exp = paper.build("low-data", "quick", methods=["prefix"], seeds=[3], sizes=[50, 100])
+    assert len(catalogue.build("low-data", "quick").runs) == 4 * 2 * 3
+    exp = catalogue.build("low-data", "quick", methods=["prefix"], seeds=[3], sizes=[50, 100])
     assert [r.id for r in exp.runs] == ["prefix-n50-s3", "prefix-n100-s3"]
     assert [r.group for r in exp.runs] == ["prefix-n50", "prefix-n100"]
     assert "sizes [50, 100], seeds [3]" in exp.notes[0] and "short-run rate" in exp.notes[0]
     assert all(r.overrides["lr"] == 1e-3 for r in exp.runs)  # the grid's centre at capped steps: not 8e-5
-    ft = paper.build("low-data", "quick", methods=["finetune"], seeds=[0], sizes=[50]).runs
+    ft = catalogue.build("low-data", "quick", methods=["finetune"], seeds=[0], sizes=[50]).runs
     assert ft[0].overrides["lr"] == 5e-5  # the recipe's fine-tuning rate centres its grid
     assert "length" not in ft[0].overrides and "init_text" not in ft[0].overrides  # options it does not have
-    ad = paper.build("extrapolation", "quick", methods=["adapter", "lora"], seeds=[0]).runs
+    ad = catalogue.build("extrapolation", "quick", methods=["adapter", "lora"], seeds=[0]).runs
     assert ad[0].overrides["lr"] == 1e-3 and ad[1].overrides["lr"] == 2e-4
     assert {r.plan["seed"] for r in exp.runs} == {3} and {r.overrides["seed"] for r in exp.runs} == {3}
     assert all(r.overrides["patience"] == 3 and r.overrides["eval_every"] == 10 for r in exp.runs)
     assert "bf16" not in exp.runs[0].overrides
-    assert paper.build("low-data", "quick", sizes=[50], seeds=[0], bf16=True).runs[0].overrides["bf16"] is True
-    with pytest.raises(paper.ExperimentError, match="--sizes must be integers >= 1"):
-        paper.build("low-data", "quick", sizes=[0])
-    with pytest.raises(paper.ExperimentError, match="--seeds must be integers >= 0"):
-        paper.build("low-data", "quick", seeds=[])
+    assert catalogue.build("low-data", "quick", sizes=[50], seeds=[0], bf16=True).runs[0].overrides["bf16"] is True
+    with pytest.raises(catalogue.ExperimentError, match="--sizes must be integers >= 1"):
+        catalogue.build("low-data", "quick", sizes=[0])
+    with pytest.raises(catalogue.ExperimentError, match="--seeds must be integers >= 0"):
+        catalogue.build("low-data", "quick", seeds=[])
 
 
 def test_method_table_experiment_covers_every_registered_generation_method():
     from prefixtune.methods import METHODS
 
-    runs = paper.build("methods", "quick", seeds=[0]).runs
+    runs = catalogue.build("methods", "quick", seeds=[0]).runs
     assert [r.method for r in runs] == [n for n, cls in METHODS.items() if cls.generates]
-    assert {r.plan["train_size"] for r in runs} == {paper.METHOD_TABLE_SIZE}
+    assert {r.plan["train_size"] for r in runs} == {catalogue.METHOD_TABLE_SIZE}
     for r in runs:  # soft methods get the table's length and init text; weight methods none of it
         fields = {f.name for f in __import__("dataclasses").fields(METHODS[r.method].config_class)}
         assert ("length" in r.overrides) == ("length" in fields)
@@ -291,14 +291,14 @@ def test_method_table_experiment_covers_every_registered_generation_method():
 
 def test_classifier_experiment_scores_many_held_out_questions():
     # accuracy on the 40 generation sources of quick scale would have a standard error of about 0.08
-    runs = paper.build("ptuning-v2", "quick", seeds=[0]).runs
+    runs = catalogue.build("ptuning-v2", "quick", seeds=[0]).runs
     assert [r.labels["label"] for r in runs] == ["ptuning-v2", "prompt", "finetune", "probe"]
     assert {r.method for r in runs} == {"ptuning-v2"}  # one classifier, its arms are options
     assert [(r.overrides.get("prompt_depth", "deep"), r.overrides.get("tune_encoder", False)) for r in runs] == [
         ("deep", False), ("input", False), ("none", True), ("none", False)]
     assert all(r.eval_limit == 1000 for r in runs) and {r.plan["train_split"] for r in runs} == {"all"}
-    assert all(r.eval_limit is None for r in paper.build("ptuning-v2", "paper", seeds=[0]).runs)
-    assert all(r.eval_limit == 200 for r in paper.build("low-data", "quick", seeds=[0]).runs)
+    assert all(r.eval_limit is None for r in catalogue.build("ptuning-v2", "paper", seeds=[0]).runs)
+    assert all(r.eval_limit == 200 for r in catalogue.build("low-data", "quick", seeds=[0]).runs)
 
 
 def test_experiment_cli_rejects_bad_seed_lists_in_one_line(tmp_path):
@@ -334,14 +334,14 @@ def test_extrapolation_table_and_bar_figure_from_rows(tmp_path):
     rows = [{"label": m, "seed": s, "trainable_params": 5, "scores": {"bleu": b}, "scores_seen": {"bleu": b + 0.1},
              "scores_unseen": {"bleu": b - 0.1}, "best_dev_loss": 1.0, "train_seconds": 1.0}
             for m, b in (("prefix", 0.5), ("finetune", 0.4)) for s in (0, 1)]
-    exp = paper.Experiment("extrapolation", "quick", "m", "webnlg2017", [], ("label",))
-    table = paper.table_markdown(exp, rows)
+    exp = catalogue.Experiment("extrapolation", "quick", "m", "webnlg2017", [], ("label",))
+    table = tables.table_markdown(exp, rows)
     assert "bleu seen" in table and "| prefix | 2 | – | – | 5 | 0.5 ± 0 | 0.6 ± 0 | 0.4 ± 0 |" in table
-    assert _png(paper.draw_figure(exp, rows, tmp_path / "fig.png"))
+    assert _png(figures.draw_figure(exp, rows, tmp_path / "fig.png"))
 
 
 def test_unreachable_ray_address_fails_fast_naming_it():
-    from prefixtune.sweeps import _check_reachable
+    from prefixtune.experiments.executor import _check_reachable
 
     port = _free_port()  # nobody listens there now
     started = time.time()
@@ -354,13 +354,13 @@ def test_a_diverging_selection_run_is_a_result_not_a_failure(assets, tmp_path, m
     """A learning rate too high for the task is what a grid exists to find: its run records an infinite
     dev loss (select.json, 'diverged'), the choice rule skips it, and the partial grid renders. (AdamW
     keeps a tiny model finite at any rate, so the trainer's NaN stop is simulated.)"""
-    import prefixtune.experiments as experiments_module
+    import prefixtune.experiments.run as run_module
     from prefixtune.train import TrainingError
 
     def nan_at_step_3(*args, **kwargs):
         raise TrainingError("loss became nan at step 3 (epoch 1, batch 2); try a lower --lr")
 
-    monkeypatch.setattr(experiments_module, "run_training", nan_at_step_3)
+    monkeypatch.setattr(run_module, "run_training", nan_at_step_3)
     import dataclasses
 
     model_dir, data = assets
@@ -375,9 +375,9 @@ def test_a_diverging_selection_run_is_a_result_not_a_failure(assets, tmp_path, m
     assert (tmp_path / "runs" / spec.id / "select.json").exists() and not (tmp_path / "runs" / spec.id / "row.json").exists()
     with pytest.raises(TrainingError, match="became nan"):  # an evaluated (comparison) run that diverges does fail
         run_one(dataclasses.replace(spec, id="other", evaluate=True), str(model_dir), tmp_path, threads=1)
-    choices = paper.partial_choices([row, {**row, "id": "x", "lr": 1e-3, "best_dev_loss": 2.0}])
+    choices = tables.partial_choices([row, {**row, "id": "x", "lr": 1e-3, "best_dev_loss": 2.0}])
     assert choices["prefix-n40"]["dev_loss"] == {"0.001": 2.0, "1e+06": float("inf")}
-    assert "1e+06: diverged" in paper.selection_markdown(choices) and "grid not finished" in paper.selection_markdown(choices)
-    from prefixtune.protocol import choose
+    assert "1e+06: diverged" in tables.selection_markdown(choices) and "grid not finished" in tables.selection_markdown(choices)
+    from prefixtune.experiments.protocol import choose
 
     assert choose({float(k): v for k, v in choices["prefix-n40"]["dev_loss"].items()}) == (1e-3, "low")

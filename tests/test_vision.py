@@ -312,7 +312,7 @@ def test_load_model_dinov2_small_is_the_shared_encoder_with_its_processor():
 
 
 def test_experiment_vpt_arms_train_pick_lr_on_val_and_tabulate(tmp_path):
-    from prefixtune import vision_experiments as vx
+    from prefixtune.experiments import vision as vx
 
     model = tiny_image_model("dinov2")
     proc = ImageProcessor(size=SIZE)
@@ -392,7 +392,7 @@ def test_l2p_training_pulls_the_chosen_keys_towards_their_queries(tmp_path):
 
 
 def test_continual_scores_average_accuracy_and_forgetting():
-    from prefixtune.vision_experiments import continual_scores
+    from prefixtune.experiments.vision import continual_scores
 
     acc = [[0.9], [0.5, 0.8], [0.3, 0.6, 0.7]]      # acc[t][j]: task j after training task t
     s = continual_scores(acc)

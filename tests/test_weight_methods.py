@@ -427,7 +427,7 @@ def test_run_training_returns_the_base_model_so_the_artifact_applies_once(method
     A model still carrying the trained weights or hooks made that fail (finetune, ft-top: the
     fingerprint changed) or apply adapters and LoRA twice. Reference: the artifact on a fresh base."""
     from prefixtune.decode import DecodeConfig, generate_texts
-    from prefixtune.experiments import DataPlan, run_training
+    from prefixtune.experiments.run import DataPlan, run_training
     from prefixtune.models import fingerprint
     from prefixtune.recipes import configs_for
 

@@ -534,61 +534,30 @@ def experiment(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
 ):
     """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure.
-    Image experiments (probe, vpt, l2p: docs/vision.md) run in vision_experiments.py."""
-    from .vision_cli import VISION_EXPERIMENTS, run_vision_experiment
+    Image experiments (probe, vpt, l2p: docs/vision.md) run in experiments/vision.py."""
+    from .experiments.command import experiment as run_experiment_command
 
-    if name in VISION_EXPERIMENTS:
-        try:
-            run_vision_experiment(name, out, model=model, data_dir=data_dir, scale=scale, seeds=seeds, methods=methods)
-        except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
-        return
-    from .paper import build, run_experiment
-    from .train import TrainingError
-
-    from .paper import ExperimentError
-
-    def int_list(option: str, text: Optional[str]):
-        if text is None:
-            return None
-        try:
-            return [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ExperimentError(f"--{option} takes comma-separated integers, got {text!r}") from None
-
-    exp = build(name, scale, model=model, dataset=dataset, data_dir=data_dir, path=path,
-                methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-                seeds=int_list("seeds", seeds), sizes=int_list("sizes", sizes),
-                bf16=_experiment_bf16(precision))
-    if cpus_per_run is not None and cpus_per_run < 1:
-        _fail(f"--cpus-per-run must be at least 1, got {cpus_per_run}")
-    if dry_run:
-        for n in exp.notes:
-            typer.echo(n)
-        for r in exp.runs:
-            typer.echo(f"{r.id}: {r.method} {r.overrides}")
-        return
-    with count_progress(f"{name} runs") as bar:
-        try:
-            result = run_experiment(exp, out, ray_address=ray_address, print_fn=progress_print, progress=bar,
-                                    cpus_per_run=cpus_per_run)
-        except RuntimeError as e:
-            raise TrainingError(str(e)) from None
-    typer.echo(result["table"])
-    typer.echo(f"wrote {out / 'results.jsonl'}, {result['table_path']}"
-               + (f", {result['figure_path']}" if result["figure_path"] else ""))
+    try:
+        run_experiment_command(name, out, model=model, dataset=dataset, data_dir=data_dir, path=path,
+                               methods=_names(methods), scale=scale, precision=precision,
+                               seeds=_integers("seeds", seeds), sizes=_integers("sizes", sizes),
+                               ray_address=ray_address, cpus_per_run=cpus_per_run, dry_run=dry_run,
+                               print_fn=progress_print, progress_bar=count_progress)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
 
 
-def _experiment_bf16(precision: str) -> bool:
-    from .paper import ExperimentError
+def _names(text: Optional[str]) -> Optional[list[str]]:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
 
-    if precision not in ("fp32", "bf16", "auto"):
-        raise ExperimentError(f"--precision must be fp32, bf16 or auto, got {precision!r}")
-    if precision == "auto":
-        from .precision import resolve_bf16
 
-        return resolve_bf16("auto", print_fn=progress_print)
-    return precision == "bf16"
+def _integers(option: str, text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--{option} takes comma-separated integers, got {text!r}")
 
 
 @app.command()
@@ -628,7 +597,7 @@ def report(root: Path = typer.Option(Path("."), help="The repository root (docs/
                                       "differs from what its data generates.")):
     """Regenerate every results table in the docs (and every experiment's table and figures) from the
     committed data: results/<experiment>/ and bench/results/*.json."""
-    from .report import ReportError, regenerate
+    from .experiments.report import ReportError, regenerate
 
     if not (root / "docs").is_dir():
         _fail(f"--root {root}: no docs/ folder there")

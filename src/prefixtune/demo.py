@@ -14,9 +14,9 @@ from pathlib import Path
 
 from .config import PrefixConfig
 from .decode import DecodeConfig
-from .experiments import DataPlan, evaluate, run_training
+from .experiments.executor import machine, package_versions
+from .experiments.run import DataPlan, evaluate, run_training
 from .files import atomic_write_bytes
-from .sweeps import package_versions, machine
 from .train import TrainConfig
 
 INSTRUCTION = ("Write one fluent English sentence that describes this restaurant, using every attribute "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import models  # models.load_model looked up at call time: tests stand in for the (slow) load
 from .data import load_dataset
-from .experiments import DataPlan, load_run_artifact, plan_data
+from .experiments.run import DataPlan, load_run_artifact, plan_data
 from .prefix import check_artifact_file, read_metadata
 
 

@@ -1,5 +1,5 @@
-"""The command-line side of the image methods (cli.py calls these): `evaluate` of an image classifier,
-`classify --image`, and `experiment probe|vpt|l2p`."""
+"""The command-line side of the image methods (cli.py calls these): `evaluate` of an image classifier and
+`classify --image` (`experiment probe|vpt|l2p` runs in experiments/vision.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def evaluate_image_artifact(model, processor, artifact, items, out: Path, datase
 
 def classify_files(artifact_path: Path, images: list[Path], model_name: str | None = None, top: int = 3) -> list:
     """Load the artifact (and the base model it names), classify each image file, print the top labels."""
-    from .experiments import artifact_base_model, load_run_artifact
+    from .experiments.run import artifact_base_model, load_run_artifact
     from .methods import attach
     from .vision import classify_images, read_image
 
@@ -71,35 +71,3 @@ def classify_files(artifact_path: Path, images: list[Path], model_name: str | No
         typer.echo(f"{p}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in best))
     return results
 
-
-VISION_EXPERIMENTS = ("probe", "vpt", "l2p")
-
-
-def run_vision_experiment(name: str, out: Path, model: str | None = None, data_dir: str | None = None,
-                          scale: str = "quick", seeds: str | None = None, methods: str | None = None) -> dict:
-    from . import vision_experiments as vx
-
-    seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
-    arms = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    model = model or vx.DEFAULT_MODEL
-    if name == "probe":
-        result = vx.run_probe_experiment(out, data_dir, model)
-        typer.echo((Path(out) / "probe.md").read_text())
-        return result
-    if name == "vpt":
-        unknown = sorted(set(arms or ()) - set(vx.VPT_ARMS))
-        if unknown:
-            raise ValueError(f"experiment vpt has arms {', '.join(vx.VPT_ARMS)}; not {', '.join(unknown)}")
-        if scale not in vx.VISION_SCALES:
-            raise ValueError(f"experiment vpt has scales {', '.join(vx.VISION_SCALES)}, not {scale!r}")
-        result = vx.run_vpt_experiment(out, data_dir, model, scale=scale, arms=arms, seeds=seed_list)
-    else:
-        unknown = sorted(set(arms or ()) - set(vx.L2P_ARMS))
-        if unknown:
-            raise ValueError(f"experiment l2p has arms {', '.join(vx.L2P_ARMS)}; not {', '.join(unknown)}")
-        if scale not in vx.L2P_SCALES:
-            raise ValueError(f"experiment l2p has scales {', '.join(vx.L2P_SCALES)}, not {scale!r}")
-        result = vx.run_l2p_experiment(out, data_dir, model, scale=scale, arms=arms, seeds=seed_list)
-    typer.echo(result["table"])
-    typer.echo(f"wrote {Path(out) / 'results.jsonl'}, {Path(out) / 'table.md'}")
-    return result

@@ -1,9 +1,9 @@
-"""Sweeps: many independent training+evaluation runs fanned out as Ray tasks, resumable.
+"""The executor: many independent training+evaluation runs (RunSpecs) fanned out as Ray tasks, resumable.
 
 Layout of an experiment folder OUT:
   OUT/runs/<run id>/          one run: run.json, log.jsonl, checkpoint, artifact, eval/metrics.json, row.json
   OUT/results.jsonl           one row per completed run (rewritten atomically as runs finish)
-  OUT/table.md, OUT/*.png     aggregates over seeds, drawn by the experiment definition
+  OUT/table.md, OUT/*.png     aggregates over seeds, drawn by report.py
 
 A run whose row.json exists is done and is skipped on a rerun; a run killed half-way has a
 checkpoint.safetensors and resumes from it (the trainer resumes exactly). Runs never share state,
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .files import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 
 @dataclass
@@ -110,10 +110,10 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
     folder: the comparison resumes the finished training and only adds the evaluation."""
     import torch
 
-    from .decode_config import decode_config_for
-    from .experiments import DataPlan, evaluate, plan_data, run_training
-    from .recipes import configs_for, recipe_for
-    from .train import TrainingError
+    from ..decode_config import decode_config_for
+    from ..recipes import configs_for, recipe_for
+    from ..train import TrainingError
+    from .run import DataPlan, evaluate, plan_data, run_training
 
     run_dir = Path(root) / "runs" / spec.id
     row_path = run_dir / ("row.json" if spec.evaluate else "select.json")
@@ -135,7 +135,7 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
     resume = False
     try:
         if spec.method == ZERO_STEP:
-            from .models import load_model
+            from ..models import load_model
 
             _, _, eval_items = plan_data(plan)
             model, tok = load_model(model_name)

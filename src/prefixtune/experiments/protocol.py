@@ -12,6 +12,9 @@
    reaches the cap without stopping is marked "still improving" in the tables.
 3. The comparison: every seed at the chosen rate (seed 0 reuses the selection run's training), plus
    a zero-step row (the untrained model, same input format, same sources) per training sample.
+
+The rate a grid is centred on (`centre_learning_rate`) is the one learning-rate rule of the experiments:
+methods carry their own rates (`Method.learning_rate`, `Method.short_run_learning_rate`), this reads them.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .files import atomic_write_bytes
-from .sweeps import ZERO_STEP, RunSpec, run_sweep
+from ..files import atomic_write_bytes
+from .executor import ZERO_STEP, RunSpec, run_sweep
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,19 @@ class Protocol:
         f = sorted(self.grid_factors)
         if len(f) < 2 or any(x <= 0 for x in f):
             raise ValueError(f"Protocol.grid_factors: at least 2 positive factors, got {self.grid_factors}")
+
+
+def centre_learning_rate(dataset: str, method: str, short_run: bool) -> float:
+    """The rate the learning-rate grid of `method` on `dataset` is centred on: in a run capped at a few
+    hundred steps the method's `short_run_learning_rate` where it has one (the recipes carry long-run
+    rates, set for thousands of steps), else its recipe rate (its own `learning_rate`, or the dataset's)."""
+    from ..methods import get_method
+    from ..recipes import configs_for
+
+    short = get_method(method).short_run_learning_rate
+    if short_run and short is not None:
+        return short
+    return configs_for(dataset, method)[1].lr
 
 
 def _round_lr(lr: float) -> float:

@@ -1,4 +1,5 @@
-"""Every table and figure in the docs, regenerated from the data committed beside them.
+"""Every table and figure in the docs, and each experiment folder's table.md and figures, regenerated
+from the data committed beside them.
 
 Experiments write their rows, predictions and learning-rate choices under `results/<experiment>/`
 (`prefixtune experiment NAME --out results/NAME`); benchmarks write `bench/results/*.json`. A doc
@@ -21,10 +22,17 @@ Block kinds:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import re
 from pathlib import Path
+
+from ..files import atomic_write_bytes
+from .catalogue import Experiment
+from .executor import SELECTION, read_results
+from .figures import draw_dev_curves, draw_figure
+from .tables import partial_choices, report_markdown, selection_markdown, table_markdown
 
 BLOCK = re.compile(r"(<!-- generated: (?P<kind>[\w-]+) (?P<arg>[^>]*?) -->\n)(?P<body>.*?)(<!-- /generated -->)",
                    re.DOTALL)
@@ -37,9 +45,6 @@ class ReportError(ValueError):
 
 def load_experiment(folder: Path):
     """(Experiment, rows, choices) of a results folder, as its command recorded them."""
-    from .paper import Experiment
-    from .sweeps import read_results
-
     meta_path = folder / "experiment.json"
     if not meta_path.exists():
         raise ReportError(f"{meta_path} not found: run `prefixtune experiment ... --out {folder}` first")
@@ -50,19 +55,33 @@ def load_experiment(folder: Path):
     return exp, read_results(folder), choices
 
 
-def _experiment_block(root: Path, arg: str, link) -> str:
-    from .paper import table_markdown
+def save_experiment_meta(exp: Experiment, out: Path) -> None:
+    """What the report needs to redraw this folder's table and figures without the command line."""
+    atomic_write_bytes(Path(out) / "experiment.json", json.dumps(
+        {k: v for k, v in dataclasses.asdict(exp).items() if k != "runs"}, indent=2).encode())
 
+
+def write_outputs(exp: Experiment, out: str | Path, rows: list[dict] | None = None) -> dict:
+    """An experiment folder's experiment.json, table.md, figure and dev-loss curves, from its rows
+    (default: every row on record in results.jsonl)."""
+    out = Path(out)
+    rows = read_results(out) if rows is None else rows
+    save_experiment_meta(exp, out)
+    choice_path = out / "lr_choice.json"
+    choices = json.loads(choice_path.read_text()) if choice_path.exists() else None
+    table = report_markdown(exp, rows, out, choices)
+    atomic_write_bytes(out / "table.md", table.encode())
+    fig = draw_figure(exp, rows, out / f"{exp.name}.png")
+    curves = draw_dev_curves(out, choices, out / "dev_curves.png") if choices else None
+    return {"rows": rows, "table": table, "table_path": out / "table.md", "figure_path": fig, "curves_path": curves}
+
+
+def _experiment_block(root: Path, arg: str, link) -> str:
     exp, rows, choices = load_experiment(root / arg)
     return table_markdown(exp, rows, root / arg, choices)
 
 
 def _selection_block(root: Path, arg: str, link) -> str:
-    from .paper import selection_markdown
-
-    from .paper import partial_choices
-    from .sweeps import SELECTION, read_results
-
     recorded = load_experiment(root / arg)[2] or {}
     # groups whose grid is still running (no choice recorded yet): what has been measured so far
     partial = partial_choices(read_results(root / arg, SELECTION))
@@ -161,9 +180,6 @@ def render(text: str, root: Path, where: str = "docs/doc.md") -> str:
 def regenerate(root: str | Path = ".", check: bool = False, redraw: bool = True) -> list[str]:
     """Rewrite every generated block of the docs (and redraw the experiments' tables and figures);
     returns the docs whose blocks differed. `check=True` writes nothing."""
-    from .paper import write_outputs
-    from .files import atomic_write_bytes
-
     root = Path(root)
     if redraw and not check:
         for meta in sorted((root / "results").glob("*/experiment.json")):

@@ -1,6 +1,8 @@
-"""The main job as library calls: choose data, train a prefix, evaluate it, and the demo.
+"""One run as library calls: choose its data, train a method, evaluate the artifact; the checks that
+make a resumed run the same run (model, data plan, data content).
 
-The CLI is a thin layer over these functions.
+The `train` and `evaluate` commands are thin layers over these functions; the executor (executor.py)
+runs every run of an experiment through them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from .decode import DecodeConfig, generate_texts, write_predictions
-from .files import atomic_write_bytes
-from .train import TrainConfig, TrainingError, train
+from ..decode import DecodeConfig, generate_texts, write_predictions
+from ..files import atomic_write_bytes
+from ..train import TrainConfig, TrainingError, train
 
 
 @dataclass
@@ -39,12 +41,12 @@ class DataPlan:
 
 def plan_data(plan: DataPlan):
     """Returns (train_pairs, dev_pairs, eval_items)."""
-    from .data import load_dataset, low_data_split
+    from ..data import load_dataset, low_data_split
 
     opts = {"path": plan.path} if plan.path else {}
     train_opts = dict(opts)
     if plan.exclude_categories:
-        from .recipes import canonical
+        from ..recipes import canonical
 
         if canonical(plan.dataset) != "webnlg":
             raise ValueError(f"exclude_categories needs a dataset with categories (webnlg), not {plan.dataset!r}")
@@ -77,13 +79,6 @@ def plan_data(plan: DataPlan):
     if plan.eval_size is not None:
         eval_items = eval_items[:plan.eval_size]
     return train_pairs, dev_pairs, eval_items
-
-
-def paper_configs(dataset: str, method: str = "prefix", **overrides):
-    """(method config, TrainConfig): the dataset recipe for `method`, with any non-None override applied."""
-    from .recipes import configs_for
-
-    return configs_for(dataset, method, **overrides)
 
 
 def check_output_folder(out: str | Path, resume: bool = False, artifact_name: str | None = None) -> Path:
@@ -137,7 +132,7 @@ def _content_bytes(value) -> bytes:
 def check_same_run(checkpoint: Path, identity: dict) -> None:
     """Refuse to resume a checkpoint made with another model or other data, naming each difference.
     Checkpoints written before runs recorded their identity are not checked (nothing to compare)."""
-    from .prefix import read_metadata
+    from ..prefix import read_metadata
 
     try:
         extra = read_metadata(checkpoint).get("extra") or {}
@@ -171,8 +166,8 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     The returned "model" is the base model again: a weight method (finetune, ft-top, adapter, LoRA) is
     detached after training (its hooks removed, the original weights put back), so that applying the
     returned "artifact" to it, as evaluation does, gives the trained model exactly once."""
-    from .methods import method_of
-    from .models import load_model
+    from ..methods import method_of
+    from ..models import load_model
 
     method_cls = method_of(method_cfg)
     out = check_output_folder(out, resume)
@@ -188,13 +183,13 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     if resume and (out / "checkpoint.safetensors").exists():  # data and model name: decided before the load
         check_same_run(out / "checkpoint.safetensors", identity)
     model, tok = model_and_tokenizer or load_model(model_name)
-    from .models import fingerprint
+    from ..models import fingerprint
 
     identity["fingerprint"] = fingerprint(model)
     torch.manual_seed(train_cfg.seed)
     method = method_cls(model, method_cfg, tokenizer=tok)
     if resume and (out / "checkpoint.safetensors").exists():
-        from .train import check_resumable
+        from ..train import check_resumable
 
         check_same_run(out / "checkpoint.safetensors", identity)  # now the base model's weights too
         check_resumable(out / "checkpoint.safetensors", method, train_cfg)
@@ -220,8 +215,8 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
     them), then written whole to predictions.jsonl with metrics.json.
     `model_based`: also BERTScore when its package and weights are available (else a note says why not).
     """
-    from .metrics import score
-    from .metrics.model_based import model_based_scores
+    from ..metrics import score
+    from ..metrics.model_based import model_based_scores
 
     if task == "accuracy":  # a classifier (ptuning-v2): labels, not generated text
         return _evaluate_classifier(model, tokenizer, prefix, items, out_dir)
@@ -267,8 +262,8 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
 
 
 def _evaluate_classifier(model, tokenizer, artifact, items, out_dir) -> dict:
-    from .classify import evaluate_classifier
-    from .methods import attach
+    from ..classify import evaluate_classifier
+    from ..methods import attach
 
     method = attach(model, artifact, tokenizer=tokenizer)
     started = time.time()
@@ -289,7 +284,7 @@ def _evaluate_classifier(model, tokenizer, artifact, items, out_dir) -> dict:
 
 def artifact_base_model(path: str | Path) -> str | None:
     """The base model an artifact file names (header only; the file is checked fully when loaded)."""
-    from .prefix import read_metadata
+    from ..prefix import read_metadata
 
     return read_metadata(path).get("base_model")
 
@@ -297,8 +292,8 @@ def artifact_base_model(path: str | Path) -> str | None:
 def load_run_artifact(paths, model_name: str | None = None):
     """Load artifact file(s) and the base model they name (or `model_name`). Several files: an ensemble,
     all for the same base model. Returns (artifact or list, model, tokenizer)."""
-    from .methods import load_artifact
-    from .models import load_model
+    from ..methods import load_artifact
+    from ..models import load_model
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     names = {artifact_base_model(p) for p in paths}
@@ -312,7 +307,3 @@ def load_run_artifact(paths, model_name: str | None = None):
     loaded = [load_artifact(p, model) for p in paths]
     return (loaded[0] if len(loaded) == 1 else loaded), model, tok
 
-
-def load_run_prefix(path: str | Path, model_name: str | None = None):
-    """Kept for earlier callers: load_run_artifact for one file."""
-    return load_run_artifact(path, model_name)

@@ -45,7 +45,7 @@ class BleuStats:
 
     def per_source(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
         """(sources, stats) integer array; summing rows gives the corpus statistics."""
-        from .metrics.bleu import reference_streams
+        from ..metrics.bleu import reference_streams
 
         return np.asarray(self.metric._extract_corpus_statistics(list(hyps), reference_streams(refs)), dtype=np.int64)
 

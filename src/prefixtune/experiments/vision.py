@@ -1,4 +1,4 @@
-"""The vision experiments: linear probes of a frozen image encoder, `experiment vpt` and `experiment l2p`.
+"""The image experiments: linear probes of a frozen image encoder, `experiment vpt` and `experiment l2p`.
 
     prefixtune experiment probe --out runs/exp-probe      # logistic regression on frozen CLS / mean-patch features
     prefixtune experiment vpt --out runs/exp-vpt          # probe vs VPT-shallow vs VPT-deep vs full FT vs LoRA
@@ -14,7 +14,6 @@ sample of the test file with a 95% Wilson interval per run and mean ± std over 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -25,8 +24,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .plots import save_png
-from .files import atomic_write_bytes
+from ..files import atomic_write_bytes
+from ..plots import save_png
+from .catalogue import ExperimentError
+from .stats import mean_std
 
 DEFAULT_MODEL = "dinov2-small"
 
@@ -34,7 +35,7 @@ DEFAULT_MODEL = "dinov2-small"
 def _data_dir(data_dir):
     if data_dir:
         return data_dir
-    here = Path(__file__).resolve().parents[3] / "shared" / "data"
+    here = Path(__file__).resolve().parents[4] / "shared" / "data"  # beside the repository (src/prefixtune/experiments/)
     return str(here) if (here / "cifar10").exists() else None
 
 
@@ -112,7 +113,7 @@ WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 def probe_scores(feats: dict, labels: dict, classes: int) -> dict:
     """Per pool: the weight decay chosen on val, val and test accuracy (+ Wilson interval)."""
-    from .vision import wilson_interval
+    from ..vision import wilson_interval
 
     out = {}
     for pool in ("cls", "mean"):
@@ -133,8 +134,8 @@ def probe_scores(feats: dict, labels: dict, classes: int) -> dict:
 def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, sizes=(224, 112), n_test: int = 2000,
                          seed: int = 0, bf16: bool = False, print_fn=print) -> dict:
     """Linear probes (CLS and mean-pooled patches) on frozen features at each image size."""
-    from .data import load_dataset
-    from .models import load_model
+    from ..data import load_dataset
+    from ..models import load_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,9 +224,9 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
               print_fn=print) -> dict:
     """Train one arm at one lr and seed through the one trainer; val and test accuracy. Resumable; a finished
     run (row.json) is read back, not redone."""
-    from .methods import build
-    from .train import TrainConfig, train
-    from .vision import evaluate_images
+    from ..methods import build
+    from ..train import TrainConfig, train
+    from ..vision import evaluate_images
 
     run_dir = out / "runs" / _run_id(arm_name, lr, seed)
     done = run_dir / "row.json"
@@ -257,8 +258,8 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
 
 def test_arm(model, proc, row: dict, splits: dict, scale: VisionScale, out: Path) -> dict:
     """Test accuracy of a run's saved artifact (only runs at the chosen learning rate are tested)."""
-    from .methods import get_method, load_artifact
-    from .vision import evaluate_images
+    from ..methods import get_method, load_artifact
+    from ..vision import evaluate_images
 
     if "test_accuracy" in row:
         return row
@@ -277,7 +278,7 @@ def test_arm(model, proc, row: dict, splits: dict, scale: VisionScale, out: Path
 
 
 def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
-    from .data import load_dataset
+    from ..data import load_dataset
 
     data_dir = _data_dir(data_dir)
     return {"train": load_dataset("cifar10", "train", data_dir=data_dir, seed=seed).examples,
@@ -285,16 +286,10 @@ def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
             "test": balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, n_test)}
 
 
-def mean_std(values):
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
-
-
 def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
                        seeds=None, print_fn=print, model_and_processor=None) -> dict:
     """lr per arm chosen on val (seed 0), then every seed at that lr; rows in OUT/results.jsonl, table.md, vpt.png."""
-    from .models import load_model
+    from ..models import load_model
 
     sc = VISION_SCALES[scale]
     if seeds is not None:
@@ -405,7 +400,7 @@ def continual_scores(acc: list[list[float]]) -> dict:
 
 
 def l2p_splits(data_dir, sc: L2PScale, seed: int = 0) -> dict:
-    from .data import load_dataset
+    from ..data import load_dataset
 
     data_dir = _data_dir(data_dir)
     train = balanced_test(load_dataset("cifar10", "all", data_dir=data_dir).examples, sc.per_class * 10, seed=seed)
@@ -415,9 +410,9 @@ def l2p_splits(data_dir, sc: L2PScale, seed: int = 0) -> dict:
 
 def run_l2p_arm(model, proc, arm: str, seed: int, splits: dict, sc: L2PScale, out: Path, tasks=L2P_TASKS,
                 print_fn=print) -> dict:
-    from .methods import build
-    from .train import TrainConfig, train
-    from .vision import evaluate_images
+    from ..methods import build
+    from ..train import TrainConfig, train
+    from ..vision import evaluate_images
 
     run_dir = out / "runs" / f"{arm}-s{seed}"
     if (run_dir / "row.json").exists():
@@ -458,7 +453,7 @@ def run_l2p_arm(model, proc, arm: str, seed: int, splits: dict, sc: L2PScale, ou
 
 def run_l2p_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
                        seeds=None, print_fn=print, model_and_processor=None) -> dict:
-    from .models import load_model
+    from ..models import load_model
 
     sc = L2P_SCALES[scale]
     if seeds is not None:
@@ -492,3 +487,46 @@ def l2p_table(rows, sc: L2PScale, model_name: str) -> str:
         lines.append(f"| {arm} | {len(rs)} | {m:.3f}{f' ± {s:.3f}' if len(rs) > 1 else ''} | {fs} | {ci} | "
                      f"{rs[0]['trainable_params']:,} | {mean_std([r['seconds'] for r in rs])[0]:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# `prefixtune experiment probe|vpt|l2p`
+
+
+def _run_probe(out, data_dir, model_name, print_fn=print, **_) -> dict:
+    """run_probe_experiment with its table (probe.md); it has no arms, scales or seeds to choose."""
+    result = run_probe_experiment(out, data_dir, model_name, print_fn=print_fn)
+    return {**result, "table": (Path(out) / "probe.md").read_text()}
+
+
+@dataclass(frozen=True)
+class ImageExperiment:
+    run: Callable[..., dict]       # (out, data_dir, model_name, scale=, arms=, seeds=, print_fn=) -> {"table": ...}
+    arms: dict | None              # the arms --methods chooses among (None: none to choose)
+    scales: dict | None
+    writes: tuple[str, ...]        # the files it writes into its folder
+
+
+IMAGE_EXPERIMENTS = {
+    "probe": ImageExperiment(_run_probe, None, None, ("probe.json", "probe.md")),
+    "vpt": ImageExperiment(run_vpt_experiment, VPT_ARMS, VISION_SCALES, ("results.jsonl", "table.md")),
+    "l2p": ImageExperiment(run_l2p_experiment, L2P_ARMS, L2P_SCALES, ("results.jsonl", "table.md")),
+}
+
+
+def run_vision_experiment(name: str, out, model: str | None = None, data_dir: str | None = None,
+                          scale: str = "quick", seeds=None, arms=None, print_fn=print) -> dict:
+    """The image experiment `name` into folder `out`; prints its table."""
+    if name not in IMAGE_EXPERIMENTS:
+        raise ExperimentError(f"{name!r} is not an image experiment ({', '.join(IMAGE_EXPERIMENTS)})")
+    spec = IMAGE_EXPERIMENTS[name]
+    unknown = sorted(set(arms or ()) - set(spec.arms or ()))
+    if unknown and spec.arms is not None:
+        raise ExperimentError(f"experiment {name} has arms {', '.join(spec.arms)}; not {', '.join(unknown)}")
+    if spec.scales is not None and scale not in spec.scales:
+        raise ExperimentError(f"experiment {name} has scales {', '.join(spec.scales)}, not {scale!r}")
+    result = spec.run(out, data_dir, model or DEFAULT_MODEL, scale=scale, arms=list(arms) if arms else None,
+                      seeds=list(seeds) if seeds else None, print_fn=print_fn)
+    print_fn(result["table"])
+    print_fn("wrote " + ", ".join(str(Path(out) / f) for f in spec.writes))
+    return result
