@@ -81,7 +81,7 @@ def plan_data(plan: DataPlan):
     return train_pairs, dev_pairs, eval_items
 
 
-def check_output_folder(out: str | Path, resume: bool = False, artifact_name: str | None = None) -> Path:
+def check_output_folder(out: str | Path, resume: bool = False) -> Path:
     """Refuse an output location that cannot be used, before anything expensive runs."""
     import os
 
