@@ -85,7 +85,7 @@ def test_training_learns_and_changes_only_the_prefix(tmp_path):
     # a tiny random model is nearly uniform and learns little; the real-model test checks a large drop
     assert dev == sorted(dev, reverse=True) and dev[-1] < dev[0] - 0.01, dev
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
-    loaded = pt.load_prefix(result["prefix_path"], model)
+    loaded = pt.load_prefix(result["artifact_path"], model)
     assert loaded.meta["train"]["lr"] == 3e-2 and loaded.meta["method"] == "prefix"
 
 

@@ -413,8 +413,7 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
         save_artifact(final, artifact_path, model=method.model)
     return {"steps": state.step, "best_dev_loss": state.best_dev_loss, "best_step": state.best_step,
             "stopped_early": state.step < total_steps, "total_steps": total_steps, "train_seconds": state.train_seconds,
-            "artifact_path": str(artifact_path), "prefix_path": str(artifact_path), "artifact": final,
-            "prefix": final, "trainable_params": method.num_trainable()}
+            "artifact_path": str(artifact_path), "artifact": final, "trainable_params": method.num_trainable()}
 
 
 def _quiet(_: str) -> None:
