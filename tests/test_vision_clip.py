@@ -180,5 +180,5 @@ def test_trained_end_to_end_through_the_trainer(tmp_path, method, targets):
     loaded = get_method(method).from_artifact(fresh, load_artifact(res["artifact_path"], fresh), tokenizer=processor())
     with torch.no_grad():
         best = res["artifact"].tensors
-        m._load_named(best, "best")
+        m.load_named(best, "best")
         assert (loaded.image_logits(x) - m.image_logits(x)).abs().max() <= 1e-5

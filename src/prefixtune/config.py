@@ -18,7 +18,7 @@ class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent; the message names the field."""
 
 
-def _check(ok: bool, cls: str, name: str, message: str) -> None:
+def check_field(ok: bool, cls: str, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{cls}.{name}: {message}")
 
@@ -77,15 +77,15 @@ class PrefixConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         c = type(self).__name__
-        _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
-        _check(self.reparam in REPARAMS, c, "reparam", f"must be one of {REPARAMS}, got {self.reparam!r}")
-        _check(isinstance(self.mlp_hidden, int) and self.mlp_hidden >= 1, c, "mlp_hidden", f"must be >= 1, got {self.mlp_hidden!r}")
-        _check(self.mlp_input_dim is None or self.mlp_input_dim >= 1, c, "mlp_input_dim", f"must be >= 1, got {self.mlp_input_dim!r}")
+        check_field(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
+        check_field(self.reparam in REPARAMS, c, "reparam", f"must be one of {REPARAMS}, got {self.reparam!r}")
+        check_field(isinstance(self.mlp_hidden, int) and self.mlp_hidden >= 1, c, "mlp_hidden", f"must be >= 1, got {self.mlp_hidden!r}")
+        check_field(self.mlp_input_dim is None or self.mlp_input_dim >= 1, c, "mlp_input_dim", f"must be >= 1, got {self.mlp_input_dim!r}")
         if self.init is None:
             self.init = "text" if self.init_text else "random"
-        _check(self.init in INITS, c, "init", f"must be one of {INITS}, got {self.init!r}")
-        _check(self.init != "text" or bool(self.init_text), c, "init_text", "init='text' needs a non-empty init_text")
-        _check(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
+        check_field(self.init in INITS, c, "init", f"must be one of {INITS}, got {self.init!r}")
+        check_field(self.init != "text" or bool(self.init_text), c, "init_text", "init='text' needs a non-empty init_text")
+        check_field(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
         if self.kinds is not None:
             self.kinds = tuple(self.kinds)
-            _check(len(self.kinds) > 0, c, "kinds", "must name at least one attention kind, or be None for all")
+            check_field(len(self.kinds) > 0, c, "kinds", "must name at least one attention kind, or be None for all")

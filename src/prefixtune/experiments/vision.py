@@ -242,7 +242,7 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
                     resume=(run_dir / "checkpoint.safetensors").exists(), print_fn=print_fn)
         # evaluate the best-dev-loss artifact, as `prefixtune evaluate` would
         best = res["artifact"]
-        method._load_named(best.tensors, str(run_dir))
+        method.load_named(best.tensors, str(run_dir))
         val = evaluate_images(method, splits["dev"], bf16=scale.bf16)
     finally:
         method.detach()

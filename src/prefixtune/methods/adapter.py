@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import MethodConfig, _check
+from ..config import MethodConfig, check_field
 from ..models import arch_of, modules_matching
 from .weights import WeightMethod
 
@@ -37,15 +37,15 @@ class AdapterConfig(MethodConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.size is None or self.fraction is None, c, "size",
+        check_field(self.size is None or self.fraction is None, c, "size",
                f"give size ({self.size}) or fraction ({self.fraction}), not both")
         if self.size is None and self.fraction is None:
             self.fraction = 0.001
-        _check(self.size is None or (isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1),
+        check_field(self.size is None or (isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1),
                c, "size", f"must be an int >= 1, got {self.size!r}")
-        _check(self.fraction is None or 0 < self.fraction < 1, c, "fraction", f"must be in (0, 1), got {self.fraction!r}")
-        _check(self.activation in ACTIVATIONS, c, "activation", f"must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
-        _check(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
+        check_field(self.fraction is None or 0 < self.fraction < 1, c, "fraction", f"must be in (0, 1), got {self.fraction!r}")
+        check_field(self.activation in ACTIVATIONS, c, "activation", f"must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+        check_field(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
 
 
 class Bottleneck(nn.Module):

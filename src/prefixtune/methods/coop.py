@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from ..batching import Batch
-from ..config import MethodConfig, _check
+from ..config import MethodConfig, check_field
 from ..data.cifar10 import CLASSES
 from ..models import model_name
-from .vpt import ImageClassifier, _FeatureCache, _labels_check
+from .vpt import ImageClassifier, FeatureCache, check_labels
 
 POSITIONS = ("end", "middle", "front")
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -63,10 +63,10 @@ class CoOpConfig(MethodConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
-        _check(self.class_position in POSITIONS, c, "class_position", f"must be one of {POSITIONS}")
-        _check(self.ctx_init is None or bool(str(self.ctx_init).strip()), c, "ctx_init", "must be non-empty words or unset")
-        _labels_check(self, c)
+        check_field(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
+        check_field(self.class_position in POSITIONS, c, "class_position", f"must be one of {POSITIONS}")
+        check_field(self.ctx_init is None or bool(str(self.ctx_init).strip()), c, "ctx_init", "must be non-empty words or unset")
+        check_labels(self, c)
 
 
 
@@ -94,9 +94,9 @@ class DAPLConfig(CoOpConfig):
         if isinstance(self.domains, str):
             self.domains = tuple(s.strip() for s in self.domains.split(","))
         self.domains = tuple(self.domains)
-        _check(len(self.domains) >= 1 and len(set(self.domains)) == len(self.domains), c, "domains", "distinct names")
-        _check(isinstance(self.domain_length, int) and self.domain_length >= 1, c, "domain_length", "must be >= 1")
-        _check(0.0 <= self.threshold <= 1.0, c, "threshold", f"must be in [0, 1], got {self.threshold!r}")
+        check_field(len(self.domains) >= 1 and len(set(self.domains)) == len(self.domains), c, "domains", "distinct names")
+        check_field(isinstance(self.domain_length, int) and self.domain_length >= 1, c, "domain_length", "must be >= 1")
+        check_field(0.0 <= self.threshold <= 1.0, c, "threshold", f"must be in [0, 1], got {self.threshold!r}")
 
 
 class _ContextWriter:
@@ -190,7 +190,7 @@ class CoOpModel(ImageClassifier):
         self.class_ids = [_ids(text_tok, name) for name in cfg.labels]
         self.period = _ids(text_tok, ".")
         self._build_context()
-        self._cache = _FeatureCache()  # the image tower is frozen: its features are cached per image
+        self._cache = FeatureCache()  # the image tower is frozen: its features are cached per image
 
     def _placeholder(self) -> int:
         ids = _ids(self.text_tokenizer, "X")

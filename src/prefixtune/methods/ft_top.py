@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import MethodConfig, _check
+from ..config import MethodConfig, check_field
 from ..models import block_parameters
 from .weights import WeightMethod
 
@@ -25,7 +25,7 @@ class FtTopConfig(MethodConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(isinstance(self.layers, int) and not isinstance(self.layers, bool) and self.layers >= 1, c, "layers",
+        check_field(isinstance(self.layers, int) and not isinstance(self.layers, bool) and self.layers >= 1, c, "layers",
                f"must be an int >= 1, got {self.layers!r}")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import MethodConfig, _check
+from ..config import MethodConfig, check_field
 from ..models import arch_of, modules_matching
 from ..files import PrefixFileError
 from .lora import linear_shape
@@ -52,7 +52,7 @@ class IA3Config(MethodConfig):
                 try:
                     re.compile(value)
                 except re.error as e:
-                    _check(False, c, name, f"is not a valid regex ({e})")
+                    check_field(False, c, name, f"is not a valid regex ({e})")
 
 
 def _linear_children(module: nn.Module) -> dict[str, nn.Module]:

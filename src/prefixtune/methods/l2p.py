@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..batching import Batch
-from ..config import MethodConfig, _check
+from ..config import MethodConfig, check_field
 from ..data.cifar10 import CLASSES
-from .vpt import ImageClassifier, PromptedEncoder, _FeatureCache, _labels_check
+from .vpt import ImageClassifier, PromptedEncoder, FeatureCache, check_labels
 
 
 @dataclass
@@ -43,10 +43,10 @@ class L2PConfig(MethodConfig):
     def __post_init__(self):
         c = type(self).__name__
         for name in ("pool_size", "top_n", "length"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, c, name, "must be an int >= 1")
-        _check(self.top_n <= self.pool_size, c, "top_n", f"{self.top_n} > pool_size {self.pool_size}")
-        _check(self.pull >= 0, c, "pull", f"must be >= 0, got {self.pull!r}")
-        _labels_check(self, c)
+            check_field(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, c, name, "must be an int >= 1")
+        check_field(self.top_n <= self.pool_size, c, "top_n", f"{self.top_n} > pool_size {self.pool_size}")
+        check_field(self.pull >= 0, c, "pull", f"must be >= 0, got {self.pull!r}")
+        check_labels(self, c)
 
 
 class L2PModel(ImageClassifier):
@@ -64,7 +64,7 @@ class L2PModel(ImageClassifier):
         self.prompts = nn.Parameter(torch.empty(cfg.pool_size, cfg.length, hidden, device=model.device).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(cfg.pool_size, hidden, device=model.device).uniform_(-1, 1))
         self.head = nn.Linear(hidden, cfg.num_labels).to(model.device)
-        self._queries = _FeatureCache()
+        self._queries = FeatureCache()
         self.task_classes: list[int] | None = None
         self._last_distance: torch.Tensor | None = None
 

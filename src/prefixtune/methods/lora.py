@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import MethodConfig, _check
+from ..config import MethodConfig, check_field
 from ..models import arch_of, modules_matching
 from ..files import PrefixFileError
 from .weights import WeightArtifact, WeightMethod
@@ -39,17 +39,17 @@ class LoRAConfig(MethodConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1, c, "rank",
+        check_field(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1, c, "rank",
                f"must be an int >= 1, got {self.rank!r}")
-        _check(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, c, "alpha",
+        check_field(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, c, "alpha",
                f"must be a finite number > 0, got {self.alpha!r}")
-        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, c, "dropout",
+        check_field(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, c, "dropout",
                f"must be in [0, 1), got {self.dropout!r}")
         if self.target_modules is not None:
             try:
                 re.compile(self.target_modules)
             except re.error as e:
-                _check(False, c, "target_modules", f"is not a valid regex ({e})")
+                check_field(False, c, "target_modules", f"is not a valid regex ({e})")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:

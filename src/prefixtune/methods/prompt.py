@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import ConfigError, MethodConfig, _check
+from ..config import ConfigError, MethodConfig, check_field
 from ..attention import RowPrefixes
 from ..prefix import MergedPrefix, check_compatible
 from ..files import PrefixFileError
@@ -38,12 +38,12 @@ class PromptConfig(MethodConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
+        check_field(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
         if self.init is None:
             self.init = "text" if self.init_text else "vocab"
-        _check(self.init in PROMPT_INITS, c, "init", f"must be one of {PROMPT_INITS}, got {self.init!r}")
-        _check(self.init != "text" or bool(self.init_text), c, "init_text", "init='text' needs a non-empty init_text")
-        _check(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
+        check_field(self.init in PROMPT_INITS, c, "init", f"must be one of {PROMPT_INITS}, got {self.init!r}")
+        check_field(self.init != "text" or bool(self.init_text), c, "init_text", "init='text' needs a non-empty init_text")
+        check_field(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
 
 
 def initial_embeddings(model, tokenizer, length: int, init: str, init_text: str | None, std: float) -> torch.Tensor:

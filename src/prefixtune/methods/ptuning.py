@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import MethodConfig, _check
+from ..config import MethodConfig, check_field
 from .prompt import PromptModel
 
 _TOKEN = re.compile(r"\[P\](?:\*(\d+))?|\{source\}")
@@ -59,13 +59,13 @@ class PTuningConfig(MethodConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(self.encoder in ("lstm", "mlp"), c, "encoder", f"must be 'lstm' or 'mlp', got {self.encoder!r}")
-        _check(self.encoder_hidden is None or self.encoder_hidden >= 1, c, "encoder_hidden", "must be >= 1")
-        _check(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
+        check_field(self.encoder in ("lstm", "mlp"), c, "encoder", f"must be 'lstm' or 'mlp', got {self.encoder!r}")
+        check_field(self.encoder_hidden is None or self.encoder_hidden >= 1, c, "encoder_hidden", "must be >= 1")
+        check_field(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
         try:
             parse_template(self.template)
         except ValueError as e:
-            _check(False, c, "template", str(e))
+            check_field(False, c, "template", str(e))
 
     @property
     def length(self) -> int:

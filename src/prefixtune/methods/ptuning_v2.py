@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..batching import IGNORE, Batch, Encoded
-from ..config import ConfigError, PrefixConfig, _check
+from ..config import ConfigError, PrefixConfig, check_field
 from ..data.boolq import PAIR_SEPARATOR
 from ..engine import activations_of_text, forward_with_prefix
 from ..attention import RowPrefixes
@@ -67,17 +67,17 @@ class PTuningV2Config(PrefixConfig):
         if isinstance(self.labels, str):
             self.labels = tuple(s.strip() for s in self.labels.split(","))
         self.labels = tuple(self.labels)
-        _check(isinstance(self.num_labels, int) and self.num_labels >= 2, c, "num_labels",
+        check_field(isinstance(self.num_labels, int) and self.num_labels >= 2, c, "num_labels",
                f"must be an int >= 2, got {self.num_labels!r}")
-        _check(len(self.labels) == self.num_labels, c, "labels",
+        check_field(len(self.labels) == self.num_labels, c, "labels",
                f"names {len(self.labels)} classes {list(self.labels)} but num_labels is {self.num_labels}")
-        _check(len(set(self.labels)) == len(self.labels) and all(self.labels), c, "labels",
+        check_field(len(set(self.labels)) == len(self.labels) and all(self.labels), c, "labels",
                f"must be distinct non-empty names, got {list(self.labels)}")
-        _check(0.0 <= self.head_dropout < 1.0, c, "head_dropout", f"must be in [0, 1), got {self.head_dropout!r}")
-        _check(self.kinds in (None, ("self",)), c, "kinds", "deep prompts live in the encoder's self-attention ('self')")
-        _check(self.prompt_depth in DEPTHS, c, "prompt_depth", f"must be one of {DEPTHS}, got {self.prompt_depth!r}")
-        _check(isinstance(self.tune_encoder, bool), c, "tune_encoder", f"must be true or false, got {self.tune_encoder!r}")
-        _check(self.reparam == "flat" or self.prompt_depth == "deep", c, "reparam",
+        check_field(0.0 <= self.head_dropout < 1.0, c, "head_dropout", f"must be in [0, 1), got {self.head_dropout!r}")
+        check_field(self.kinds in (None, ("self",)), c, "kinds", "deep prompts live in the encoder's self-attention ('self')")
+        check_field(self.prompt_depth in DEPTHS, c, "prompt_depth", f"must be one of {DEPTHS}, got {self.prompt_depth!r}")
+        check_field(isinstance(self.tune_encoder, bool), c, "tune_encoder", f"must be true or false, got {self.tune_encoder!r}")
+        check_field(self.reparam == "flat" or self.prompt_depth == "deep", c, "reparam",
                f"'mlp' reparametrizes deep prompts only; prompt_depth {self.prompt_depth!r} needs 'flat'")
 
 
@@ -249,7 +249,7 @@ class PTuningV2Model(Method):
         config = dataclasses.replace(saved, reparam="flat", init="random", init_text=None)
         method = cls(model, config, tokenizer=tokenizer)
         try:
-            method._load_tensors(tensors, source)
+            method.load_tensors_from(tensors, source)
         except BaseException:
             method.detach()
             raise
@@ -257,7 +257,7 @@ class PTuningV2Model(Method):
         return method
 
     @torch.no_grad()
-    def _load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+    def load_tensors_from(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         config, layout = self.config, self.layout
         layers, heads, head_dim = layout.shapes["self"]
         want = {"head.weight": tuple(self.head.weight.shape), "head.bias": tuple(self.head.bias.shape),

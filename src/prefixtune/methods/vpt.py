@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..batching import IGNORE, Batch, Encoded
-from ..config import ConfigError, MethodConfig, _check
+from ..config import ConfigError, MethodConfig, check_field
 from ..data.cifar10 import CLASSES
 from ..attention import RowPrefixes, use_prefix
 from ..models import model_name, modules_matching
@@ -52,14 +52,14 @@ TUNES = ("head", "full", "lora", "adapter")
 POOLS = ("cls", "mean")
 
 
-def _labels_check(cfg, c: str) -> None:
+def check_labels(cfg, c: str) -> None:
     if isinstance(cfg.labels, str):
         cfg.labels = tuple(s.strip() for s in cfg.labels.split(","))
     cfg.labels = tuple(cfg.labels)
-    _check(isinstance(cfg.num_labels, int) and cfg.num_labels >= 2, c, "num_labels", f"must be an int >= 2, got {cfg.num_labels!r}")
-    _check(len(cfg.labels) == cfg.num_labels, c, "labels",
+    check_field(isinstance(cfg.num_labels, int) and cfg.num_labels >= 2, c, "num_labels", f"must be an int >= 2, got {cfg.num_labels!r}")
+    check_field(len(cfg.labels) == cfg.num_labels, c, "labels",
            f"names {len(cfg.labels)} classes but num_labels is {cfg.num_labels}")
-    _check(len(set(cfg.labels)) == len(cfg.labels) and all(cfg.labels), c, "labels", "must be distinct non-empty names")
+    check_field(len(set(cfg.labels)) == len(cfg.labels) and all(cfg.labels), c, "labels", "must be distinct non-empty names")
 
 
 @dataclass
@@ -90,17 +90,17 @@ class VPTConfig(MethodConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
-        _check(self.depth in DEPTHS, c, "depth", f"must be one of {DEPTHS}, got {self.depth!r}")
-        _check(self.tune in TUNES, c, "tune", f"must be one of {TUNES}, got {self.tune!r}")
-        _check(self.pool in POOLS, c, "pool", f"must be one of {POOLS}, got {self.pool!r}")
-        _check(isinstance(self.rank, int) and self.rank >= 1, c, "rank", f"must be an int >= 1, got {self.rank!r}")
-        _check(self.alpha > 0 and math.isfinite(self.alpha), c, "alpha", f"must be > 0, got {self.alpha!r}")
-        _check(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 1), c, "image_size",
+        check_field(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
+        check_field(self.depth in DEPTHS, c, "depth", f"must be one of {DEPTHS}, got {self.depth!r}")
+        check_field(self.tune in TUNES, c, "tune", f"must be one of {TUNES}, got {self.tune!r}")
+        check_field(self.pool in POOLS, c, "pool", f"must be one of {POOLS}, got {self.pool!r}")
+        check_field(isinstance(self.rank, int) and self.rank >= 1, c, "rank", f"must be an int >= 1, got {self.rank!r}")
+        check_field(self.alpha > 0 and math.isfinite(self.alpha), c, "alpha", f"must be > 0, got {self.alpha!r}")
+        check_field(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 1), c, "image_size",
                f"must be an int >= 1 (or unset), got {self.image_size!r}")
         for name in ("prompt_dropout", "head_dropout"):
-            _check(0.0 <= getattr(self, name) < 1.0, c, name, f"must be in [0, 1), got {getattr(self, name)!r}")
-        _labels_check(self, c)
+            check_field(0.0 <= getattr(self, name) < 1.0, c, name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        check_labels(self, c)
 
 
 @dataclass
@@ -216,7 +216,7 @@ def xavier_prompts(shape, model, hidden: int) -> torch.Tensor:
     return torch.empty(shape).uniform_(-v, v)
 
 
-class _FeatureCache:
+class FeatureCache:
     """Frozen features of images, keyed by their pixel bytes (valid only while nothing before the head trains)."""
 
     def __init__(self):
@@ -237,11 +237,11 @@ class _FeatureCache:
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _shared_cache(model, pool: str) -> _FeatureCache:
+def _shared_cache(model, pool: str) -> FeatureCache:
     """One frozen-feature cache per (base model, pooling), shared by linear probes on that model (several
     seeds and learning rates then run the backbone once per image). Valid while the model is frozen:
     methods that train encoder weights never use it."""
-    return _CACHES.setdefault(model, {}).setdefault(pool, _FeatureCache())
+    return _CACHES.setdefault(model, {}).setdefault(pool, FeatureCache())
 
 
 class ImageClassifier(Method):
@@ -335,7 +335,7 @@ class ImageClassifier(Method):
                               std=tuple(p.get("std", ())) or ImageProcessor().std, rescale=float(p.get("rescale", 1 / 255)))
 
     @torch.no_grad()
-    def _load_named(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+    def load_named(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         want = {n: p for n, p in self.trainable().items()}
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         if missing or extra:
@@ -358,7 +358,7 @@ class ImageClassifier(Method):
             processor.tokenizer = text
         method = cls(model, config, tokenizer=processor)
         try:
-            method._load_named(artifact.tensors, source)
+            method.load_named(artifact.tensors, source)
         except BaseException:
             method.detach()
             raise
