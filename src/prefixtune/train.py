@@ -61,10 +61,12 @@ class TrainConfig:
     max_source_len: int = field(default=256, metadata={"help": "Source tokens kept (longer sources are cut)."})
     max_target_len: int = field(default=128, metadata={"help": "Target tokens kept."})
     log_every: int = field(default=10, metadata={"help": "Print progress every N steps (every step goes to log.jsonl)."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the frozen LM's matmuls (prefix, "
-                                                "optimizer and loss stay float32). Faster or slower by CPU, measured: "
-                                                "a step 1.34x faster on a Xeon with AMX-BF16, 19.7x slower on an AMD "
-                                                "EPYC without AVX-512; --precision auto measures this machine."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 for the frozen LM's matmuls (its linear weights "
+                                                "stored in bf16 for the run; the method's parameters, optimizer and "
+                                                "loss stay float32). Faster or slower by CPU, measured: a SmolLM2 step "
+                                                "1.34x faster on a Xeon with AMX-BF16, 1.8x slower on a Xeon with "
+                                                "AVX512-BF16 but no AMX, 19.7x slower on an AMD EPYC without AVX-512; "
+                                                "--precision auto measures this machine."})
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "dev_max_examples",
