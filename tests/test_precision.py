@@ -145,3 +145,12 @@ def test_training_in_bf16_stores_the_frozen_weights_in_bf16_and_restores_them(tm
           print_fn=lambda s: None, progress=lambda r: seen.append(model.model.layers[0].self_attn.q_proj.weight.dtype))
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("fp32_s,bf16_s,want", [(1.05, 1.0, False), (1.09, 1.0, False), (1.11, 1.0, True)])
+def test_bf16_needs_a_margin_so_noise_cannot_flip_the_choice(tmp_path, monkeypatch, fp32_s, bf16_s, want):
+    monkeypatch.setattr(P, "available_cores", lambda: 1)
+    p = P.choose("auto", device="cpu", cache=tmp_path, timer=fake_timer(fp32_s, bf16_s, []))
+    assert p.bf16 is want
+    if not want:
+        assert "only" in p.reason and f"{P.BF16_MARGIN:.2f}x" in p.reason

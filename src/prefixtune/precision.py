@@ -34,6 +34,10 @@ import torch
 from .config import ConfigError
 
 OPTIONS = ("auto", "fp32", "bf16")
+# bf16 is chosen only when it is at least this much faster: two probes in one process on an AMX Xeon
+# measured fp32/bf16 = 1.28 and then 0.98, so a bare "faster wins" let noise pick the precision of a
+# whole run (issue 20); fp32, the exact reference, keeps anything closer.
+BF16_MARGIN = 1.10
 ENV_VAR = "PREFIXTUNE_PRECISION"
 CACHE_FILE = "precision.json"
 
@@ -172,12 +176,17 @@ def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str]:
     at = next(k for k in times if k.startswith("bf16@")).split("@")[1]
     fp32, bf16 = times[f"fp32@{at}"], times[f"bf16@{at}"]
     threads = int(at) or torch.get_num_threads()
-    name = "bf16" if bf16 < fp32 else "fp32"
+    name = "bf16" if fp32 >= BF16_MARGIN * bf16 else "fp32"
     ratio = max(fp32, bf16) / min(fp32, bf16)
-    slower = "fp32" if name == "bf16" else "bf16 autocast"
+    if name == "bf16":
+        verdict = f"fp32 measured {ratio:.2f}x slower"
+    elif bf16 < fp32:  # faster, but within the margin: noise could have made it so
+        verdict = f"bf16 autocast measured only {ratio:.2f}x faster (it needs {BF16_MARGIN:.2f}x)"
+    else:
+        verdict = f"bf16 autocast measured {ratio:.2f}x slower"
     thread_note = "" if device.startswith("cuda") else f", {threads} thread{'s' * (threads > 1)}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other users' work skews timings
-    reason = (f"{name}: {slower} measured {ratio:.2f}x slower on {device_model(device)} (step-shaped workload: fp32 "
+    reason = (f"{name}: {verdict} on {device_model(device)} (step-shaped workload: fp32 "
               f"{fp32 * 1e3:.0f} ms, bf16 {bf16 * 1e3:.0f} ms{thread_note}; load average {load:.1f})")
     return name == "bf16", threads, reason
 
