@@ -1,8 +1,8 @@
 """One conformance suite over the method registry: a method is tested by registering it.
 
-For every registered text method, on a tiny model of each architecture kind it accepts (decoder-only
-with grouped-query attention, GPT-2's fused Conv1D attention, T5 encoder-decoder; encoders for text
-classifiers), through the one trainer:
+For every registered method, on a tiny model of each architecture kind it accepts (decoder-only
+with grouped-query attention, GPT-2's fused Conv1D attention, T5 encoder-decoder; BERT for text
+classifiers; DINOv2 and ViT for image classifiers), through the one trainer:
   * it trains: the declared tensors change, and nothing else of the base model does (soft methods and
     adapters) or the base is restored bit for bit by `detach()` (weight methods);
   * the saved file loads on a fresh copy of the base and behaves exactly as the artifact in memory
@@ -10,7 +10,8 @@ classifiers), through the one trainer:
   * a run killed after its checkpoint and resumed gives a bit-identical artifact;
   * every field of its config is a `prefixtune train` option.
 A refusal to build on an architecture must say why; every method must build on at least one.
-Image methods have their own data path and references (tests/test_vision*.py) and are not run here.
+CoOp, CoCoOp and DAPL (CLIP, image and text) are the exception: their tiny CLIP's word tokenizer does
+not know their default class names, so tests/test_vision_clip.py runs them through the trainer.
 """
 
 from __future__ import annotations
@@ -26,19 +27,32 @@ from prefixtune.train import TrainConfig, train
 
 from conftest import one_torch_thread_impl, reversal_pairs, tiny, tiny_tokenizer
 from test_ptuning_v2 import contains_pairs, encoder_tokenizer, tiny_encoder
+from test_vision import SIZE, random_images, tiny_image_model
+from prefixtune.vision import ImageProcessor
 
 one_torch_thread = pytest.fixture(autouse=True)(one_torch_thread_impl)
 
-TEXT = {n: cls for n, cls in METHODS.items() if cls.modality == "text"}
-# the tiny models a method of each kind is tried on: (factory, tokenizer, training data)
+# the tiny models a method of each kind is tried on: (factory, tokenizer or image processor, training data)
 GENERATION_ARCHS = {a: (lambda a=a: tiny(a), lambda a=a: tiny_tokenizer(a), reversal_pairs) for a in ("llama", "gpt2", "t5")}
 CLASSIFIER_ARCHS = {"bert": (lambda: tiny_encoder("bert"), lambda: encoder_tokenizer("bert"), contains_pairs)}
-CASES = [pytest.param(n, a, id=f"{n}-{a}") for n, cls in TEXT.items()
-         for a in (GENERATION_ARCHS if cls.generates else CLASSIFIER_ARCHS)]
+IMAGE_ARCHS = {k: (lambda k=k: tiny_image_model(k), lambda: ImageProcessor(size=SIZE),
+                   lambda n, seed=0: random_images(n, seed)) for k in ("dinov2", "vit")}
+
+
+def archs_for(cls) -> dict:
+    if cls.modality == "image":
+        return IMAGE_ARCHS
+    return GENERATION_ARCHS if cls.generates else CLASSIFIER_ARCHS
+
+
+# CoOp, CoCoOp and DAPL (modality "image-text") need CLIP and a tokenizer that knows their class names:
+# tests/test_vision_clip.py runs them through the trainer on a tiny CLIP with its own word list.
+TEXT = {n: cls for n, cls in METHODS.items() if cls.modality in ("text", "image")}
+CASES = [pytest.param(n, a, id=f"{n}-{a}") for n, cls in TEXT.items() for a in archs_for(cls)]
 
 
 def _setup(name: str, arch: str):
-    make_model, make_tok, data = (GENERATION_ARCHS if TEXT[name].generates else CLASSIFIER_ARCHS)[arch]
+    make_model, make_tok, data = archs_for(TEXT[name])[arch]
     return make_model, make_tok(), data
 
 
@@ -66,7 +80,7 @@ def _train(method, tok, data, out, resume=False, kill_after=None):
                  progress=progress)
 
 
-def _behaviour(model, tok, artifact, name):
+def _behaviour(model, tok, artifact, name, data):
     """What the artifact does to the model: generated texts (generation) or the dev loss (classifiers)."""
     if TEXT[name].generates:
         from prefixtune.decode import DecodeConfig, generate_texts
@@ -74,7 +88,7 @@ def _behaviour(model, tok, artifact, name):
         cfg = DecodeConfig(num_beams=1, max_new_tokens=5, batch_size=2)
         return generate_texts(model, tok, ["w5 w6 w7", "w8 w9", "w10"], artifact, cfg)
     with artifact.apply(model, tok) as method, torch.no_grad():  # the artifact protocol: applied, then removed
-        batch = method.collate([method.encode(tok, d.source, d.target, 64, 8) for d in contains_pairs(4, seed=3)],
+        batch = method.collate([method.encode(tok, d.source, d.target, 64, 8) for d in data(4, seed=3)],
                                tok.pad_token_id)
         return method.loss(batch)
 
@@ -106,8 +120,8 @@ def test_method_conforms(name, arch, tmp_path):
     path = result["artifact_path"]
     fresh = make_model()
     loaded = load_artifact(path, fresh)
-    want = _behaviour(make_model(), tok, result["artifact"], name)
-    got = _behaviour(fresh, tok, loaded, name)
+    want = _behaviour(make_model(), tok, result["artifact"], name, data)
+    got = _behaviour(fresh, tok, loaded, name, data)
     assert got == want if isinstance(want, list) else torch.equal(got, want)
     assert all(torch.equal(v, base[k]) for k, v in fresh.state_dict().items())  # and leaves it as it was
     assert loaded.mixable == cls.mixable and loaded.method == name
@@ -131,7 +145,7 @@ def test_method_conforms(name, arch, tmp_path):
 
 @pytest.mark.parametrize("name", list(TEXT))
 def test_every_method_builds_on_some_architecture(name):
-    archs = GENERATION_ARCHS if TEXT[name].generates else CLASSIFIER_ARCHS
+    archs = archs_for(TEXT[name])
     built = []
     for arch, (make_model, make_tok, _) in archs.items():
         try:
