@@ -15,6 +15,7 @@ import typer
 from prefixtune.cli import app
 from prefixtune.cli_options import ALIASES, flag
 from prefixtune.decode_config import DecodeConfig
+from prefixtune.experiments.config import ExperimentConfig
 from prefixtune.serve.config import ServeConfig
 
 from test_cli_errors import _run
@@ -63,7 +64,7 @@ def _argv(values: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("command, cls", [("serve", ServeConfig), ("generate", DecodeConfig),
-                                          ("evaluate", DecodeConfig)])
+                                          ("evaluate", DecodeConfig), ("experiment", ExperimentConfig)])
 def test_every_config_field_is_an_option_of_its_name(command, cls):
     names = _option_names(command)
     missing = [flag(f.name) for f in _settable(cls) if flag(f.name) not in names]
@@ -184,3 +185,19 @@ def test_help_does_not_import_torch(command):
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_experiment_options_reach_the_command_and_bad_values_are_one_error_line(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("prefixtune.experiments.command.experiment", lambda name, out, **kw: seen.update(kw, name=name))
+    r = _run("experiment", "low-data", "--out", tmp_path / "x", "--seeds", "0,2", "--sizes", "50", "--methods",
+             "prefix, lora", "--scale", "tiny", "--precision", "bf16", "--cpus-per-run", "1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert seen["name"] == "low-data" and seen["seeds"] == [0, 2] and seen["sizes"] == [50]
+    assert seen["methods"] == ["prefix", "lora"] and seen["scale"] == "tiny" and seen["precision"] == "bf16"
+    assert seen["cpus_per_run"] == 1 and seen["dry_run"] is True
+    for bad, option in ((["--seeds", "a,1"], "--seeds"), (["--precision", "fp16"], "--precision"),
+                        (["--cpus-per-run", "0"], "--cpus-per-run"), (["--sizes", "0"], "--sizes")):
+        r = _run("experiment", "low-data", "--out", tmp_path / "y", *bad)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {option}:"), r.stderr

@@ -305,7 +305,7 @@ def test_experiment_cli_rejects_bad_seed_lists_in_one_line(tmp_path):
     from test_cli_errors import _run
 
     r = _run("experiment", "low-data", "--out", tmp_path / "x", "--seeds", "0,one", "--dry-run")
-    assert r.returncode == 2 and r.stderr.strip() == "error: --seeds takes comma-separated integers, got '0,one'"
+    assert r.returncode == 2 and r.stderr.strip() == "error: --seeds: ExperimentConfig.seeds: must be integers >= 0, got ['0', 'one']"
     r = _run("experiment", "init", "--out", tmp_path / "x", "--seeds", "1", "--sizes", "50", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert [line.split(": ")[0] for line in r.stdout.splitlines()[1:]] == [

@@ -20,6 +20,7 @@ from .cli_options import (LaterOptionsGroup, config_from, fields_of, options, op
                           with_options)
 from .decode_config import DecodeConfig, decode_config_for
 from .progress import count_progress, decoding_progress, progress_print, training_progress
+from .experiments.config import ExperimentConfig
 from .serve.config import ServeConfig
 
 app = typer.Typer(help="Prefix-tuning for frozen Hugging Face LMs: train, generate, evaluate, score, serve.",
@@ -508,56 +509,31 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------
 # Experiments (the paper's sweeps) and loss plots. Kept as one block; `main` above is unchanged.
 
-@app.command()
+_EXPERIMENT = fields_of(ExperimentConfig)
+
+
 def experiment(
     name: str = typer.Argument(..., help="low-data, extrapolation, prefix-length, embedding-only, infix, init, "
-                               "ptuning-v2, methods"),
+                               "ptuning-v2, methods; image experiments: probe, vpt, l2p"),
     out: Path = typer.Option(..., help="Experiment folder: runs/, results.jsonl, table.md, figure."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the experiment's, e.g. smollm2-135m)."),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder (default: $PREFIXTUNE_DATA or the cache)."),
-    dataset: Optional[str] = typer.Option(None, help="Override the experiment's dataset (e.g. jsonl with --path)."),
-    path: Optional[str] = typer.Option(None, help="File for the jsonl dataset."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods instead of the experiment's "
-                                          "(ptuning-v2: its arms ptuning-v2, prompt, finetune, probe)."),
-    scale: str = typer.Option("quick", help="quick (3 seeds, 200 evaluation sources, learning rate chosen per "
-                              "method on dev loss, early stopping under a 200-step cap; docs/results.md gives the "
-                              "measured time per run), paper, or tiny (tests)."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 (autocast; recorded in every row) or auto (measured "
-                                  "once per machine, cached)."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds instead of the scale's (e.g. 0)."),
-    sizes: Optional[str] = typer.Option(None, help="Comma-separated training sizes instead of the scale's "
-                                        "(low-data, init)."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray instance)."),
-    cpus_per_run: Optional[int] = typer.Option(None, help="CPUs (and torch threads) per run; runs share the "
-                                               "machine's CPUs (default: a local run takes them all, one run at a "
-                                               "time). On a busy machine 1 can be several times faster per run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and exit."),
+    **settings,
 ):
     """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure.
-    Image experiments (probe, vpt, l2p: docs/vision.md) run in experiments/vision.py."""
-    from .experiments.command import experiment as run_experiment_command
+    Image experiments (probe, vpt, l2p: docs/vision.md) run in experiments/vision.py. Every ExperimentConfig
+    setting is an option."""
+    from .experiments.command import experiment as run_experiment_command  # imports torch: only when it runs
 
+    config = config_from(ExperimentConfig, split_values(settings, _EXPERIMENT))
     try:
-        run_experiment_command(name, out, model=model, dataset=dataset, data_dir=data_dir, path=path,
-                               methods=_names(methods), scale=scale, precision=precision,
-                               seeds=_integers("seeds", seeds), sizes=_integers("sizes", sizes),
-                               ray_address=ray_address, cpus_per_run=cpus_per_run, dry_run=dry_run,
-                               print_fn=progress_print, progress_bar=count_progress)
+        run_experiment_command(name, out, **{k: (list(v) if isinstance(v, tuple) else v)
+                                             for k, v in dataclasses.asdict(config).items()},
+                               dry_run=dry_run, print_fn=progress_print, progress_bar=count_progress)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
 
-def _names(text: Optional[str]) -> Optional[list[str]]:
-    return [m.strip() for m in text.split(",") if m.strip()] if text else None
-
-
-def _integers(option: str, text: Optional[str]) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"--{option} takes comma-separated integers, got {text!r}")
+app.command()(with_options(experiment, options(_EXPERIMENT, label=lambda cls: "", show_defaults=True)))
 
 
 @app.command()
