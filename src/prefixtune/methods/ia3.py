@@ -23,7 +23,7 @@ from torch import nn
 from ..config import MethodConfig, check_field
 from ..models import arch_of, modules_matching
 from ..files import PrefixFileError
-from .lora import linear_shape
+from .lora import has_conv1d, linear_shape
 from .weights import WeightArtifact, WeightMethod
 
 # children of an attention module that project keys or values (a fused q/k/v projection: scaled whole)
@@ -131,14 +131,11 @@ class IA3Model(WeightMethod):
             tensors[f"base_model.model.{module}.ia3_l"] = t.reshape(1, -1) if is_ff else t.reshape(-1, 1)
             if is_ff:
                 feedforward.append(module)
-        conv1d = False
         if model is not None:
-            artifact.check_base(model)
-            conv1d = any(linear_shape(m) is not None and not isinstance(m, nn.Linear)
-                         for name, m in model.named_modules() if name in set(targets))
-            cls.from_artifact(model, artifact).detach()  # every tensor fits the model (names, shapes)
+            cls.check_fits(artifact, model)
         return tensors, {"task_type": cls.peft_task_type(model), "target_modules": sorted(targets),
-                         "feedforward_modules": sorted(feedforward), "fan_in_fan_out": conv1d,
+                         "feedforward_modules": sorted(feedforward),
+                         "fan_in_fan_out": model is not None and has_conv1d(model, targets),
                          "init_ia3_weights": True}
 
     @classmethod
@@ -161,10 +158,7 @@ class IA3Model(WeightMethod):
         if model is not None:
             from ..models import fingerprint
 
-            try:
-                cls.from_artifact(model, artifact).detach()  # names and shapes fit the model
-            except (ValueError, PrefixFileError) as e:
-                raise PrefixFileError(f"{source}: does not fit the model ({e})") from e
+            cls.check_fits(artifact, model, source)
             artifact.meta["fingerprint"] = fingerprint(model)
         return artifact
 

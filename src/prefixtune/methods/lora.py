@@ -63,6 +63,13 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def has_conv1d(model, names) -> bool:
+    """Whether any of the named modules is a GPT-2 Conv1D (weight stored (in, out): PEFT's fan_in_fan_out)."""
+    names = set(names)
+    return any(linear_shape(m) is not None and not isinstance(m, nn.Linear)
+               for name, m in model.named_modules() if name in names)
+
+
 def lora_targets(model, pattern: str | None) -> dict[str, nn.Module]:
     """Module name -> linear module LoRA adapts: `pattern` searched in names (None: the table's default)."""
     pattern = pattern or arch_of(model).lora_targets
@@ -147,15 +154,12 @@ class LoRAModel(WeightMethod):
             tensors[f"base_model.model.{module}.lora_{part}.weight"] = t
             modules.append(module)
         modules = sorted(set(modules))
-        conv1d = False
         if model is not None:
-            artifact.check_base(model)
-            conv1d = any(linear_shape(m) is not None and not isinstance(m, nn.Linear)
-                         for name, m in model.named_modules() if name in set(modules))
-            cls.from_artifact(model, artifact).detach()  # every tensor fits the model (names, shapes)
+            cls.check_fits(artifact, model)
         return tensors, {
             "task_type": cls.peft_task_type(model), "r": cfg.rank, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "target_modules": modules, "fan_in_fan_out": conv1d, "bias": "none",
+            "lora_dropout": cfg.dropout, "target_modules": modules,
+            "fan_in_fan_out": model is not None and has_conv1d(model, modules), "bias": "none",
             "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
             "layers_to_transform": None, "layers_pattern": None}
 
@@ -196,9 +200,6 @@ class LoRAModel(WeightMethod):
         if model is not None:
             from ..models import fingerprint
 
-            try:
-                cls.from_artifact(model, artifact).detach()  # names and shapes fit the model
-            except (ValueError, PrefixFileError) as e:
-                raise PrefixFileError(f"{source}: does not fit the model ({e})") from e
+            cls.check_fits(artifact, model, source)
             artifact.meta["fingerprint"] = fingerprint(model)
         return artifact

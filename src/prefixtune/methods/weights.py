@@ -160,6 +160,17 @@ class WeightMethod(Method):
         method.requires_grad_(False)
         return method
 
+    @classmethod
+    def check_fits(cls, artifact: WeightArtifact, model, source: str | None = None) -> None:
+        """Refuse `artifact` unless it fits `model`: its base fingerprint, and every tensor's name and shape
+        (applied once, then removed). With `source`, a misfit is a PrefixFileError naming it."""
+        try:
+            cls.from_artifact(model, artifact).detach()
+        except (ValueError, PrefixFileError) as e:
+            if source is None:
+                raise
+            raise PrefixFileError(f"{source}: does not fit the model ({e})") from e
+
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         params = self.trainable()
