@@ -2,7 +2,8 @@
 
 For every registered method, on a tiny model of each architecture kind it accepts (decoder-only
 with grouped-query attention, GPT-2's fused Conv1D attention, T5 encoder-decoder; BERT for text
-classifiers; DINOv2 and ViT for image classifiers), through the one trainer:
+classifiers; DINOv2 and ViT for image classifiers; CLIP for methods that prompt its text tower), through
+the one trainer:
   * it trains: the declared tensors change, and nothing else of the base model does (soft methods and
     adapters) or the base is restored bit for bit by `detach()` (weight methods);
   * the saved file loads on a fresh copy of the base and behaves exactly as the artifact in memory
@@ -10,8 +11,6 @@ classifiers; DINOv2 and ViT for image classifiers), through the one trainer:
   * a run killed after its checkpoint and resumed gives a bit-identical artifact;
   * every field of its config is a `prefixtune train` option.
 A refusal to build on an architecture must say why; every method must build on at least one.
-CoOp, CoCoOp and DAPL (CLIP, image and text) are the exception: their tiny CLIP's word tokenizer does
-not know their default class names, so tests/test_vision_clip.py runs them through the trainer.
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ from prefixtune.train import TrainConfig, train
 from conftest import one_torch_thread_impl, reversal_pairs, tiny, tiny_tokenizer
 from test_ptuning_v2 import contains_pairs, encoder_tokenizer, tiny_encoder
 from test_vision import SIZE, random_images, tiny_image_model
+from test_vision_clip import WORDS, processor as clip_processor, tiny_clip
 from prefixtune.vision import ImageProcessor
+from prefixtune.data.cifar10 import CLASSES as CIFAR10
 
 one_torch_thread = pytest.fixture(autouse=True)(one_torch_thread_impl)
 
@@ -38,16 +39,28 @@ CLASSIFIER_ARCHS = {"bert": (lambda: tiny_encoder("bert"), lambda: encoder_token
 IMAGE_ARCHS = {k: (lambda k=k: tiny_image_model(k), lambda: ImageProcessor(size=SIZE),
                    lambda n, seed=0: random_images(n, seed)) for k in ("dinov2", "vit")}
 
+# CLIP with a word tokenizer that knows the methods' default class names (CIFAR-10's); <eos> stays last
+CLIP_WORDS = tuple(WORDS[:-1]) + tuple(c for c in CIFAR10 if c not in WORDS) + (WORDS[-1],)
+
+
+def clip_images(domains: bool):
+    """Labelled images for CLIP methods; with `domains`, targets are 'domain/class' and 'domain/?' unlabelled."""
+    labels = ("source/airplane", "target/cat", "target/?") if domains else ("airplane", "cat")
+    return lambda n, seed=0: random_images(n, seed, labels)
+
 
 def archs_for(cls) -> dict:
+    if cls.modality == "image-text":
+        domains = "domains" in cls.config_class.__dataclass_fields__
+        return {"clip": (lambda: tiny_clip(vocab=len(CLIP_WORDS), positions=48), lambda: clip_processor(CLIP_WORDS),
+                         clip_images(domains))}
     if cls.modality == "image":
         return IMAGE_ARCHS
     return GENERATION_ARCHS if cls.generates else CLASSIFIER_ARCHS
 
 
-# CoOp, CoCoOp and DAPL (modality "image-text") need CLIP and a tokenizer that knows their class names:
-# tests/test_vision_clip.py runs them through the trainer on a tiny CLIP with its own word list.
-TEXT = {n: cls for n, cls in METHODS.items() if cls.modality in ("text", "image")}
+TEXT = dict(METHODS)
+assert {cls.modality for cls in TEXT.values()} <= {"text", "image", "image-text"}  # a new modality needs its archs
 CASES = [pytest.param(n, a, id=f"{n}-{a}") for n, cls in TEXT.items() for a in archs_for(cls)]
 
 

@@ -25,20 +25,25 @@ LABELS = ("cat", "dog", "air plane")
 
 
 class WordTokenizer:
-    """Whitespace word-level tokenizer over WORDS ('.' split off), with CLIP's special tokens."""
+    """Whitespace word-level tokenizer over `words` ('.' split off; the last word is <eos>), with CLIP's
+    special tokens."""
 
-    bos_token_id, eos_token_id, pad_token_id = 1, VOCAB - 1, 0
+    bos_token_id, pad_token_id = 1, 0
+
+    def __init__(self, words=tuple(WORDS)):
+        self.words = list(words)
+        self.eos_token_id = len(self.words) - 1
 
     def __call__(self, text, add_special_tokens=False):
-        ids = [WORDS.index(w) for w in text.replace(".", " .").split()]
+        ids = [self.words.index(w) for w in text.replace(".", " .").split()]
         return {"input_ids": ids}
 
 
-def tiny_clip(impl="sdpa"):
+def tiny_clip(impl="sdpa", vocab=VOCAB, positions=32):
     torch.manual_seed(0)
     cfg = tf.CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, bos_token_id=1, eos_token_id=VOCAB - 1,
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=positions, bos_token_id=1, eos_token_id=vocab - 1,
                          pad_token_id=0),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=28, patch_size=7),
@@ -48,9 +53,9 @@ def tiny_clip(impl="sdpa"):
     return model.eval().requires_grad_(False)
 
 
-def processor():
+def processor(words=tuple(WORDS)):
     proc = ImageProcessor(size=28)
-    proc.tokenizer = WordTokenizer()
+    proc.tokenizer = WordTokenizer(words)
     return proc
 
 
@@ -182,3 +187,12 @@ def test_trained_end_to_end_through_the_trainer(tmp_path, method, targets):
         best = res["artifact"].tensors
         m.load_named(best, "best")
         assert (loaded.image_logits(x) - m.image_logits(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method,kw", [("coop", {"length": 28}), ("dapl", {"length": 16, "domain_length": 12})])
+def test_a_prompt_longer_than_clips_positions_is_refused_at_build(method, kw):
+    """32 positions: <bos> + context + 'air plane' + '.' + <eos> must fit (28 context: 33 tokens, one too many)."""
+    with pytest.raises(ValueError, match=r"'air plane' needs 33 tokens .* holds 32; use fewer context"):
+        build(tiny_clip(), method, processor(), num_labels=3, labels=LABELS, **kw)
+    fits = dict(kw, length=kw["length"] - 1) if method == "coop" else dict(kw, domain_length=10)
+    build(tiny_clip(), method, processor(), num_labels=3, labels=LABELS, **fits)

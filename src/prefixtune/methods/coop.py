@@ -190,7 +190,23 @@ class CoOpModel(ImageClassifier):
         self.class_ids = [_ids(text_tok, name) for name in cfg.labels]
         self.period = _ids(text_tok, ".")
         self._build_context()
+        self._check_prompt_fits()
         self._cache = FeatureCache()  # the image tower is frozen: its features are cached per image
+
+    def context_width(self) -> int:
+        """Context tokens in one prompt (CoOp: M)."""
+        return self.n_ctx
+
+    def _check_prompt_fits(self):
+        """Refuse, at build time, prompts longer than CLIP's text positions (its forward would fail later with
+        a bare sequence-length error)."""
+        limit = self.model.config.text_config.max_position_embeddings
+        longest = max(range(len(self.class_ids)), key=lambda k: len(self.class_ids[k]))
+        need = 2 + self.context_width() + len(self.class_ids[longest]) + len(self.period)   # <bos> ... <eos>
+        if need > limit:
+            raise ValueError(f"{self.name}: the prompt for class {self.config.labels[longest]!r} needs {need} tokens "
+                             f"({self.context_width()} context) but the CLIP text model {model_name(self.model)} "
+                             f"holds {limit}; use fewer context vectors (--length)")
 
     def _placeholder(self) -> int:
         ids = _ids(self.text_tokenizer, "X")
@@ -318,6 +334,9 @@ class DAPLModel(CoOpModel):
         hidden = self.embedding.weight.shape[1]
         self.domain_ctx = nn.Parameter(torch.randn(len(cfg.domains), cfg.domain_length, hidden,
                                                    device=self.model.device) * 0.02)
+
+    def context_width(self) -> int:
+        return self.n_ctx + self.config.domain_length                    # agnostic M1 + domain-specific M2
 
     def all_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, domains x classes): prompt d*K + k = (domain d, class k)."""
