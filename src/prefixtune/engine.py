@@ -139,7 +139,7 @@ def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_m
     if rows is not None and rows.infix is not None:
         if layout.is_encoder_decoder:
             raise ValueError("an infix stands between source and target of a decoder-only model; for an "
-                             "encoder-decoder model use a decoder prefix (method 'prefix')")
+                             "encoder-decoder model, train a prefix (it reaches the decoder too) instead")
         insert_at = (attention_mask.long().sum(-1) - 1).clamp(min=0)
     with use_prefix(model, rows) as state:
         state.insert_at = insert_at

@@ -35,6 +35,7 @@ class Experiment:
     group_by: tuple[str, ...]                 # row labels a table line is keyed by (seeds averaged)
     x: str | None = None                      # numeric label for the figure's x axis
     notes: list[str] = field(default_factory=list)
+    reference: str = "prefix"                 # the row label every other row's BLEU is compared with
 
 
 class ExperimentError(ValueError):
@@ -115,6 +116,7 @@ class ExperimentSpec:
     group_by: tuple[str, ...] = ("label",)
     x: str | None = None                        # the figure's x axis (a numeric row label)
     notes: tuple[str, ...] = ()                 # formatted with the scale's fields (None reads "all")
+    reference: str = Experiment.reference       # the row other rows' BLEU is compared with: the paper's method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def build_runs(name: str, spec: ExperimentSpec, scale: str = "quick", model: str
                                      eval_limit=eval_limit, labels=axis))
     notes = [_scale_note(scale, s)] + [n.format(**{k: "all" if v is None else v for k, v in dataclasses.asdict(s).items()})
                                        for n in spec.notes]
-    return Experiment(name, scale, model, dataset, runs, spec.group_by, x=spec.x, notes=notes)
+    return Experiment(name, scale, model, dataset, runs, spec.group_by, x=spec.x, notes=notes,
+                      reference=spec.reference)
 
 
 def _run(dataset: str, method: str, label: str, size: int | None, seed: int, overrides: dict, s: Scale, *,

@@ -14,9 +14,6 @@ from pathlib import Path
 from .catalogue import Experiment
 from .stats import BleuStats, Interval, mean_std, paired_bootstrap
 
-# The rows every other row's BLEU is compared with: the paper's method (a row label)
-REFERENCE = "prefix"
-
 
 def metric_columns(rows: list[dict]) -> list[str]:
     cols: list[str] = []
@@ -49,10 +46,12 @@ def _predictions(out: Path, run_id: str) -> dict[str, dict] | None:
     return {r["source"]: r for r in rows}
 
 
-def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str = REFERENCE,
+def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str | None = None,
                  resamples: int = 1000) -> dict[tuple, Interval]:
-    """Per table group: paired bootstrap 95% interval of (group's BLEU - `reference`'s BLEU), pairing
-    seed with seed at the same training size (same training sample, same evaluation sources)."""
+    """Per table group: paired bootstrap 95% interval of (group's BLEU - the reference rows' BLEU; default:
+    the experiment's `reference`), pairing seed with seed at the same training size (same training
+    sample, same evaluation sources)."""
+    reference = reference or exp.reference
     from ..recipes import recipe_for
 
     try:
@@ -81,10 +80,11 @@ def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str = 
 
 
 def table_markdown(exp: Experiment, rows: list[dict], out: Path | None = None, choices: dict | None = None,
-                   reference: str = REFERENCE) -> str:
+                   reference: str | None = None) -> str:
     """Means ± sample std over seeds, one line per group; the chosen learning rate, how many seeds
     stopped early (the budget rule), and BLEU minus the reference method's with a paired bootstrap 95%
     interval and what it allows saying."""
+    reference = reference or exp.reference
     cols = metric_columns(rows)
     split_cols = [f"{c} {g}" for g in ("seen", "unseen") for c in cols[:1]] if any("scores_seen" in r for r in rows) else []
     intervals = intervals_vs(exp, out, rows, reference) if out is not None and "bleu" in cols else {}
