@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
+from ..data.registry import get_spec
+from ..recipes import canonical
 from .executor import RunSpec
 from .protocol import centre_learning_rate
 from .scales import SCALES, Scale
@@ -216,7 +218,7 @@ def build_runs(name: str, spec: ExperimentSpec, scale: str = "quick", model: str
     """The runs of `spec` at `scale`: for every arm, axis value, training size and seed, one RunSpec."""
     if scale not in SCALES:
         raise ExperimentError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
-    from ..methods import METHODS, get_method
+    from ..methods import METHODS, get_method  # torch: `report` reads Experiment without it
 
     dataset, model = dataset or spec.dataset, model or spec.model
     arms = tuple(methods) if methods else (
@@ -306,8 +308,7 @@ def _scale_note(scale: str, s: Scale) -> str:
 
 
 def _check_available(name: str, spec: ExperimentSpec, dataset: str, arms) -> None:
-    from ..data.registry import get_spec
-    from ..methods import METHODS
+    from ..methods import METHODS  # torch: `report` reads Experiment without it
 
     if spec.arms is not None:
         unknown = [a for a in arms if a not in spec.arms]
@@ -328,8 +329,6 @@ def _check_available(name: str, spec: ExperimentSpec, dataset: str, arms) -> Non
 
 def _plan(dataset: str, data_dir, path, size: int | None, seed: int, **extra) -> dict:
     """Same-split low-data plan where the data has no training split here, else train/dev."""
-    from ..recipes import canonical
-
     split = _SAME_SPLIT.get(canonical(dataset))
     plan = {"dataset": dataset, "data_dir": data_dir, "path": path, "seed": seed, "train_size": size, **extra}
     if split is not None:
@@ -345,7 +344,7 @@ def _plan(dataset: str, data_dir, path, size: int | None, seed: int, **extra) ->
 def _options_it_has(method: str, options: Mapping) -> dict:
     """The subset of `options` that `method`'s config has (soft-prompt sizes and init); an `init_text`
     comes with init='text' where the method also has an `init` option."""
-    from ..methods import get_method
+    from ..methods import get_method  # torch: `report` reads Experiment without it
 
     fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
     out = {k: v for k, v in options.items() if k in fields}
@@ -355,14 +354,12 @@ def _options_it_has(method: str, options: Mapping) -> dict:
 
 
 def _option_names(method: str) -> set[str]:
-    from ..methods import get_method
-    from ..train import TrainConfig
+    from ..methods import get_method  # torch: `report` reads Experiment without it
+    from ..train import TrainConfig  # imports torch, as above
 
     return ({f.name for f in dataclasses.fields(get_method(method).config_class)} |
             {f.name for f in dataclasses.fields(TrainConfig)})
 
 
 def _needs_size(dataset: str) -> bool:
-    from ..recipes import canonical
-
     return canonical(dataset) in _SAME_SPLIT

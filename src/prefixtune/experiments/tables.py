@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from ..recipes import recipe_for
 from .catalogue import Experiment
 from .stats import BleuStats, Interval, mean_std, paired_bootstrap
 
@@ -52,8 +53,6 @@ def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str | 
     the experiment's `reference`), pairing seed with seed at the same training size (same training
     sample, same evaluation sources)."""
     reference = reference or exp.reference
-    from ..recipes import recipe_for
-
     try:
         bleu = BleuStats(recipe_for(exp.dataset).metric)
     except ValueError:
