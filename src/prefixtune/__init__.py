@@ -1,5 +1,8 @@
 """prefixtune: exact prefix-tuning and its soft-prompt family on frozen Hugging Face LMs."""
 
+import importlib
+import importlib.util
+
 __version__ = "0.2.0"
 
 # The public names, each loaded from its module on first use: importing any part of the package (the CLI
@@ -21,9 +24,6 @@ _MODULE_OF = {name: module for module, names in _FROM.items() for name in names}
 
 
 def __getattr__(name: str):
-    import importlib
-    import importlib.util
-
     if name in _MODULE_OF:
         return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
     if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: pt.models, pt.methods, ...

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -344,8 +346,6 @@ def _shift_learned_positions(module, args, kwargs, output):
 def _probe_inputs(model, layout: PrefixLayout) -> dict:
     """One token for text models; one blank image (config.image_size) for image encoders (ViT, DINOv2),
     both for image-text models (CLIP), whose forward needs both."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     x = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     inputs = {"input_ids": x} if "input_ids" in params else {}
@@ -372,8 +372,6 @@ def _probe(model, layout: PrefixLayout) -> None:
     missed = [names[m] for m, slot in layout.modules.items() if slot not in captured]
     model_type = model.config.model_type
     if missed:
-        import transformers
-
         ok = sorted(t for t, a in ARCHITECTURES.items() if a.refused is None)
         raise ValueError(
             f"{model_type!r} cannot take a prefix: its attention modules ({', '.join(missed[:3])}"

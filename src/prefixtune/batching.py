@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import lay_out
+
+
 IGNORE = -100
 SEPARATOR = "\n"  # between source and target for decoder-only models; generation stops at a newline
 
@@ -41,8 +44,6 @@ def prompt_ids(tokenizer, source: str, is_encoder_decoder: bool, max_source_len:
     `template` (soft-prompt methods) lays virtual tokens (negative ids) around the source ids,
     before the separator (decoder-only) or the encoder's end-of-sequence token.
     """
-    from .engine import lay_out
-
     if is_encoder_decoder:
         ids = tokenizer(source, truncation=True, max_length=max_source_len)["input_ids"]
         if not template:

@@ -13,11 +13,11 @@ from .decode_config import DecodeConfig
 from .engine import generate_with_prefix
 from .attention import RowPrefixes
 from .files import atomic_write_bytes
+from .ensemble import generate_ensemble
+from .models import NEWLINE_TOKENS
 
 
 def _stop_ids(tokenizer, stop_at_newline: bool) -> list[int]:
-    from .models import NEWLINE_TOKENS
-
     ids = [tokenizer.eos_token_id]
     if stop_at_newline:
         ids += [i for t, i in tokenizer.get_vocab().items() if t in NEWLINE_TOKENS]
@@ -60,8 +60,6 @@ def generate_texts(model, tokenizer, sources: list[str], prefix, cfg: DecodeConf
         if cfg.num_beams > 1:
             kwargs["early_stopping"] = True
         if ensemble is not None:
-            from .ensemble import generate_ensemble
-
             new = generate_ensemble(model, tokenizer, [texts[i] for i in idx], ensemble, cfg, stops)
         else:
             template = prefix.template if prefix is not None else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 
 from .attention import reenter_active
+from .methods import Method
 
 
 def prefix_context():
@@ -35,9 +36,8 @@ def _train_mode_when_grad(layer, args):
 
 def enable_gradient_checkpointing(model) -> None:
     """Checkpoint every transformer layer of `model` (a method module or a frozen HF model)."""
+    # transformers.modeling_layers loads the model classes (seconds): only when checkpointing is switched on
     from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from .methods import Method
 
     hf = model.model if isinstance(model, Method) else model
     hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,

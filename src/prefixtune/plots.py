@@ -6,6 +6,8 @@ import io
 import json
 from pathlib import Path
 
+from .files import atomic_write_bytes
+
 
 def read_log(run_dir: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(train, dev) lists of (step, loss). A resumed run logs some steps twice: the last record wins."""
@@ -32,9 +34,11 @@ def read_log(run_dir: str | Path) -> tuple[list[tuple[int, float]], list[tuple[i
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 10) -> Path:
     """Draw train loss (raw, and a moving average over `smooth` steps) and dev loss; returns the PNG path."""
+    # matplotlib: only when a plot is drawn (start-up time of its importers: the CLI, experiments/)
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib.pyplot: after choosing the Agg backend above
     import matplotlib.pyplot as plt
 
     train, dev = read_log(run_dir)
@@ -60,9 +64,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 1
 
 def save_png(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure as a PNG atomically (a reader never sees half a file) and close it."""
+    # matplotlib: only when a plot is drawn (start-up time of its importers: the CLI, experiments/)
     import matplotlib.pyplot as plt
-
-    from .files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

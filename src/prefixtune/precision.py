@@ -270,6 +270,7 @@ def frozen_matmul_weights_in(model, dtype: torch.dtype | None, keep=()):
     if dtype is None:
         yield model
         return
+    # transformers: only to cast a model's weights; this module's measuring and flags do not need it (start-up time)
     from transformers.pytorch_utils import Conv1D
 
     keep_ids = {id(p) for p in keep}

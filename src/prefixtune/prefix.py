@@ -13,18 +13,23 @@ served and mixed in batches.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import safetensors.torch
 import torch
 from torch import nn
 
+from . import __version__
 from .config import PrefixConfig
 from .files import PrefixFileError, atomic_write_bytes, read_file_bytes
+from .models import fingerprint, model_name
 
 FORMAT = "prefixtune.prefix/1"
 # Shapes of one prefix: kind -> (layers, kv_heads, head_dim)
@@ -191,11 +196,6 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 def save_prefix(prefix: MergedPrefix, path: str | Path, model=None) -> Path:
     """Save a merged prefix atomically. With `model`, records its name and fingerprint."""
-    from safetensors.torch import save
-
-    from . import __version__
-    from .models import fingerprint, model_name
-
     meta = dict(prefix.meta)
     if model is not None:
         meta.setdefault("base_model", model_name(model))
@@ -208,7 +208,7 @@ def save_prefix(prefix: MergedPrefix, path: str | Path, model=None) -> Path:
     if prefix.embeds is not None:
         tensors["embeds"] = prefix.embeds.detach().float().contiguous().cpu()
     str_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    atomic_write_bytes(path, save(tensors, metadata=str_meta))
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=str_meta))
     return Path(path)
 
 
@@ -233,8 +233,6 @@ def safetensors_header(head: bytes, file_size: int, label: str) -> dict:
     """The parsed header of a safetensors file from its first bytes (8-byte length + JSON), checked
     against the file's size: every tensor's dtype, shape and byte range must fit and tile the data.
     Truncated, damaged and pickle files raise PrefixFileError naming `label`."""
-    import math
-
     if _looks_like_pickle(head[:9]):
         raise PrefixFileError(f"{label}: this is a pickle / torch.save file; prefixtune loads only safetensors "
                               "files (pickles can run arbitrary code)")
@@ -292,10 +290,8 @@ def parse_safetensors(data: bytes | bytearray, label: str) -> tuple[dict[str, to
     meta = header.get("__metadata__") or {}
     names = [k for k in header if k != "__metadata__"]
     if any(header[k]["dtype"] not in _DTYPES for k in names):  # an exotic dtype: safetensors' own loader
-        from safetensors.torch import load
-
         try:
-            return {k: v.clone() for k, v in load(bytes(data)).items()}, meta
+            return {k: v.clone() for k, v in safetensors.torch.load(bytes(data)).items()}, meta
         except Exception as e:  # safetensors raises several error types for damaged files
             raise PrefixFileError(f"{label}: damaged or not a safetensors file ({e})") from e
     buf = data if isinstance(data, bytearray) else bytearray(data)
@@ -348,8 +344,6 @@ def check_artifact_file(path: str | Path) -> dict:
     well-formed fingerprint, and for a prefix / soft prompt (small: read whole) tensors that match
     its metadata's shapes and length and hold no NaN or inf. What needs the model (its shapes, its
     fingerprint) is checked when the file is loaded onto it. Returns the decoded metadata."""
-    import re
-
     raw = read_header(path).get("__metadata__") or {}
     meta = decode_meta(raw)
     fmt = meta.get("format")
@@ -428,9 +422,8 @@ def parse_prefix(data: bytes, label: str, model=None, check_fingerprint: bool = 
 
 def check_compatible(prefix: MergedPrefix, model, source: str = "prefix", check_fingerprint: bool = True) -> None:
     """Raise PrefixFileError unless `prefix` fits `model` (shapes, and the base-model fingerprint)."""
+    # transformers: attention imports it; reading and writing prefix files does not need it (start-up time)
     from .attention import describe
-    from .models import model_name
-
     layout = describe(model)
     if prefix.embeds is not None and prefix.embeds.shape[1] != layout.embeddings.embedding_dim:
         raise PrefixFileError(f"{source}: soft prompt vectors have width {prefix.embeds.shape[1]} but "
@@ -452,8 +445,6 @@ def check_compatible(prefix: MergedPrefix, model, source: str = "prefix", check_
 def refuse_other_base(meta: dict, model, source: str) -> None:
     """THE fingerprint refusal, for every kind of artifact: raise PrefixFileError unless `model` has the
     fingerprint recorded in `meta` (no fingerprint recorded: nothing to check)."""
-    from .models import fingerprint, model_name
-
     want = meta.get("fingerprint")
     if want is None:
         return

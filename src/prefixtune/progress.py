@@ -27,6 +27,7 @@ def training_progress():
     if not on_terminal():
         yield None
         return
+    # tqdm: only when a bar is drawn; the CLI imports this module (`prefixtune --help` start-up time)
     from tqdm import tqdm
 
     bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -54,6 +55,7 @@ def decoding_progress(total: int, label: str = "generating"):
     if not on_terminal():
         yield None
         return
+    # tqdm: only when a bar is drawn; the CLI imports this module (`prefixtune --help` start-up time)
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="src", desc=label, dynamic_ncols=True, file=sys.stderr)
@@ -77,6 +79,7 @@ def count_progress(label: str, unit: str = "run"):
     if not on_terminal():
         yield None
         return
+    # tqdm: only when a bar is drawn; the CLI imports this module (`prefixtune --help` start-up time)
     from tqdm import tqdm
 
     bar = tqdm(total=None, unit=unit, desc=label, dynamic_ncols=True, file=sys.stderr)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -32,6 +34,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 def canonical(dataset: str) -> str:
+    # numpy: the data loaders import it, and the CLI imports this module (`prefixtune --help` start-up time)
     from .data.registry import get_spec
 
     if str(dataset).lower().endswith(".jsonl"):
@@ -48,8 +51,9 @@ def configs_for(dataset: str, method: str, **overrides):
 
     Overrides are field names of the method's config or of TrainConfig; an unknown one is refused.
     """
-    from .config import ConfigError
+    # torch: the methods import it; the CLI imports this module (start-up time)
     from .methods import get_method
+    # torch: train imports it; the CLI imports this module (start-up time)
     from .train import TrainConfig
 
     method_cls = get_method(method)

@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import safetensors.torch
 import torch
+from accelerate import Accelerator
 
-from .batching import Encoded
+from .batching import Encoded, length_bucketed_batches
 from .config import ConfigError
 from .methods import Method, get_method, save_artifact
 from .precision import frozen_matmul_weights_in
@@ -140,8 +142,6 @@ def _artifact_from(tensors: dict[str, torch.Tensor], soft: bool, meta: dict):
 
 def save_checkpoint(path: Path, method: Method, optimizer, scheduler, state: LoopState, best, extra: dict,
                     cfg: TrainConfig) -> None:
-    from safetensors.torch import save
-
     params = method.trainable()
     tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
     names = {id(p): n for n, p in params.items()}
@@ -167,7 +167,7 @@ def save_checkpoint(path: Path, method: Method, optimizer, scheduler, state: Loo
         "best_meta": json.dumps({"soft": bool(best is not None and best.mixable), "meta": best.meta if best else {}}),
         "extra": json.dumps(extra),
     }
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
 
 
 def check_resumable(path: Path, method: Method, cfg: TrainConfig) -> None:
@@ -287,10 +287,6 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
 
     `progress(record)` is called after every optimizer step (step, total, loss, tokens/s, ETA).
     """
-    from accelerate import Accelerator
-
-    from .batching import length_bucketed_batches
-
     out = Path(out_dir)
     ckpt_path, log_path = out / "checkpoint.safetensors", out / "log.jsonl"
     artifact_path = out / f"{method.name}.safetensors"

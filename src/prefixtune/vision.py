@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download
+from PIL import Image as PILImage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,8 +50,6 @@ class Image:
 
 def read_image(path: str | Path) -> Image:
     """An image file (any format Pillow reads) as an RGB `Image`."""
-    from PIL import Image as PILImage
-
     with PILImage.open(path) as im:
         return Image(str(path), np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
 
@@ -88,8 +88,6 @@ class ImageProcessor:
         if path.exists():
             return cls.from_config(json.loads(path.read_text()), size)
         try:  # a Hub id
-            from huggingface_hub import hf_hub_download
-
             return cls.from_config(json.loads(Path(hf_hub_download(str(folder), "preprocessor_config.json")).read_text()),
                                    size)
         except Exception:
@@ -148,6 +146,7 @@ def shared_model_folder(spec: dict) -> Path | None:
 def load_image_model(target: str, config, name: str, dtype=torch.float32, attn_implementation: str | None = None):
     """(frozen image encoder or CLIPModel, its ImageProcessor). For CLIP the processor also carries the
     text tokenizer (`processor.tokenizer`)."""
+    # transformers' Auto classes: only when an image model loads (importing them takes seconds)
     from transformers import AutoModel
 
     kwargs = {"dtype": dtype}
@@ -158,6 +157,7 @@ def load_image_model(target: str, config, name: str, dtype=torch.float32, attn_i
     model._prefixtune_name = name
     processor = ImageProcessor.from_pretrained(target)
     if getattr(config, "model_type", "") == "clip":
+        # transformers' Auto classes: only when an image model loads (importing them takes seconds)
         from transformers import AutoTokenizer
 
         processor.tokenizer = AutoTokenizer.from_pretrained(target)

@@ -15,6 +15,8 @@ Library entry points for the CLI: `PrefixStore`, `create_app`, `run_server`, `Se
 Importing this package imports neither torch nor FastAPI; the names above load them on first use.
 """
 
+import importlib
+
 from .config import ServeConfig
 
 # Everything else on first use: the store reads prefix files (torch), the app needs FastAPI, and the CLI's
@@ -25,8 +27,6 @@ _LAZY = {"PrefixStore": "store", "PrefixRecord": "store", "KeyRecord": "store", 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
