@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..prefix import load_prefix, read_format
 from .base import Method
 from .registry import METHODS, get_method, register
 from .infix import InfixConfig, InfixModel
@@ -24,6 +25,7 @@ from .ptuning_v2 import PTuningV2Config, PTuningV2Model
 from .vpt import VPTDeepModel, VPTModel, VPTShallowModel
 from .coop import CoCoOpModel, CoOpModel, DAPLModel
 from .l2p import L2PModel
+from .weights import WEIGHTS_FORMAT, WeightArtifact
 
 _REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model,
                                    FinetuneModel, FtTopModel, AdapterModel, LoRAModel, IA3Model,
@@ -74,9 +76,6 @@ def save_artifact(artifact, path: str | Path, model=None) -> Path:
 
 def load_artifact(path: str | Path, model=None):
     """Load any method's artifact file; with `model`, refuse one made for another base model."""
-    from ..prefix import load_prefix, read_format
-    from .weights import WEIGHTS_FORMAT, WeightArtifact
-
     if read_format(path) == WEIGHTS_FORMAT:
         return WeightArtifact.load(path, model)
     return load_prefix(path, model)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check_field
-from ..models import arch_of, modules_matching
+from ..models import arch_of, fingerprint, modules_matching
 from ..files import PrefixFileError
 from .lora import has_conv1d, linear_shape
 from .weights import WeightArtifact, WeightMethod
@@ -156,8 +156,6 @@ class IA3Model(WeightMethod):
         artifact = WeightArtifact(out, {"method": cls.name, "config": cfg.to_dict(), "feedforward": sorted(ff),
                                         "imported_from": "peft", "base_model": config.get("base_model_name_or_path")})
         if model is not None:
-            from ..models import fingerprint
-
             cls.check_fits(artifact, model, source)
             artifact.meta["fingerprint"] = fingerprint(model)
         return artifact

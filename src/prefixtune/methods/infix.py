@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PrefixConfig
-from ..attention import RowPrefixes
+from ..config import ConfigError, PrefixConfig
+from ..attention import RowPrefixes, describe
 from ..prefix import MergedPrefix
 from .prefix import PrefixModel
 
@@ -26,8 +26,6 @@ class InfixConfig(PrefixConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.kinds not in (None, ("self",)):
-            from ..config import ConfigError
-
             raise ConfigError("InfixConfig.kinds: an infix lives in decoder-only self-attention ('self') only")
 
 
@@ -39,8 +37,6 @@ class InfixModel(PrefixModel):
     peft_type = None  # PEFT's PREFIX_TUNING puts key/values before the input only
 
     def __init__(self, model, config: InfixConfig | None = None, tokenizer=None, prefix: MergedPrefix | None = None):
-        from ..attention import describe
-
         layout = describe(model)
         if layout.is_encoder_decoder or not layout.arch.infix:
             raise ValueError(f"an infix needs a decoder-only model whose positions are rotary or absolute; "

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..config import MethodConfig, check_field
-from ..models import arch_of, modules_matching
+from ..models import arch_of, fingerprint, modules_matching
 from ..files import PrefixFileError
 from .weights import WeightArtifact, WeightMethod
 
@@ -54,8 +55,6 @@ class LoRAConfig(MethodConfig):
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D; None for other modules."""
-    from transformers.pytorch_utils import Conv1D
-
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
@@ -198,8 +197,6 @@ class LoRAModel(WeightMethod):
         artifact = WeightArtifact(out, {"method": cls.name, "config": cfg.to_dict(), "imported_from": "peft",
                                         "base_model": config.get("base_model_name_or_path")})
         if model is not None:
-            from ..models import fingerprint
-
             cls.check_fits(artifact, model, source)
             artifact.meta["fingerprint"] = fingerprint(model)
         return artifact

@@ -115,6 +115,7 @@ class PrefixModel(Method):
     @staticmethod
     def to_peft_model(prefix: MergedPrefix, model):
         """A PEFT PeftModel carrying `prefix` (tests and benchmarks compare with PEFT through it)."""
+        # peft: optional dependency (the `peft` extra), only for this comparison helper
         from peft import PrefixTuningConfig, get_peft_model
 
         layers, _, heads, length, head_dim = prefix.kv["self"].shape

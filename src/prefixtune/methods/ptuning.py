@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check_field
+from .base import Method
 from .prompt import PromptModel
 
 _TOKEN = re.compile(r"\[P\](?:\*(\d+))?|\{source\}")
@@ -95,8 +96,6 @@ class PTuningModel(PromptModel):
     learning_rate = 3e-3  # as prompt tuning: soft input embeddings
 
     def __init__(self, model, config: PTuningConfig | None = None, tokenizer=None):
-        from .base import Method
-
         Method.__init__(self, model, config, tokenizer)
         cfg = self.config
         parts = parse_template(cfg.template)

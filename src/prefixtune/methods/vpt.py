@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import re
 import weakref
@@ -44,7 +45,10 @@ from ..data.cifar10 import CLASSES
 from ..attention import RowPrefixes, use_prefix
 from ..models import model_name, modules_matching
 from ..files import PrefixFileError
+from ..vision import Image, ImageProcessor, vision_config
+from .adapter import Bottleneck, adapter_sites
 from .base import Method
+from .lora import LoRALayer, linear_shape, lora_targets
 from .weights import WeightArtifact
 
 DEPTHS = ("shallow", "deep", "prefix", "none")
@@ -145,10 +149,6 @@ class PromptedEncoder:
         layers = {int(m.group(1)): mod for name, mod in model.named_modules() if (m := rx.match(name))}
         self.layers = [layers[i] for i in range(len(layers))]
         self.active: torch.Tensor | None = None
-        import inspect
-
-        from ..vision import vision_config
-
         size = vision_config(model).image_size
         self.native = (size, size) if isinstance(size, int) else tuple(size)
         self.interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
@@ -204,8 +204,6 @@ class PromptedEncoder:
 
 
 def patch_size(model) -> int:
-    from ..vision import vision_config
-
     p = vision_config(model).patch_size
     return p if isinstance(p, int) else p[0]
 
@@ -254,8 +252,6 @@ class ImageClassifier(Method):
     modality = "image"
 
     def _setup_images(self, tokenizer, image_size: int | None):
-        from ..vision import ImageProcessor
-
         base = tokenizer if isinstance(tokenizer, ImageProcessor) else ImageProcessor()
         self.processor = base.resized(image_size)
         p = patch_size(self.model)
@@ -272,16 +268,12 @@ class ImageClassifier(Method):
 
     def encode(self, tokenizer, source, target, max_source_len: int = 0, max_target_len: int = 0) -> Encoded:
         """An image (`vision.Image` or uint8 (H, W, 3) array) stays uint8 until collate resizes a batch."""
-        from ..vision import Image
-
         pixels = source.pixels if isinstance(source, Image) else np.asarray(source)
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise ValueError(f"{self.name} classifies RGB images (H, W, 3); got a source of shape {pixels.shape}")
         return Encoded(pixels, [self.label_index(target)])
 
     def pixels(self, images) -> torch.Tensor:
-        from ..vision import Image
-
         return self.processor([im.pixels if isinstance(im, Image) else np.asarray(im) for im in images])
 
     def collate(self, items: list[Encoded], pad_id: int) -> Batch:
@@ -328,8 +320,6 @@ class ImageClassifier(Method):
 
     @staticmethod
     def _processor_of(meta: dict):
-        from ..vision import ImageProcessor
-
         p = meta.get("processor") or {}
         return ImageProcessor(size=int(p.get("size", 224)), mean=tuple(p.get("mean", ())) or ImageProcessor().mean,
                               std=tuple(p.get("std", ())) or ImageProcessor().std, rescale=float(p.get("rescale", 1 / 255)))
@@ -349,8 +339,6 @@ class ImageClassifier(Method):
     @classmethod
     def from_artifact(cls, model, artifact: WeightArtifact, tokenizer=None, source: str = "artifact",
                       check_fingerprint: bool = True):
-        from ..vision import ImageProcessor
-
         config = cls._check_artifact(model, artifact, source, check_fingerprint)
         processor = cls._processor_of(artifact.meta)           # the preprocessing it was trained with
         text = getattr(tokenizer, "tokenizer", None) or (None if isinstance(tokenizer, ImageProcessor) else tokenizer)
@@ -413,8 +401,6 @@ class VPTModel(ImageClassifier):
             p.requires_grad_(True)
         self._lora_hooks = []
         if cfg.tune == "lora":
-            from .lora import LoRALayer, linear_shape, lora_targets
-
             targets = dict(sorted(lora_targets(model, None).items()))
             self.lora = nn.ModuleDict({n.replace(".", "__"): LoRALayer(*linear_shape(m), cfg.rank, cfg.alpha / cfg.rank, 0.0)
                                        for n, m in targets.items()}).to(model.device)
@@ -424,8 +410,6 @@ class VPTModel(ImageClassifier):
                     lambda mod, args, out, layer=layer: out + layer(args[0]).to(out.dtype)))
         self._adapter_hooks = []
         if cfg.tune == "adapter":
-            from .adapter import Bottleneck, adapter_sites
-
             sites = adapter_sites(model)
             self.adapters = nn.ModuleDict({n.replace(".", "__"): Bottleneck(hidden, cfg.size or 8, "relu", 0.01)
                                            for n in sites}).to(model.device)

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import safetensors.torch
 import torch
 
+from .. import __version__
+from ..config import ConfigError
+from ..models import model_name
 from ..prefix import decode_meta, read_safetensors, refuse_other_base
 
 from ..files import PrefixFileError, atomic_write_bytes
@@ -67,11 +71,6 @@ class WeightArtifact:
         return sum(t.numel() for t in self.tensors.values())
 
     def save(self, path: str | Path, model=None) -> Path:
-        from safetensors.torch import save
-
-        from .. import __version__
-        from ..models import model_name
-
         for name, t in self.tensors.items():
             if not torch.isfinite(t).all():
                 raise PrefixFileError(f"{path}: refusing to write NaN or inf values (tensor {name!r})")
@@ -82,7 +81,7 @@ class WeightArtifact:
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         str_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        atomic_write_bytes(path, save(tensors, metadata=str_meta))
+        atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=str_meta))
         return Path(path)
 
     @classmethod
@@ -142,8 +141,6 @@ class WeightMethod(Method):
     @classmethod
     def from_artifact(cls, model, artifact: WeightArtifact, tokenizer=None) -> "WeightMethod":
         """Apply a saved artifact to `model` (frozen, for inference); `detach()` undoes it."""
-        from ..config import ConfigError
-
         if artifact.method != cls.name:
             raise PrefixFileError(f"a {artifact.method!r} artifact cannot be applied as {cls.name!r}")
         artifact.check_base(model)
