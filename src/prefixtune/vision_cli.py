@@ -9,15 +9,15 @@ from pathlib import Path
 
 import typer
 
+from .experiments.run import artifact_base_model, load_run_artifact
 from .files import atomic_write_bytes
+from .methods import attach
+from .vision import classify_images, evaluate_images, read_image
 
 
 def evaluate_image_artifact(model, processor, artifact, items, out: Path, dataset: str, split: str) -> dict:
     """Accuracy (95% Wilson interval), per-class accuracy and the confusion matrix; metrics.json +
     predictions.jsonl in `out`."""
-    from .methods import attach
-    from .vision import evaluate_images
-
     method = attach(model, artifact, tokenizer=processor)
     started = time.time()
     try:
@@ -44,10 +44,6 @@ def evaluate_image_artifact(model, processor, artifact, items, out: Path, datase
 
 def classify_files(artifact_path: Path, images: list[Path], model_name: str | None = None, top: int = 3) -> list:
     """Load the artifact (and the base model it names), classify each image file, print the top labels."""
-    from .experiments.run import artifact_base_model, load_run_artifact
-    from .methods import attach
-    from .vision import classify_images, read_image
-
     missing = [p for p in images if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"no such image file: {', '.join(map(str, missing))}")

@@ -65,6 +65,7 @@ def load(root: Path, split: str, *, seed: int = 0, train_size: int = 800, val_si
     if classes is not None:
         keep = set(int(c) for c in classes)
         index = np.array([i for i in index if int(labels[i]) in keep], dtype=np.int64)
+    # torch: ..vision imports it; the data loaders stay importable without torch (CLI start-up time)
     from ..vision import Image
 
     examples = [Example(Image(f"cifar10/{file_split}/{int(i)}", images[i]), names[int(labels[i])]) for i in index]

@@ -9,6 +9,7 @@ import contextlib
 from pathlib import Path
 from typing import Callable, ContextManager
 
+from ..recipes import recipe_for
 from .catalogue import VISION_EXPERIMENTS, Experiment, ExperimentError, build
 from .executor import run_sweep
 from .protocol import Protocol, comparison_specs, select_learning_rates
@@ -25,10 +26,12 @@ def experiment(name: str, out: str | Path, *, model: str | None = None, dataset:
     `methods`, `seeds`, `sizes` replace the experiment's; `precision` is fp32, bf16 or auto (measured once
     per machine); `dry_run` prints the runs instead. `progress_bar(label)`, if given, is a context manager
     yielding `update(done, total)` (progress.count_progress), open while the runs run."""
+    # torch: train imports it; only when runs run (--dry-run and tables need no torch: start-up time)
     from ..train import TrainingError
 
     out = Path(out)
     if name in VISION_EXPERIMENTS:
+        # torch: the vision experiments import it; only when one runs (start-up time)
         from .vision import run_vision_experiment
 
         return run_vision_experiment(name, out, model=model, data_dir=data_dir, scale=scale, seeds=seeds,
@@ -64,6 +67,7 @@ def _bf16(precision: str, print_fn: Callable[[str], None]) -> bool:
     if precision not in ("fp32", "bf16", "auto"):
         raise ExperimentError(f"--precision must be fp32, bf16 or auto, got {precision!r}")
     if precision == "auto":
+        # torch: precision imports it; only when bf16 is measured (start-up time)
         from ..precision import resolve_bf16
 
         return resolve_bf16("auto", print_fn=print_fn)
@@ -75,8 +79,6 @@ def run_experiment(exp: Experiment, out: str | Path, ray_address: str | None = N
                    cpus_per_run: int | None = None) -> dict:
     """The experiment under the fair-comparison protocol (protocol.py): learning rates chosen per
     method on dev data, then every seed at the chosen rate, plus the zero-step row."""
-    from ..recipes import recipe_for
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     protocol = protocol or Protocol()

@@ -16,9 +16,11 @@ from .tables import group_rows, metric_columns
 def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | None:
     """The paper's figure shape: metric vs training size / prefix length with one line per method
     (error bars: std over seeds); otherwise grouped bars (seen/unseen for extrapolation)."""
+    # matplotlib: only when a figure is drawn (start-up time of report and table commands)
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib.pyplot: after choosing the Agg backend above
     import matplotlib.pyplot as plt
 
 
@@ -60,9 +62,11 @@ def draw_figure(exp: Experiment, rows: list[dict], path: str | Path) -> Path | N
 def draw_dev_curves(out: Path, choices: dict, path: Path) -> Path | None:
     """One panel per group: the seed-0 dev-loss curve at every learning rate of its grid (the chosen
     one bold), so anyone can see where each run stopped improving."""
+    # matplotlib: only when a figure is drawn (start-up time of report and table commands)
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib.pyplot: after choosing the Agg backend above
     import matplotlib.pyplot as plt
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..files import atomic_write_bytes
+from ..recipes import configs_for
 from .executor import ZERO_STEP, RunSpec, run_sweep
 
 
@@ -47,9 +48,8 @@ def centre_learning_rate(dataset: str, method: str, short_run: bool) -> float:
     """The rate the learning-rate grid of `method` on `dataset` is centred on: in a run capped at a few
     hundred steps the method's `short_run_learning_rate` where it has one (the recipes carry long-run
     rates, set for thousands of steps), else its recipe rate (its own `learning_rate`, or the dataset's)."""
+    # torch: the methods import it; planning a sweep does not need it (start-up time)
     from ..methods import get_method
-    from ..recipes import configs_for
-
     short = get_method(method).short_run_learning_rate
     if short_run and short is not None:
         return short

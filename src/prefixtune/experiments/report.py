@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import os
 import re
 from pathlib import Path
 
@@ -157,8 +158,6 @@ GENERATORS = {"experiment": _experiment_block, "selection": _selection_block, "b
 
 def render(text: str, root: Path, where: str = "docs/doc.md") -> str:
     """`text` (the doc at root/`where`) with every generated block rewritten from the data."""
-    import os
-
     def link(path) -> str:  # a data file as a link relative to the doc
         return os.path.relpath(Path(path).resolve(), (Path(root) / where).resolve().parent).replace(os.sep, "/")
 

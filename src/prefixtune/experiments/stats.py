@@ -33,6 +33,7 @@ class BleuStats:
     """Per-source BLEU sufficient statistics for one task's BLEU (the one `metrics.score` reports)."""
 
     def __init__(self, task: str):
+        # sacrebleu: only for bootstrap BLEU; tables and figures import this module for mean_std (start-up time)
         from sacrebleu.metrics import BLEU
 
         if task in ("e2e", "generic"):  # mteval-v13a as e2e-metrics runs it (metrics/bleu.py)
@@ -45,6 +46,7 @@ class BleuStats:
 
     def per_source(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
         """(sources, stats) integer array; summing rows gives the corpus statistics."""
+        # sacrebleu: the metrics package imports it; only for bootstrap BLEU (start-up time)
         from ..metrics.bleu import reference_streams
 
         return np.asarray(self.metric._extract_corpus_statistics(list(hyps), reference_streams(refs)), dtype=np.int64)

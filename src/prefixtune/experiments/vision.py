@@ -24,8 +24,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import models
+from ..data import load_dataset
 from ..files import atomic_write_bytes
+from ..methods import build, get_method, load_artifact
 from ..plots import save_png
+from ..train import TrainConfig, train
+from ..vision import evaluate_images, wilson_interval
 from .catalogue import ExperimentError
 from .stats import mean_std
 
@@ -113,8 +118,6 @@ WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 def probe_scores(feats: dict, labels: dict, classes: int) -> dict:
     """Per pool: the weight decay chosen on val, val and test accuracy (+ Wilson interval)."""
-    from ..vision import wilson_interval
-
     out = {}
     for pool in ("cls", "mean"):
         best = None
@@ -134,9 +137,6 @@ def probe_scores(feats: dict, labels: dict, classes: int) -> dict:
 def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, sizes=(224, 112), n_test: int = 2000,
                          seed: int = 0, bf16: bool = False, print_fn=print) -> dict:
     """Linear probes (CLS and mean-pooled patches) on frozen features at each image size."""
-    from ..data import load_dataset
-    from ..models import load_model
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = _data_dir(data_dir)
@@ -145,7 +145,7 @@ def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, si
               "test": balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, n_test)}
     classes = sorted({e.target for e in splits["train"]} | {e.target for e in splits["test"]})
     labels = {k: torch.tensor([classes.index(e.target) for e in v]) for k, v in splits.items()}
-    model, proc = load_model(model_name)
+    model, proc = models.load_model(model_name)
     results = {"model": model_name, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "bf16": bf16,
                "n": {k: len(v) for k, v in splits.items()}, "sizes": {}}
     path = out / "probe.json"
@@ -224,10 +224,6 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
               print_fn=print) -> dict:
     """Train one arm at one lr and seed through the one trainer; val and test accuracy. Resumable; a finished
     run (row.json) is read back, not redone."""
-    from ..methods import build
-    from ..train import TrainConfig, train
-    from ..vision import evaluate_images
-
     run_dir = out / "runs" / _run_id(arm_name, lr, seed)
     done = run_dir / "row.json"
     if done.exists():
@@ -258,9 +254,6 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
 
 def test_arm(model, proc, row: dict, splits: dict, scale: VisionScale, out: Path) -> dict:
     """Test accuracy of a run's saved artifact (only runs at the chosen learning rate are tested)."""
-    from ..methods import get_method, load_artifact
-    from ..vision import evaluate_images
-
     if "test_accuracy" in row:
         return row
     run_dir = out / "runs" / _run_id(row["arm"], row["lr"], row["seed"])
@@ -278,8 +271,6 @@ def test_arm(model, proc, row: dict, splits: dict, scale: VisionScale, out: Path
 
 
 def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
-    from ..data import load_dataset
-
     data_dir = _data_dir(data_dir)
     return {"train": load_dataset("cifar10", "train", data_dir=data_dir, seed=seed).examples,
             "dev": load_dataset("cifar10", "dev", data_dir=data_dir, seed=seed).examples,
@@ -289,15 +280,13 @@ def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
 def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
                        seeds=None, print_fn=print, model_and_processor=None) -> dict:
     """lr per arm chosen on val (seed 0), then every seed at that lr; rows in OUT/results.jsonl, table.md, vpt.png."""
-    from ..models import load_model
-
     sc = VISION_SCALES[scale]
     if seeds is not None:
         sc = VisionScale(**{**asdict(sc), "seeds": tuple(seeds)})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     splits = vision_splits(data_dir, sc.n_test)    # the VTAB-1k split is fixed (seed 0); seeds vary training
-    model, proc = model_and_processor or load_model(model_name)
+    model, proc = model_and_processor or models.load_model(model_name)
     chosen = {}
     rows = []
     for name in arms or DEFAULT_VPT_ARMS:
@@ -343,9 +332,11 @@ def vpt_table(rows, sc: VisionScale, model_name: str) -> str:
 
 def vpt_figure(rows, path: Path):
     try:
+        # matplotlib: optional here (no figure without it), and only when a figure is drawn
         import matplotlib
 
         matplotlib.use("Agg")
+        # matplotlib.pyplot: after choosing the Agg backend above
         import matplotlib.pyplot as plt
     except ImportError:
         return None
@@ -400,8 +391,6 @@ def continual_scores(acc: list[list[float]]) -> dict:
 
 
 def l2p_splits(data_dir, sc: L2PScale, seed: int = 0) -> dict:
-    from ..data import load_dataset
-
     data_dir = _data_dir(data_dir)
     train = balanced_test(load_dataset("cifar10", "all", data_dir=data_dir).examples, sc.per_class * 10, seed=seed)
     test = balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, sc.test_per_class * 10)
@@ -410,10 +399,6 @@ def l2p_splits(data_dir, sc: L2PScale, seed: int = 0) -> dict:
 
 def run_l2p_arm(model, proc, arm: str, seed: int, splits: dict, sc: L2PScale, out: Path, tasks=L2P_TASKS,
                 print_fn=print) -> dict:
-    from ..methods import build
-    from ..train import TrainConfig, train
-    from ..vision import evaluate_images
-
     run_dir = out / "runs" / f"{arm}-s{seed}"
     if (run_dir / "row.json").exists():
         return json.loads((run_dir / "row.json").read_text())
@@ -453,14 +438,12 @@ def run_l2p_arm(model, proc, arm: str, seed: int, splits: dict, sc: L2PScale, ou
 
 def run_l2p_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
                        seeds=None, print_fn=print, model_and_processor=None) -> dict:
-    from ..models import load_model
-
     sc = L2P_SCALES[scale]
     if seeds is not None:
         sc = L2PScale(**{**asdict(sc), "seeds": tuple(seeds)})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, proc = model_and_processor or load_model(model_name)
+    model, proc = model_and_processor or models.load_model(model_name)
     rows = []
     for seed in sc.seeds:
         splits = l2p_splits(data_dir, sc, seed)

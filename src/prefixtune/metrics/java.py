@@ -9,6 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
+from pycocoevalcap.meteor import meteor  # pycocoevalcap is a namespace package: find it via a module
+from pycocoevalcap.tokenizer import ptbtokenizer
+
 INSTALL_HINT = "install a Java runtime (e.g. `apt-get install default-jre-headless`) or set JAVA_HOME"
 
 
@@ -30,15 +33,11 @@ def find_java() -> str:
 
 def meteor_jar() -> Path:
     """meteor-1.5.jar, with its data/paraphrase-en.gz beside it."""
-    from pycocoevalcap.meteor import meteor  # pycocoevalcap is a namespace package: find it via a module
-
     return _existing(Path(meteor.__file__).with_name("meteor-1.5.jar"))
 
 
 def corenlp_jar() -> Path:
     """stanford-corenlp-3.4.1.jar, the PTBTokenizer the COCO caption scripts run."""
-    from pycocoevalcap.tokenizer import ptbtokenizer
-
     return _existing(Path(ptbtokenizer.__file__).with_name("stanford-corenlp-3.4.1.jar"))
 
 

@@ -15,6 +15,7 @@ def model_based_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], lang:
     if importlib.util.find_spec("bert_score") is None:
         return {}, ["BERTScore skipped: the bert-score package is not installed (pip install bert-score)"]
     try:
+        # bert_score: optional dependency (not installed by default), only for BERTScore
         from bert_score import score as bert_score
 
         _, _, f1 = bert_score(list(hyps), [list(r) for r in refs], lang=lang, verbose=False)

@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -30,6 +31,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from .. import models
 from ..models import fingerprint, model_name
 from ..files import PrefixFileError
 from .batcher import Batcher, Completion, GenerationRequest, PrefixRemoved, QueueFull, RequestHandle, ShuttingDown
@@ -536,13 +538,9 @@ def run_server(model_name_or_path: str, store_path: str, host: str = "127.0.0.1"
 
     `store_path`: a SQLite file, or a postgresql:// URL shared by replicas (then `files_dir` too).
     """
-    import uvicorn
-
-    from ..models import load_model
-
     config = config or ServeConfig()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = PrefixStore(store_path, files_dir=files_dir)  # a wrong store fails now, not after the model load
-    model, tokenizer = load_model(model_name_or_path)
+    model, tokenizer = models.load_model(model_name_or_path)  # looked up on the module: tests patch it there
     app = create_app(model, tokenizer, store, config, model_id=model_name_or_path)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.shutdown_timeout_s))

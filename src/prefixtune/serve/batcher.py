@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import inspect
 import logging
 import threading
@@ -153,8 +154,6 @@ def release_free_memory() -> None:
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
         try:
-            import ctypes
-
             _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _MALLOC_TRIM = False

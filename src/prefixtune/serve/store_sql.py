@@ -20,6 +20,7 @@ without a row) is found by `sweep`, which takes the same locks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import sqlite3
@@ -324,8 +325,6 @@ def copy_store(src: "PrefixStore", dst: "PrefixStore") -> tuple[int, int]:
     Each file's sha256 is checked on the way. One transaction on `dst`: on failure it holds nothing
     (files already written are deleted). Returns (prefixes, keys) copied.
     """
-    import hashlib
-
     with dst.backend.connect() as db:
         n_prefixes = db.execute("SELECT count(*) AS n FROM prefixes").fetchone()["n"]
         n_keys = db.execute("SELECT count(*) AS n FROM api_keys").fetchone()["n"]

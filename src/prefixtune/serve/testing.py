@@ -6,18 +6,22 @@ import string
 import threading
 import time
 
+import uvicorn
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import WordLevel
+
 
 def char_tokenizer(vocab_size: int = 96):
     """A character-level fast tokenizer built in memory: ids 0-3 are <pad> <s> </s> <unk>, then one
     id per printable character (as many as fit in `vocab_size`). Decoding joins characters back."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    # transformers: only char_tokenizer needs it; ServerThread users (benchmarks, store tests) do not (start-up time)
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     printable = " " + string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     chars = list(printable[: vocab_size - len(specials)])
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -32,8 +36,6 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_options):
-        import uvicorn
-
         options = dict(log_level="warning", access_log=False, timeout_graceful_shutdown=30)
         options.update(uvicorn_options)
         self.app = app

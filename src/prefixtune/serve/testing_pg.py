@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -78,6 +79,7 @@ class ThrowawayPostgres:
         raise RuntimeError(f"postgres did not start; log:\n{(self.dir / 'postgres.log').read_text(errors='replace')}")
 
     def _wait_ready(self, timeout: float) -> bool:
+        # psycopg: only once a cluster runs; tests import this module to decide whether to skip (start-up time)
         import psycopg
 
         deadline = time.monotonic() + timeout
@@ -94,6 +96,7 @@ class ThrowawayPostgres:
 
     def create_database(self, name: str | None = None) -> str:
         """A new empty database; returns its URL."""
+        # psycopg: only once a cluster runs; tests import this module to decide whether to skip (start-up time)
         import psycopg
 
         name = name or f"t_{uuid.uuid4().hex[:12]}"
@@ -130,8 +133,6 @@ class Replica:
     """
 
     def __init__(self, args: list, command: list | None = None, env: dict | None = None, log_path=None):
-        import sys
-
         self.port = free_port()
         self.command = (command or [sys.executable, "-m", "prefixtune.cli", "serve"]) + [
             str(a) for a in args] + ["--host", "127.0.0.1", "--port", str(self.port)]
@@ -144,6 +145,7 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0) -> "Replica":
+        # httpx: only once a replica starts (start-up time of tests that import this module and skip)
         import httpx
 
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
