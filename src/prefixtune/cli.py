@@ -7,6 +7,7 @@ so that `prefixtune --help` and a command's `--help` start fast."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import typer
 
 from .cli_options import (LaterOptionsGroup, config_from, fields_of, options, options_later, split_values,
                           with_options)
+from .data_plan import DataPlan
 from .decode_config import DecodeConfig, decode_config_for
 from .progress import count_progress, decoding_progress, progress_print, training_progress
 from .experiments.config import ExperimentConfig
@@ -77,50 +79,55 @@ def _method_fields():
     return fields_of(*classes), (lambda c: labels.get(c, c.__name__))
 
 
+# train's data plan: its seed is TrainConfig's (one seed per run); it evaluates nothing (no eval_size)
+_TRAIN_DATA = fields_of(DataPlan, exclude=("seed", "eval_size"))
+
+
+def _train_options() -> list[inspect.Parameter]:
+    """train's generated options: the method (its default from the registry), the data plan's, the methods'
+    and training's. They import torch: generated when train runs or shows its help (start-up time)."""
+    from .methods.registry import DEFAULT_METHOD
+
+    method = inspect.Parameter("method", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                               default=typer.Option(DEFAULT_METHOD, help="Method: see `prefixtune methods`."))
+    return [method, *options(_TRAIN_DATA, label=lambda cls: "", show_defaults=True),
+            *options(*_method_fields())]
+
+
 def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder or Hub id of the frozen base model."),
-    dataset: str = typer.Option(..., help="e2e, webnlg, dart, xsum, boolq, or jsonl (with --path)."),
     out: Path = typer.Option(..., help="Output folder: METHOD.safetensors, checkpoint.safetensors, log.jsonl, run.json."),
-    method: str = typer.Option("prefix", help="Method: see `prefixtune methods`."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the data (else $PREFIXTUNE_DATA or the cache)."),
-    path: Optional[str] = typer.Option(None, help="The JSONL file, for --dataset jsonl."),
-    train_split: str = typer.Option("train", help="Split to train on."),
-    eval_split: str = typer.Option("dev", help="Split to take dev loss / evaluation sources from."),
-    train_size: Optional[int] = typer.Option(None, help="Low-data: sample this many pairs (grouped by source)."),
-    exclude_categories: Optional[str] = typer.Option(None, help="WebNLG: categories kept out of training "
-                                                     "(comma-separated), e.g. to study unseen categories."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (same settings only)."),
     precision: str = typer.Option("auto", help="auto (fp32 or bf16, whichever a step-shaped workload runs faster "
                                   "on this machine: measured once, cached), fp32 or bf16. --bf16/--no-bf16 wins."),
-    **options,
+    **settings,
 ):
     """Train any method (prefix, infix, prompt, ptuning, ... see `prefixtune methods`) on a frozen LM.
 
-    Options marked (name) belong to that method's config, (train) to training. Defaults come from the
-    dataset's recipe (the paper's values for prefix-tuning)."""
-    from .experiments import DataPlan, run_training  # these import torch: only when a command runs (start-up time)
+    Options marked (name) belong to that method's config, (train) to training; the others choose the data.
+    Defaults come from the dataset's recipe (the paper's values for prefix-tuning)."""
+    from .experiments import run_training  # these import torch: only when a command runs (start-up time)
     from .methods import get_method
     from .models import check_model_name
     from .recipes import configs_for
     from .train import TrainConfig
 
     fields, label = _method_fields()
-    cls = get_method(method)
-    given = split_values(options, fields)
+    cls = get_method(settings["method"])
+    given = split_values(settings, fields)
     allowed = {f.name for f in dataclasses.fields(cls.config_class)} | {f.name for f in dataclasses.fields(TrainConfig)}
     for name in given:
         if name not in allowed:
             owners = ", ".join(label(c) for c in fields[name]["owners"])
             _fail(f"--{name.replace('_', '-')} is not an option of method {cls.name!r} (it belongs to {owners})")
-    method_cfg, train_cfg = configs_for(dataset, cls.name, **given)
+    plan = config_from(DataPlan, split_values(settings, _TRAIN_DATA))  # the data options, checked first
+    method_cfg, train_cfg = configs_for(plan.dataset, cls.name, **given)
+    plan = dataclasses.replace(plan, seed=train_cfg.seed)  # one seed per run: the training's
     check_model_name(model)
     if "bf16" not in given:  # a CPU flag is not a measurement: bf16 autocast can be 2-20x slower on a CPU
         from .precision import resolve_bf16
 
         train_cfg = dataclasses.replace(train_cfg, bf16=resolve_bf16(precision, print_fn=progress_print))
-    plan = DataPlan(dataset=dataset, data_dir=data_dir, train_split=train_split, eval_split=eval_split,
-                    train_size=train_size, seed=train_cfg.seed, path=path,
-                    exclude_categories=tuple(c.strip() for c in exclude_categories.split(",")) if exclude_categories else None)
     with training_progress() as progress:
         result = run_training(model, plan, method_cfg, train_cfg, out, resume=resume, progress=progress,
                               print_fn=progress_print)
@@ -128,7 +135,7 @@ def train(
                f"{result['best_dev_loss']:.4f}; {result['trainable_params']:,} trainable parameters)")
 
 
-app.command()(options_later(train, lambda: options(*_method_fields())))
+app.command()(options_later(train, _train_options))
 
 
 @app.command()
@@ -184,22 +191,17 @@ def generate(
 app.command()(with_options(generate, options(_DECODE, label=lambda cls: "", show_defaults=True)))
 
 
+# evaluate's data plan: one split (train_split follows eval_split), no training sample of its own to shape
+_EVAL_DATA = fields_of(DataPlan, exclude=("train_split", "dev_sources", "exclude_categories"))
+
+
 def evaluate(
     prefix: list[Path] = typer.Option(..., "--prefix", "--artifact", help="Artifact file to evaluate (any method); "
                                       "repeat for an ensemble."),
-    dataset: str = typer.Option(..., help="e2e, webnlg, dart, xsum, or jsonl."),
     out: Path = typer.Option(..., help="Folder for metrics.json and predictions.jsonl."),
-    split: str = typer.Option("dev", help="Split to evaluate on."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the data."),
-    path: Optional[str] = typer.Option(None, help="The JSONL file, for --dataset jsonl."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the one the artifact file names)."),
-    train_size: Optional[int] = typer.Option(None, min=1, help="For low-data runs trained on this split: the same "
-                                             "--train-size and --seed exclude the trained sources (default: read "
-                                             "from run.json)."),
-    seed: Optional[int] = typer.Option(None, min=0, max=2**63 - 1, help="Seed of the low-data sample."),
-    eval_size: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many sources."),
     model_based: bool = typer.Option(False, help="Also BERTScore, when the bert-score package and weights exist."),
-    **decoding,
+    **settings,
 ):
     """Generate for every evaluation source and score with the official metrics.
 
@@ -209,24 +211,27 @@ def evaluate(
     from .experiments import evaluate as run_eval
     from .metrics import format_table
     from .recipes import recipe_for
-    from .runs import check_artifact_files, evaluation_items, image_classifier, load_for_decoding
+    from .runs import check_artifact_files, evaluation_items, evaluation_plan, image_classifier, load_for_decoding
 
+    data = split_values(settings, _EVAL_DATA)
+    plan = config_from(DataPlan, data)  # the data options, checked before any file is read
     _check_writable_folder("out", out)
     check_artifact_files(prefix)
-    task = recipe_for(dataset).metric
-    given = split_values(decoding, _DECODE)
-    cfg = ensemble_decode_config(config_from(DecodeConfig, given, base=decode_config_for(dataset)), len(prefix))
-    items = evaluation_items(prefix[0], dataset, split, data_dir=data_dir, path=path, train_size=train_size,
-                             seed=seed, eval_size=eval_size)
+    task = recipe_for(plan.dataset).metric
+    cfg = ensemble_decode_config(config_from(DecodeConfig, split_values(settings, _DECODE),
+                                             base=decode_config_for(plan.dataset)), len(prefix))
+    plan = evaluation_plan(prefix[0], plan, given=data)
+    items = evaluation_items(plan)
     loaded, base, tok = load_for_decoding(prefix, model)
     if image_classifier(loaded):
         from .vision_cli import evaluate_image_artifact  # accuracy and per-class accuracy
 
-        evaluate_image_artifact(base, tok, loaded, items, out, dataset, split)
+        evaluate_image_artifact(base, tok, loaded, items, out, plan.dataset, plan.eval_split)
         return
     with decoding_progress(len(items)) as progress:
         result = run_eval(base, tok, loaded, items, task, cfg, out, model_based=model_based, progress=progress)
-    typer.echo(f"{dataset} {split}: {len(items)} sources, beam {cfg.num_beams}, {result['decode_seconds']} s")
+    typer.echo(f"{plan.dataset} {plan.eval_split}: {len(items)} sources, beam {cfg.num_beams}, "
+               f"{result['decode_seconds']} s")
     typer.echo(format_table(result["scores"]))
     for note in result["notes"]:
         typer.echo(f"note: {note}")
@@ -236,7 +241,9 @@ def evaluate(
     typer.echo(f"\nwrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
 
 
-app.command()(with_options(evaluate, options(_DECODE, label=lambda cls: "")))  # defaults: the recipe's
+app.command()(with_options(evaluate, options(_EVAL_DATA, label=lambda cls: "", show_defaults=True,
+                                                       command="evaluate")
+                           + options(_DECODE, label=lambda cls: "")))  # decoding defaults: the recipe's
 
 
 @app.command()

@@ -21,7 +21,15 @@ from .config import ConfigError
 ALIASES = {"length": ["--prefix-length"], "time_budget_s": ["--time-budget"], "size": ["--adapter-size"],
            "torch_threads": ["--threads"], "request_timeout_s": ["--request-timeout"],
            "prefix_cache_bytes": ["--max-prefix-cache-bytes"], "store_poll_s": ["--store-poll"],
-           "store_sweep_s": ["--store-sweep"]}
+           "store_sweep_s": ["--store-sweep"], "eval_split": ["--split"]}
+# An older name that only one command had stays that command's: `train` never had --split (there it would
+# read as the training split), `evaluate` had it for the split it evaluates.
+ALIAS_COMMAND = {"--split": "evaluate"}
+
+
+def aliases(name: str, command: str | None = None) -> list[str]:
+    """The older names of field `name`'s option in `command`."""
+    return [a for a in ALIASES.get(name, []) if ALIAS_COMMAND.get(a, command) == command]
 
 
 def _plain_type(hint) -> tuple[type, bool]:
@@ -37,14 +45,15 @@ def _plain_type(hint) -> tuple[type, bool]:
     return hint, False
 
 
-def fields_of(*classes) -> dict[str, dict]:
+def fields_of(*classes, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
     """name -> {type, is_list, help, owners, default} over the CLI-visible fields of `classes` (default: the
-    first owner's, dataclasses.MISSING when it has none)."""
+    first owner's, dataclasses.MISSING when it has none: a required option), less the fields a command
+    leaves out (`exclude`: set otherwise, e.g. train's data plan takes TrainConfig's seed)."""
     out: dict[str, dict] = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.metadata.get("cli", True) is False:
+            if f.metadata.get("cli", True) is False or f.name in exclude:
                 continue
             typ, is_list = _plain_type(hints[f.name])
             entry = out.setdefault(f.name, {"type": typ, "is_list": is_list, "help": [], "owners": [],
@@ -81,13 +90,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def options(fields: dict[str, dict], label=lambda cls: cls.__name__, show_defaults: bool = False) -> list[inspect.Parameter]:
-    """typer options (all default None = 'not given') for `fields`. Help texts are prefixed by their owners'
-    labels (none when `label` gives ''); `show_defaults` adds the dataclass default to each."""
+def options(fields: dict[str, dict], label=lambda cls: cls.__name__, show_defaults: bool = False,
+            command: str | None = None) -> list[inspect.Parameter]:
+    """typer options (default None = 'not given'; a field without a default is a required option) for
+    `fields`, with their older names in `command`. Help texts are prefixed by their owners' labels (none when
+    `label` gives ''); `show_defaults` adds the dataclass default to each."""
     params = []
     for name, entry in fields.items():
+        olds = aliases(name, command)
         names = [f"{flag(name)}/--no-{name.replace('_', '-')}"] if entry["type"] is bool else [flag(name)]
-        names += ALIASES.get(name, [])
+        names += olds
         helps = entry["help"]
         text = " | ".join((f"({', '.join(label(c) for c in owners)}) " if label(owners[0]) else "") + h
                           for owners, h in helps)
@@ -95,12 +107,14 @@ def options(fields: dict[str, dict], label=lambda cls: cls.__name__, show_defaul
             text += " (comma-separated)"
         if show_defaults and entry["default"] not in (dataclasses.MISSING, None):
             text += f" (default: {entry['default']})"
-        if name in ALIASES:
-            text += f" ({', '.join(ALIASES[name])}: its older name, still accepted.)"
-        annotation = Optional[entry["type"]]
+        if olds:
+            text += f" ({', '.join(olds)}: its older name, still accepted.)"
+        required = entry["default"] is dataclasses.MISSING
+        annotation = entry["type"] if required else Optional[entry["type"]]
         extra = {"callback": _int_in_range(name)} if entry["type"] is int else {}
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(None, *names, help=text, show_default=False, **extra)))
+                                        default=typer.Option(... if required else None, *names, help=text,
+                                                             show_default=False, **extra)))
     return params
 
 
@@ -115,12 +129,13 @@ def with_options(func, extra: list[inspect.Parameter]):
 
 
 def split_values(given: dict[str, Any], fields: dict[str, dict]) -> dict[str, Any]:
-    """Drop options not given; comma-separated lists become tuples."""
+    """The options of `fields` that were given (a command's other options, and those not given, are left
+    out); comma-separated lists become tuples."""
     out = {}
     for name, value in given.items():
-        if value is None:
+        if value is None or name not in fields:
             continue
-        if fields.get(name, {}).get("is_list"):
+        if fields[name]["is_list"]:
             value = tuple(v.strip() for v in str(value).split(",") if v.strip())
         out[name] = value
     return out

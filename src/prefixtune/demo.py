@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from .config import PrefixConfig
+from .data_plan import DataPlan
 from .decode import DecodeConfig
 from .experiments.executor import machine, package_versions
-from .experiments.run import DataPlan, evaluate, run_training
+from .experiments.run import evaluate, run_training
 from .files import atomic_write_bytes
 from .train import TrainConfig
 

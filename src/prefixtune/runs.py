@@ -4,12 +4,15 @@ several artifacts can decode together as an ensemble."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from . import models  # models.load_model looked up at call time: tests stand in for the (slow) load
 from .data import load_dataset
-from .experiments.run import DataPlan, load_run_artifact, plan_data
+from .data_plan import DataPlan
+from .experiments.run import load_run_artifact, plan_data
 from .prefix import check_artifact_file, read_metadata
 
 
@@ -55,18 +58,24 @@ def evaluation_sample(artifact: str | Path, dataset: str, split: str, train_size
     return train_size, seed
 
 
-def evaluation_items(artifact: str | Path, dataset: str, split: str, *, data_dir: str | None = None,
-                     path: str | None = None, train_size: int | None = None, seed: int | None = None,
-                     eval_size: int | None = None) -> list:
-    """The items to evaluate `artifact` on: `split`'s sources, less a low-data run's trained sample
-    (`evaluation_sample`), at most `eval_size` of them."""
-    train_size, seed = evaluation_sample(artifact, dataset, split, train_size, seed)
-    if train_size:
-        plan = DataPlan(dataset=dataset, data_dir=data_dir, train_split=split, eval_split=split,
-                        train_size=train_size, seed=seed, eval_size=eval_size, path=path)
+def evaluation_plan(artifact: str | Path, plan: DataPlan, given: Collection[str] = ()) -> DataPlan:
+    """`plan` as an evaluation of `artifact` on `plan.eval_split`: train_size and seed not in `given` (the
+    settings the user gave) are the low-data sample the run beside `artifact` trained on this split
+    (`evaluation_sample`), so that its trained sources are left out."""
+    train_size, seed = evaluation_sample(artifact, plan.dataset, plan.eval_split,
+                                         plan.train_size if "train_size" in given else None,
+                                         plan.seed if "seed" in given else None)
+    return dataclasses.replace(plan, train_split=plan.eval_split, train_size=train_size, seed=seed)
+
+
+def evaluation_items(plan: DataPlan) -> list:
+    """The items `plan` evaluates (an `evaluation_plan`): `plan.eval_split`'s sources, less a low-data
+    sample, at most `plan.eval_size` of them."""
+    if plan.train_size:
         return plan_data(plan)[2]
-    items = load_dataset(dataset, split, data_dir=data_dir, **({"path": path} if path else {})).eval_items()
-    return items[:eval_size] if eval_size else items
+    items = load_dataset(plan.dataset, plan.eval_split, data_dir=plan.data_dir,
+                         **({"path": plan.path} if plan.path else {})).eval_items()
+    return items[:plan.eval_size] if plan.eval_size else items
 
 
 def check_artifact_files(paths) -> None:

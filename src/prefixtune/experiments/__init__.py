@@ -16,8 +16,9 @@ The names below are the package's API, each loaded from its module on first use 
 importing one module (the report, the catalogue) does not import torch.
 """
 
-_FROM = {
-    "run": ["DataPlan", "plan_data", "run_training", "evaluate", "load_run_artifact"],
+_FROM = {  # module (relative to this package) -> its names
+    ".data_plan": ["DataPlan"],  # prefixtune.data_plan: torch-free, the CLI's data options
+    "run": ["plan_data", "run_training", "evaluate", "load_run_artifact"],
     "catalogue": ["CATALOGUE", "EXPERIMENTS", "Experiment", "ExperimentError", "ExperimentSpec", "build", "build_runs"],
     "scales": ["SCALES", "Scale"],
     "protocol": ["Protocol"],

@@ -110,10 +110,11 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
     folder: the comparison resumes the finished training and only adds the evaluation."""
     import torch
 
+    from ..data_plan import DataPlan
     from ..decode_config import decode_config_for
     from ..recipes import configs_for, recipe_for
     from ..train import TrainingError
-    from .run import DataPlan, evaluate, plan_data, run_training
+    from .run import evaluate, plan_data, run_training
 
     run_dir = Path(root) / "runs" / spec.id
     row_path = run_dir / ("row.json" if spec.evaluate else "select.json")

@@ -11,32 +11,16 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..data_plan import DataPlan  # torch-free: the CLI builds its data options from it
 from ..decode import DecodeConfig, generate_texts, write_predictions
 from ..files import atomic_write_bytes
 from ..train import TrainConfig, TrainingError, train
-
-
-@dataclass
-class DataPlan:
-    """Which examples train, which give the dev loss, which are evaluated (never overlapping sources)."""
-
-    dataset: str
-    data_dir: str | None = None
-    train_split: str = "train"
-    eval_split: str = "dev"
-    train_size: int | None = field(default=None, metadata={"help": "Low-data: sample this many pairs, grouped by source."})
-    seed: int = 0
-    dev_sources: int = field(default=30, metadata={"help": "Held-out sources used for the dev loss in low-data runs."})
-    eval_size: int | None = field(default=None, metadata={"help": "Evaluate on at most this many sources."})
-    path: str | None = field(default=None, metadata={"help": "File for the generic jsonl dataset."})
-    exclude_categories: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "WebNLG: categories kept out of training; evaluation marks them 'unseen' (paper §6.4)."})
 
 
 def plan_data(plan: DataPlan):
@@ -108,7 +92,7 @@ def run_identity(model_name: str, plan: DataPlan, train_pairs, dev_pairs) -> dic
         digest.update(part.encode())
         for p in pairs:
             digest.update(_content_bytes(p.source) + b"\t" + _content_bytes(p.target) + b"\n")
-    data = asdict(plan)
+    data = json.loads(json.dumps(asdict(plan)))  # as the checkpoint records it (a tuple reads back as a list)
     if data.get("path"):
         data["path"] = str(Path(data["path"]).resolve())
     if data.get("data_dir"):

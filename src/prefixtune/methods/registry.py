@@ -5,6 +5,7 @@ from inside it would run back up: a circle)."""
 from __future__ import annotations
 
 METHODS: dict[str, type] = {}
+DEFAULT_METHOD = "prefix"  # what `prefixtune train` trains without --method: the paper's prefix-tuning
 
 
 def register(cls: type) -> type:
