@@ -167,6 +167,21 @@ def test_evaluation_sample_reads_the_run_json_beside_the_artifact(tmp_path):
         evaluation_sample(artifact, "e2e", "train")
 
 
+def test_evaluation_plan_leaves_out_the_runs_dev_sources_too(tmp_path):
+    """A low-data run chose its checkpoint on `dev_sources` held-out sources: evaluating it on that split leaves
+    them out as well (the plan's default, 30, would put 30 of a 60-source dev set among the evaluated)."""
+    from prefixtune.data_plan import DataPlan
+    from prefixtune.runs import evaluation_plan
+
+    artifact = tmp_path / "prefix.safetensors"
+    (tmp_path / "run.json").write_text(json.dumps({"data": {"dataset": "e2e", "train_split": "dev", "train_size": 200,
+                                                            "seed": 2, "dev_sources": 60}}))
+    plan = evaluation_plan(artifact, DataPlan("e2e", eval_split="dev"))
+    assert (plan.train_split, plan.train_size, plan.seed, plan.dev_sources) == ("dev", 200, 2, 60)
+    assert evaluation_plan(artifact, DataPlan("e2e", eval_split="dev", dev_sources=5), given={"dev_sources"}).dev_sources == 5
+    assert evaluation_plan(artifact, DataPlan("e2e", eval_split="test")).dev_sources == 30  # not the split it trained on
+
+
 def test_count_progress_off_a_terminal_is_silent():
     from prefixtune.progress import count_progress
 

@@ -61,11 +61,17 @@ def evaluation_sample(artifact: str | Path, dataset: str, split: str, train_size
 def evaluation_plan(artifact: str | Path, plan: DataPlan, given: Collection[str] = ()) -> DataPlan:
     """`plan` as an evaluation of `artifact` on `plan.eval_split`: train_size and seed not in `given` (the
     settings the user gave) are the low-data sample the run beside `artifact` trained on this split
-    (`evaluation_sample`), so that its trained sources are left out."""
+    (`evaluation_sample`), so that its trained sources are left out, and so are the sources its dev loss
+    was measured on (run.json's dev_sources)."""
     train_size, seed = evaluation_sample(artifact, plan.dataset, plan.eval_split,
                                          plan.train_size if "train_size" in given else None,
                                          plan.seed if "seed" in given else None)
-    return dataclasses.replace(plan, train_split=plan.eval_split, train_size=train_size, seed=seed)
+    trained = trained_data(artifact)
+    dev_sources = plan.dev_sources
+    if "dev_sources" not in given and (trained.get("dataset"), trained.get("train_split")) == (plan.dataset, plan.eval_split):
+        dev_sources = trained.get("dev_sources") or dev_sources  # its dev-loss sources chose the checkpoint: not evaluated
+    return dataclasses.replace(plan, train_split=plan.eval_split, train_size=train_size, seed=seed,
+                               dev_sources=dev_sources)
 
 
 def evaluation_items(plan: DataPlan) -> list:
