@@ -11,6 +11,8 @@ import inspect
 import json
 import os
 import sys
+import tempfile
+import unicodedata
 from functools import cache
 from pathlib import Path
 from typing import Optional
@@ -19,11 +21,17 @@ import typer
 
 from .cli_options import (LaterOptionsGroup, config_from, fields_of, options, options_later, split_values,
                           with_options)
+from .config import ConfigError
 from .data_plan import DataPlan
 from .decode_config import DecodeConfig, decode_config_for
-from .progress import count_progress, decoding_progress, progress_print, training_progress
+from .files import PrefixFileError
+from .plots import plot_run  # matplotlib is imported only when a plot is drawn
+from .progress import count_progress, decoding_progress, on_terminal, progress_print, training_progress
+from .recipes import configs_for, recipe_for  # torch-free: the methods are imported only when a config is built
 from .experiments.config import ExperimentConfig
 from .serve.config import ServeConfig
+from .serve.store_errors import StoreError
+from .serve.store_sql import copy_store  # sqlite3 only: the store that reads prefix files (torch) stays local
 
 app = typer.Typer(help="Prefix-tuning for frozen Hugging Face LMs: train, generate, evaluate, score, serve.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=LaterOptionsGroup)
@@ -39,8 +47,6 @@ FILES_DIR_HELP = ("Folder of the prefix files (default: <store>-files beside a S
 def one_line(message: str) -> str:
     """`message` on one line: control characters and line separators (which a path or value given by
     the user may hold) are written as escapes."""
-    import unicodedata
-
     return "".join(c if c == " " or (c.isprintable() and unicodedata.category(c) not in ("Zl", "Zp"))
                    else repr(c)[1:-1] for c in str(message))
 
@@ -52,8 +58,6 @@ def _fail(message: str) -> None:
 
 def _check_writable_folder(option: str, folder: Path) -> None:
     """Fail now (not after the model load) if `folder` cannot be created or written."""
-    import tempfile
-
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -70,8 +74,8 @@ def _check_writable_folder(option: str, folder: Path) -> None:
 @cache
 def _method_fields():
     """train's options: TrainConfig's and every method config's fields, with the labels of their owners."""
-    from .methods import METHODS  # imports torch: only when train runs (start-up time)
-    from .train import TrainConfig
+    from .methods import METHODS  # torch: the methods import it; only when train runs or shows its help (start-up time)
+    from .train import TrainConfig  # torch: train imports it; only when train runs or shows its help (start-up time)
 
     labels = {cls.config_class: name for name, cls in METHODS.items()}
     labels[TrainConfig] = "train"
@@ -86,6 +90,7 @@ _TRAIN_DATA = fields_of(DataPlan, exclude=("seed", "eval_size"))
 def _train_options() -> list[inspect.Parameter]:
     """train's generated options: the method (its default from the registry), the data plan's, the methods'
     and training's. They import torch: generated when train runs or shows its help (start-up time)."""
+    # torch: the methods package imports it (registry is one of its modules); only for train (start-up time)
     from .methods.registry import DEFAULT_METHOD
 
     method = inspect.Parameter("method", inspect.Parameter.KEYWORD_ONLY, annotation=str,
@@ -106,11 +111,10 @@ def train(
 
     Options marked (name) belong to that method's config, (train) to training; the others choose the data.
     Defaults come from the dataset's recipe (the paper's values for prefix-tuning)."""
-    from .experiments import run_training  # these import torch: only when a command runs (start-up time)
-    from .methods import get_method
-    from .models import check_model_name
-    from .recipes import configs_for
-    from .train import TrainConfig
+    from .experiments import run_training  # torch: only when a command runs (start-up time)
+    from .methods import get_method  # torch: only when a command runs (start-up time)
+    from .models import check_model_name  # torch: only when a command runs (start-up time)
+    from .train import TrainConfig  # torch: only when a command runs (start-up time)
 
     fields, label = _method_fields()
     cls = get_method(settings["method"])
@@ -125,7 +129,7 @@ def train(
     plan = dataclasses.replace(plan, seed=train_cfg.seed)  # one seed per run: the training's
     check_model_name(model)
     if "bf16" not in given:  # a CPU flag is not a measurement: bf16 autocast can be 2-20x slower on a CPU
-        from .precision import resolve_bf16
+        from .precision import resolve_bf16  # torch: precision imports it; only when bf16 is measured (start-up time)
 
         train_cfg = dataclasses.replace(train_cfg, bf16=resolve_bf16(precision, print_fn=progress_print))
     with training_progress() as progress:
@@ -141,7 +145,7 @@ app.command()(options_later(train, _train_options))
 @app.command()
 def methods():
     """List the methods, what each trains, and its options."""
-    from .methods import METHODS
+    from .methods import METHODS  # torch: the methods import it; only when a command runs (start-up time)
 
     for name, cls in METHODS.items():
         opts = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls.config_class) if f.metadata.get("cli", True)]
@@ -172,9 +176,9 @@ def generate(
     """Generate outputs for sources with a trained artifact (or an ensemble of them).
 
     Decoding options not given take DecodeConfig's defaults (beam 5, at most 60 new tokens)."""
-    from .decode import generate_texts  # these import torch: only when a command runs (start-up time)
-    from .ensemble import ensemble_decode_config
-    from .runs import check_artifact_files, load_for_decoding
+    from .decode import generate_texts  # torch: only when a command runs (start-up time)
+    from .ensemble import ensemble_decode_config  # torch: only when a command runs (start-up time)
+    from .runs import check_artifact_files, load_for_decoding  # torch: only when a command runs (start-up time)
 
     cfg = ensemble_decode_config(config_from(DecodeConfig, split_values(decoding, _DECODE)), len(prefix))
     sources = list(input) + (_read_lines(input_file) if input_file else [])
@@ -207,10 +211,11 @@ def evaluate(
 
     Decoding options not given come from the dataset's recipe (paper §5.3: beam 5; beam 6 and length
     penalty 0.8 for XSum)."""
-    from .ensemble import ensemble_decode_config  # these import torch: only when a command runs (start-up time)
-    from .experiments import evaluate as run_eval
+    from .ensemble import ensemble_decode_config  # torch: only when a command runs (start-up time)
+    from .experiments import evaluate as run_eval  # torch: only when a command runs (start-up time)
+    # sacrebleu, numpy: the metrics package imports them; only when a command runs (start-up time)
     from .metrics import format_table
-    from .recipes import recipe_for
+    # torch: only when a command runs (start-up time)
     from .runs import check_artifact_files, evaluation_items, evaluation_plan, image_classifier, load_for_decoding
 
     data = split_values(settings, _EVAL_DATA)
@@ -224,7 +229,7 @@ def evaluate(
     items = evaluation_items(plan)
     loaded, base, tok = load_for_decoding(prefix, model)
     if image_classifier(loaded):
-        from .vision_cli import evaluate_image_artifact  # accuracy and per-class accuracy
+        from .vision_cli import evaluate_image_artifact  # torch: only for an image classifier (start-up time)
 
         evaluate_image_artifact(base, tok, loaded, items, out, plan.dataset, plan.eval_split)
         return
@@ -254,6 +259,7 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
 ):
     """Score any system's outputs with the official metrics."""
+    # sacrebleu, numpy: the metrics package imports them; only when a command runs (start-up time)
     from .metrics import format_table, read_hyps, read_refs, score as compute
 
     try:
@@ -277,7 +283,7 @@ def demo(
                                           "RECORD/DATE-HHMM-CPU.json (`make demo` records into results/demo)."),
 ):
     """Prefix-tune SmolLM2-135M-Instruct on 200 E2E pairs and compare with zero-shot prompting."""
-    from .demo import run_demo
+    from .demo import run_demo  # torch: only when a command runs (start-up time)
 
     if data_dir is None and Path("../shared/data/e2e").exists():
         data_dir = "../shared/data"
@@ -301,8 +307,8 @@ def serve(
     """Serve completions for many users' prefixes from one frozen model (OpenAI-style HTTP API).
 
     Every ServeConfig setting is an option (docs/serving.md#settings)."""
-    from .models import check_model_name  # these import torch: only when a command runs (start-up time)
-    from .serve import run_server
+    from .models import check_model_name  # torch: only when a command runs (start-up time)
+    from .serve import run_server  # torch, FastAPI: only when a command runs (start-up time)
 
     config = config_from(ServeConfig, split_values(settings, _SERVE))
     check_model_name(model)
@@ -313,11 +319,11 @@ app.command()(with_options(serve, options(_SERVE, label=lambda cls: "", show_def
 
 
 def _store(location: str, model_name: Optional[str] = None, files_dir: Optional[Path] = None):
-    from .serve import PrefixStore
+    from .serve import PrefixStore  # torch: the store reads prefix files; only when a command runs (start-up time)
 
     model = None
     if model_name:
-        from .models import load_model
+        from .models import load_model  # torch: only when a command runs (start-up time)
 
         model = load_model(model_name)[0]
     return PrefixStore(location, model=model, files_dir=files_dir)
@@ -334,9 +340,6 @@ def prefixes_add(
     files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
 ):
     """Add a prefix file to the store (checked, copied in, sha256 recorded)."""
-    from .files import PrefixFileError
-    from .serve.store_errors import StoreError
-
     try:
         record = _store(store, model, files_dir).add(name, owner, file, public=public)
     except (PrefixFileError, StoreError) as e:
@@ -373,8 +376,6 @@ def prefixes_rm(
     store: str = typer.Option("prefixes.db", help=STORE_HELP),
 ):
     """Remove a prefix: it is never served again."""
-    from .serve.store_errors import StoreError
-
     try:
         record = _store(store).remove(name, owner)
     except StoreError as e:
@@ -385,7 +386,7 @@ def prefixes_rm(
 @keys_app.command("add")
 def keys_add(owner: str = typer.Argument(...), store: str = typer.Option("prefixes.db", help=STORE_HELP)):
     """Create an API key for OWNER; the key is the last word printed (only its hash is stored)."""
-    from .serve.store import check_owner
+    from .serve.store import check_owner  # torch: the store reads prefix files (start-up time)
 
     check_owner(owner)  # before the store is created or touched
     key = _store(store).add_key(owner)
@@ -420,8 +421,6 @@ def store_migrate(
     files_dir: Optional[Path] = typer.Option(None, help=FILES_DIR_HELP),
 ):
     """Bring the store's schema up to date (servers also do this on start; safe to run while they serve)."""
-    from .serve.store_errors import StoreError
-
     try:
         opened = _store(store, files_dir=files_dir)
     except (StoreError, ValueError) as e:
@@ -440,9 +439,6 @@ def store_copy(
     dst_files_dir: Optional[Path] = typer.Option(None, help="DST's files folder (required for a new PostgreSQL store)."),
 ):
     """Copy every prefix (file and row, ids kept, sha256 checked) and API key from SRC into the empty store DST."""
-    from .serve.store_errors import StoreError
-    from .serve.store_sql import copy_store
-
     try:
         source, target = _store(src, files_dir=src_files_dir), _store(dst, files_dir=dst_files_dir)
         prefixes, keys = copy_store(source, target)
@@ -454,12 +450,10 @@ def store_copy(
 
 def user_error_message(e: BaseException) -> str | None:
     """One line for a user's mistake (bad name, path, data, settings, file); None for a bug."""
-    from .config import ConfigError
+    # numpy: the data package imports it; only when a command has failed (`prefixtune --help` start-up time)
     from .data import DataError, MissingDataError
-    from .data.fetch import DownloadError
-    from .files import PrefixFileError
-    from .serve.store_errors import StoreError
-    from .train import TrainingError
+    from .data.fetch import DownloadError  # numpy, as above: only when a command has failed (start-up time)
+    from .train import TrainingError  # torch: only when a command has failed (start-up time)
 
     if isinstance(e, StoreError):
         return str(e)
@@ -476,14 +470,12 @@ def user_error_message(e: BaseException) -> str | None:
 def main() -> None:
     """Entry point, the CLI's one error boundary: a user's mistake prints one `error: ...` line and
     exits 2; only a bug shows a traceback."""
-    from .progress import on_terminal
-
     if not on_terminal():  # logs and CI: no progress-bar noise from transformers and the Hub. Their
         # setting is read when they are first imported: an environment variable (not their API) spares
         # `prefixtune --help` importing transformers (start-up time)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "transformers" in sys.modules:  # already imported (the CLI run in-process): tell it directly
-            from transformers.utils import logging as hf_logging
+            from transformers.utils import logging as hf_logging  # transformers: only when already imported
 
             hf_logging.disable_progress_bar()
     from typer._click import exceptions as click  # typer 0.29 vendors click (pinned in pyproject.toml)
@@ -529,7 +521,7 @@ def experiment(
     """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure.
     Image experiments (probe, vpt, l2p: docs/vision.md) run in experiments/vision.py. Every ExperimentConfig
     setting is an option."""
-    from .experiments.command import experiment as run_experiment_command  # imports torch: only when it runs
+    from .experiments.command import experiment as run_experiment_command  # torch: only when it runs (start-up time)
 
     config = config_from(ExperimentConfig, split_values(settings, _EXPERIMENT))
     try:
@@ -552,7 +544,7 @@ def classify(
     top: int = typer.Option(3, help="Labels shown per image, with their probabilities."),
 ):
     """Classify image files with a trained image classifier (prints the top labels per image)."""
-    from .vision_cli import classify_files
+    from .vision_cli import classify_files  # torch: only when a command runs (start-up time)
 
     if top < 1:
         _fail(f"--top must be at least 1, got {top}")
@@ -569,8 +561,6 @@ def plot(run_dir: Path = typer.Argument(..., help="A training run's --out folder
          out: Optional[Path] = typer.Option(None, help="PNG file (default: RUN_DIR/loss.png)."),
          smooth: int = typer.Option(10, help="Moving-average window of the train curve, in steps.")):
     """Draw the train and dev loss curves of a run."""
-    from .plots import plot_run
-
     typer.echo(f"wrote {plot_run(run_dir, out, smooth=smooth)}")
 
 
@@ -580,6 +570,7 @@ def report(root: Path = typer.Option(Path("."), help="The repository root (docs/
                                       "differs from what its data generates.")):
     """Regenerate every results table in the docs (and every experiment's table and figures) from the
     committed data: results/<experiment>/ and bench/results/*.json."""
+    # numpy: the report's tables import it; only when a command runs (`prefixtune --help` start-up time)
     from .experiments.report import ReportError, regenerate
 
     if not (root / "docs").is_dir():

@@ -9,15 +9,18 @@ on. Reports all five official E2E metrics for (a) the untuned model given an ins
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+from . import models
 from .config import PrefixConfig
 from .data_plan import DataPlan
 from .decode import DecodeConfig
 from .experiments.executor import machine, package_versions
 from .experiments.run import evaluate, run_training
 from .files import atomic_write_bytes
+from .precision import resolve_bf16
 from .train import TrainConfig
 
 INSTRUCTION = ("Write one fluent English sentence that describes this restaurant, using every attribute "
@@ -28,18 +31,13 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
              train_size: int = 200, eval_size: int = 60, seed: int = 0, num_beams: int = 1, model_name: str = "smollm2-135m",
              precision: str | None = None, print_fn=print, record_dir: str | Path | None = None) -> dict:
     """`precision`: "auto" (measured once per machine, cached), "fp32" or "bf16"; None reads $PREFIXTUNE_PRECISION."""
-    from .models import load_model
-    from .precision import resolve_bf16
-
-    import os
-
     out = Path(out)
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print_fn(f"prefixtune demo: {model_name}, E2E low-data ({train_size} training pairs), {steps} training steps"
              + (f", time budget {minutes:g} min" if minutes else ""))
     bf16 = resolve_bf16(precision, print_fn=print_fn)  # a CPU flag is not a measurement: bf16 can be 2-20x slower
-    model, tok = load_model(model_name)
+    model, tok = models.load_model(model_name)  # looked up on the module: tests patch it there
     plan = DataPlan("e2e", data_dir=data_dir, train_split="dev", eval_split="dev", train_size=train_size, seed=seed,
                     eval_size=eval_size)
     decode_cfg = DecodeConfig(num_beams=num_beams, max_new_tokens=60, batch_size=20)

@@ -16,6 +16,8 @@ The names below are the package's API, each loaded from its module on first use 
 importing one module (the report, the catalogue) does not import torch.
 """
 
+import importlib
+
 _FROM = {  # module (relative to this package) -> its names
     ".data_plan": ["DataPlan"],  # prefixtune.data_plan: torch-free, the CLI's data options
     "run": ["plan_data", "run_training", "evaluate", "load_run_artifact"],
@@ -30,8 +32,6 @@ _MODULE_OF = {name: module for module, names in _FROM.items() for name in names}
 
 
 def __getattr__(name: str):
-    import importlib
-
     if name in _MODULE_OF:
         return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

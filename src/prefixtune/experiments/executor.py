@@ -15,12 +15,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import prefixtune
+
+from ..data_plan import DataPlan
+from ..decode_config import decode_config_for
 from ..files import atomic_write_bytes
+from ..recipes import configs_for, recipe_for
 
 
 @dataclass
@@ -47,10 +53,10 @@ ZERO_STEP = "zero-step"
 
 
 def package_versions() -> dict:
+    # torch: only when a row is recorded; planning, --dry-run and reading results need no torch (start-up time)
     import torch
+    # transformers: only when a row is recorded (importing it takes seconds)
     import transformers
-
-    import prefixtune
 
     return {"prefixtune": getattr(prefixtune, "__version__", "?"), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
@@ -59,6 +65,7 @@ def package_versions() -> dict:
 def machine() -> dict:
     """Where a row was measured: CPU model and count, GPU if any (speed figures are only comparable
     on the same machine; results are not speed-dependent)."""
+    # torch: only when a row is recorded; planning, --dry-run and reading results need no torch (start-up time)
     import torch
 
     cpu = platform.processor() or "?"
@@ -108,12 +115,11 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
     """Train and evaluate one run in root/runs/<id>; returns its row (cached in row.json, or select.json
     for a train-only selection run). A selection run and the comparison run of the same id share the
     folder: the comparison resumes the finished training and only adds the evaluation."""
+    # torch: only when a run runs; planning, --dry-run and reading results need no torch (start-up time)
     import torch
 
-    from ..data_plan import DataPlan
-    from ..decode_config import decode_config_for
-    from ..recipes import configs_for, recipe_for
-    from ..train import TrainingError
+    from ..train import TrainingError  # torch: only when a run runs (start-up time)
+    # torch: only when a run runs (start-up time); looked up at call time: tests patch run.run_training
     from .run import evaluate, plan_data, run_training
 
     run_dir = Path(root) / "runs" / spec.id
@@ -136,7 +142,7 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
     resume = False
     try:
         if spec.method == ZERO_STEP:
-            from ..models import load_model
+            from ..models import load_model  # torch: only when a run runs (start-up time)
 
             _, _, eval_items = plan_data(plan)
             model, tok = load_model(model_name)
@@ -214,6 +220,7 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
     With an address: that cluster's scheduler places runs; each asks for `cpus_per_run` (default 1)
     and a GPU when the cluster has GPUs.
     """
+    # ray: only when a sweep runs; the catalogue, report and --dry-run import this module (start-up time)
     import ray
 
     out = Path(out).resolve()
@@ -305,8 +312,6 @@ def run_sweep(specs: list[RunSpec], model_name: str, out: str | Path, ray_addres
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """Fail in seconds on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
-    import socket
-
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
         return  # "auto", ray:// client addresses and the like: left to Ray

@@ -8,7 +8,9 @@ runs every run of an experiment through them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -17,21 +19,25 @@ from typing import Callable
 
 import torch
 
+from .. import models
+from ..classify import evaluate_classifier
+from ..data import load_dataset, low_data_split
 from ..data_plan import DataPlan  # torch-free: the CLI builds its data options from it
 from ..decode import DecodeConfig, generate_texts, write_predictions
 from ..files import atomic_write_bytes
-from ..train import TrainConfig, TrainingError, train
+from ..methods import attach, load_artifact, method_of
+from ..metrics import score
+from ..metrics.model_based import model_based_scores
+from ..prefix import read_metadata
+from ..recipes import canonical
+from ..train import TrainConfig, TrainingError, check_resumable, train
 
 
 def plan_data(plan: DataPlan):
     """Returns (train_pairs, dev_pairs, eval_items)."""
-    from ..data import load_dataset, low_data_split
-
     opts = {"path": plan.path} if plan.path else {}
     train_opts = dict(opts)
     if plan.exclude_categories:
-        from ..recipes import canonical
-
         if canonical(plan.dataset) != "webnlg":
             raise ValueError(f"exclude_categories needs a dataset with categories (webnlg), not {plan.dataset!r}")
         train_opts["exclude_categories"] = list(plan.exclude_categories)
@@ -67,8 +73,6 @@ def plan_data(plan: DataPlan):
 
 def check_output_folder(out: str | Path, resume: bool = False) -> Path:
     """Refuse an output location that cannot be used, before anything expensive runs."""
-    import os
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a folder")
@@ -85,8 +89,6 @@ def run_identity(model_name: str, plan: DataPlan, train_pairs, dev_pairs) -> dic
     """What defines a run besides its method and training settings: the model, the data plan (paths,
     split, sizes, seed) and a hash of the exact pairs it trains and measures the dev loss on, so that
     another file at the same path, or the same file edited, is caught."""
-    import hashlib
-
     digest = hashlib.sha256()
     for part, pairs in (("train", train_pairs), ("dev", dev_pairs)):
         digest.update(part.encode())
@@ -116,8 +118,6 @@ def _content_bytes(value) -> bytes:
 def check_same_run(checkpoint: Path, identity: dict) -> None:
     """Refuse to resume a checkpoint made with another model or other data, naming each difference.
     Checkpoints written before runs recorded their identity are not checked (nothing to compare)."""
-    from ..prefix import read_metadata
-
     try:
         extra = read_metadata(checkpoint).get("extra") or {}
         saved = (json.loads(extra) if isinstance(extra, str) else extra).get("run")
@@ -150,9 +150,6 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     The returned "model" is the base model again: a weight method (finetune, ft-top, adapter, LoRA) is
     detached after training (its hooks removed, the original weights put back), so that applying the
     returned "artifact" to it, as evaluation does, gives the trained model exactly once."""
-    from ..methods import method_of
-    from ..models import load_model
-
     method_cls = method_of(method_cfg)
     out = check_output_folder(out, resume)
     train_pairs, dev_pairs, eval_items = plan_data(plan)
@@ -166,15 +163,11 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     identity = run_identity(model_name, plan, train_pairs, dev_pairs)
     if resume and (out / "checkpoint.safetensors").exists():  # data and model name: decided before the load
         check_same_run(out / "checkpoint.safetensors", identity)
-    model, tok = model_and_tokenizer or load_model(model_name)
-    from ..models import fingerprint
-
-    identity["fingerprint"] = fingerprint(model)
+    model, tok = model_and_tokenizer or models.load_model(model_name)  # looked up on the module: tests patch it there
+    identity["fingerprint"] = models.fingerprint(model)
     torch.manual_seed(train_cfg.seed)
     method = method_cls(model, method_cfg, tokenizer=tok)
     if resume and (out / "checkpoint.safetensors").exists():
-        from ..train import check_resumable
-
         check_same_run(out / "checkpoint.safetensors", identity)  # now the base model's weights too
         check_resumable(out / "checkpoint.safetensors", method, train_cfg)
     run_info = {"model": model_name, "method": method.name, "data": asdict(plan), "method_config": method_cfg.to_dict(),
@@ -199,9 +192,6 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
     them), then written whole to predictions.jsonl with metrics.json.
     `model_based`: also BERTScore when its package and weights are available (else a note says why not).
     """
-    from ..metrics import score
-    from ..metrics.model_based import model_based_scores
-
     if task == "accuracy":  # a classifier (ptuning-v2): labels, not generated text
         return _evaluate_classifier(model, tokenizer, prefix, items, out_dir)
     partial = None
@@ -246,9 +236,6 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
 
 
 def _evaluate_classifier(model, tokenizer, artifact, items, out_dir) -> dict:
-    from ..classify import evaluate_classifier
-    from ..methods import attach
-
     method = attach(model, artifact, tokenizer=tokenizer)
     started = time.time()
     scores = evaluate_classifier(method, tokenizer, items)
@@ -268,17 +255,12 @@ def _evaluate_classifier(model, tokenizer, artifact, items, out_dir) -> dict:
 
 def artifact_base_model(path: str | Path) -> str | None:
     """The base model an artifact file names (header only; the file is checked fully when loaded)."""
-    from ..prefix import read_metadata
-
     return read_metadata(path).get("base_model")
 
 
 def load_run_artifact(paths, model_name: str | None = None):
     """Load artifact file(s) and the base model they name (or `model_name`). Several files: an ensemble,
     all for the same base model. Returns (artifact or list, model, tokenizer)."""
-    from ..methods import load_artifact
-    from ..models import load_model
-
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     names = {artifact_base_model(p) for p in paths}
     if model_name is None:
@@ -287,7 +269,7 @@ def load_run_artifact(paths, model_name: str | None = None):
         if len(names) > 1:
             raise ValueError(f"the files name different base models {sorted(names)}; an ensemble needs one")
         model_name = names.pop()
-    model, tok = load_model(model_name)
+    model, tok = models.load_model(model_name)  # looked up on the module: tests patch it there
     loaded = [load_artifact(p, model) for p in paths]
     return (loaded[0] if len(loaded) == 1 else loaded), model, tok
 
