@@ -376,3 +376,57 @@ def test_cached_step_without_mask_keeps_positions(arch):
     first = forward_with_prefix(model, rows, input_ids=x[:, :-1], use_cache=True)
     step = forward_with_prefix(model, rows, input_ids=x[:, -1:], cache=first.cache, use_cache=True).logits[:, -1]
     assert (step - full).abs().max() <= 1e-4
+
+
+def _without_laid_out_cache(monkeypatch):
+    """Force the attention functions' path (prefix concatenated per layer and step) for a reference."""
+    import prefixtune.engine as engine
+
+    monkeypatch.setattr(engine, "cached_prefix", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=6, do_sample=False),
+                                dict(max_new_tokens=6, num_beams=5, do_sample=False, early_stopping=True),
+                                dict(max_new_tokens=6, do_sample=True, num_return_sequences=2, top_k=0)],
+                         ids=["greedy", "beam5", "sample-x2"])
+def test_generation_from_a_cache_holding_the_prefix_equals_the_per_step_path(arch, impl, kw, monkeypatch):
+    """Decoding starts from a cache that holds each row's prefix (no concatenation per layer and step):
+    the same scores and tokens as the attention functions' path, for a left-padded batch mixing prefixes
+    of three lengths, with beams and with several samples per row."""
+    import prefixtune.attention as attention
+
+    model = tiny(arch, impl)
+    prefixes = [random_prefix(model, n, seed=10 + n) for n in (2, 5, 3)]
+    rows = RowPrefixes.per_row([prefixes[0], prefixes[1], prefixes[2]])
+    ids, mask = left_pad([[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46]])
+    out = dict(output_scores=True, return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id)
+    laid = []
+    real = attention.cached_prefix
+    monkeypatch.setattr(pt.engine, "cached_prefix", lambda *a: laid.append(real(*a)) or laid[-1])
+    torch.manual_seed(0)
+    fast = pt.engine.generate_with_prefix(model, rows, ids, mask, **kw, **out)
+    assert laid and laid[0] is not None, "the laid-out cache was not used"
+    _without_laid_out_cache(monkeypatch)
+    torch.manual_seed(0)
+    slow = pt.engine.generate_with_prefix(model, rows, ids, mask, **kw, **out)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(fast.scores, slow.scores)
+               if torch.isfinite(a).any()) <= 1e-5
+
+
+def test_the_cache_does_not_stand_in_where_it_would_be_inexact():
+    """Infix rows, soft prompts, encoder-decoder models and autocast keep the per-step path."""
+    from prefixtune.attention import cached_prefix
+
+    model = tiny("llama")
+    layout = pt.layout_of(model)
+    p = random_prefix(model, 3, seed=1)
+    assert cached_prefix(model, layout, RowPrefixes.per_row([p]), 2) is not None
+    infix = MergedPrefix(kv=p.kv, meta={"method": "infix", "insert": "target"})
+    assert infix.is_infix and cached_prefix(model, layout, RowPrefixes.per_row([infix]), 1) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cached_prefix(model, layout, RowPrefixes.per_row([p]), 1) is None
+    t5 = tiny("t5")
+    assert cached_prefix(t5, pt.layout_of(t5), RowPrefixes.per_row([random_prefix(t5, 3, seed=1)]), 1) is None

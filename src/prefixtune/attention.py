@@ -29,6 +29,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
@@ -282,6 +283,33 @@ def _prefixed_attention(base: str):
 for _base, _mask_fn in (("sdpa", sdpa_mask), ("eager", eager_mask)):
     AttentionInterface.register(f"prefixtune_{_base}", _prefixed_attention(_base))
     ALL_MASK_ATTENTION_FUNCTIONS.register(f"prefixtune_{_base}", _mask_fn)
+
+
+def cached_prefix(model, layout: "PrefixLayout", rows: RowPrefixes | None, batch_rows: int):
+    """Decoding: the rows' prefix key/values laid out once in a fresh DynamicCache ((batch_rows, kv_heads, P,
+    head_dim) per layer, beams repeated) with the (batch, P) validity of its slots, or None where the cache
+    cannot stand in exactly for prefixtune's attention functions (then they concatenate per layer and step).
+
+    The cache stands in only where a prefix is nothing but key/values ahead of the text: self-attention only,
+    no infix or soft prompt, a decoder-only model without relative position bias, self-counting position
+    embeddings or sliding windows (whose reach our functions count from each row's first real token), and
+    no autocast (the slots must already be in the keys' dtype).
+    """
+    if (rows is None or set(rows.kv) != {"self"} or rows.infix is not None or rows.soft is not None
+            or layout.is_encoder_decoder or layout.bias_modules or layout.position_modules
+            or not layout.arch.shift_positions or torch.is_autocast_enabled(model.device.type)):
+        return None
+    config = model.config
+    if getattr(config, "sliding_window", None) is not None or \
+            any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
+        return None
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != layout.shapes["self"][0] or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None  # a cache of another kind (sliding, recurrent, offloaded): not laid out here
+    for layer in range(len(cache.layers)):
+        keys, values, _ = rows.layer("self", layer, batch_rows)             # (batch_rows, kv_heads, P, head_dim)
+        cache.update(keys.to(model.dtype), values.to(model.dtype), layer)
+    return cache, rows.valid["self"]
 
 
 # ---------------------------------------------------------------------------------------------

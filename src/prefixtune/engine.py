@@ -1,9 +1,14 @@
 """Forward passes, the training loss and generation with per-row conditioning (prefixes, infixes,
 soft prompts) on a frozen Hugging Face model. How the key/values enter attention is attention.py.
 
-  * The HF cache only ever holds real tokens: `generate()`, beam search and left padding work as
-    usual. For decoder-only models, real tokens' `position_ids` start after each row's prefix, so a
-    prefix made from text T acts exactly like T written before the input.
+  * In training and in forward passes the HF cache only ever holds real tokens: the prefix enters
+    each attention call (attention.py). `generate()` on a model where a cache can carry the prefix
+    exactly (`attention.cached_prefix`: plain self-attention prefixes on most decoder-only models)
+    starts from a cache that holds it, so decoding steps run the stock attention with no per-step
+    concatenation; elsewhere the attention functions add it per layer and step. Either way,
+    `generate()`, beam search and left padding work as usual. For decoder-only models, real tokens'
+    `position_ids` start after each row's prefix, so a prefix made from text T acts exactly like T
+    written before the input.
   * Soft input embeddings take the input positions of virtual tokens (ids -1, -2, ...) placed by a
     template (`lay_out`).
 """
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import PrefixLayout, RowPrefixes, describe, layout_of, repeat_rows, use_prefix
+from .attention import PrefixLayout, RowPrefixes, cached_prefix, describe, layout_of, repeat_rows, use_prefix
 from .prefix import MergedPrefix, check_compatible
 
 def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, shape, attention_mask, cache=None,
@@ -141,6 +146,17 @@ def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_m
             raise ValueError("an infix stands between source and target of a decoder-only model; for an "
                              "encoder-decoder model, train a prefix (it reaches the decoder too) instead")
         insert_at = (attention_mask.long().sum(-1) - 1).clamp(min=0)
+    laid = None if _cache_given_or_unusual(kwargs) else \
+        cached_prefix(model, layout, rows, input_ids.shape[0] * _rows_per_input(model, kwargs))
+    if laid is not None:
+        cache, valid = laid                                                      # valid: (1|batch, P)
+        pos = _position_ids(layout, rows, input_ids.shape, attention_mask)
+        if pos is not None:
+            kwargs["position_ids"] = pos
+        # the mask covers the cached slots too: HF then feeds only the input ids, after the cache
+        mask = torch.cat([repeat_rows(valid, input_ids.shape[0]).to(attention_mask.dtype), attention_mask], dim=1)
+        with use_prefix(model, None):  # stock attention: the prefix is in the cache
+            return model.generate(input_ids=input_ids, attention_mask=mask, cache=cache, **kwargs)
     with use_prefix(model, rows) as state:
         state.insert_at = insert_at
         pos = _position_ids(layout, rows, input_ids.shape, attention_mask, insert_at=insert_at)
@@ -151,6 +167,22 @@ def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_m
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         out = model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return out if layout.is_encoder_decoder else torch.cat([input_ids, out], dim=1)
+
+
+# generate() options under which HF does not start from a given cache the plain way
+_OWN_CACHE_OPTIONS = ("cache", "past_key_values", "assistant_model", "prompt_lookup_num_tokens", "prefill_chunk_size",
+                      "custom_generate", "cache_implementation")
+
+
+def _cache_given_or_unusual(kwargs) -> bool:
+    return any(kwargs.get(k) is not None for k in _OWN_CACHE_OPTIONS) or kwargs.get("use_cache") is False
+
+
+def _rows_per_input(model, kwargs) -> int:
+    """How many rows `generate` makes of each input row: its beams, or its returned samples."""
+    config = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams") or config.num_beams or 1
+    return beams if beams > 1 else (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
 
 
 def lay_out(template: list | None, source_ids: list[int]) -> list[int]:
