@@ -12,10 +12,13 @@ step (forward, loss, backward, AdamW), interleaved, best and median of `reps` af
   1-thread         the base step with 1 torch thread (the machine's cores: see "threads"; --skip-threads)
   checkpointing    the base step with gradient checkpointing (prefixtune.gradient_checkpointing)
   bf16             the base step under bf16 autocast (one run only when it is > 2x slower)
+  compiled         the base step with each decoder layer compiled by torch.compile (one graph reused
+                   by every layer; prefixtune's attention function runs between the compiled parts);
+                   the first step's compile time is reported beside it (--skip-compile: not timed)
 
 Peak RSS of a step (VmHWM reset before it) is recorded for base, full-logits, unchunked-ce and
 checkpointing. Padding (packing, length buckets) is measured by bench_train.py (real vs padded
-tokens per system); torch.compile is not measured here (see docs/performance.md).
+tokens per system).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--skip-other-precision", action="store_true",
                     help="do not time a step in the other precision (precision.py measured it already)")
+    ap.add_argument("--skip-compile", action="store_true", help="do not time the torch.compile lever")
     ap.add_argument("--skip-threads", action="store_true",
                     help="do not time a 1-thread step (precision.py measures the thread count already)")
     args = ap.parse_args()
@@ -65,11 +69,14 @@ def main() -> None:
     b = collate(bt.encoded_pairs(tok, pairs), tok.pad_token_id, False)
     threads = env.threads
 
-    def variant(loss_fn, model=model, n_threads=None, bf16=env.bf16, checkpointing=False):
+    def variant(loss_fn, model=model, n_threads=None, bf16=env.bf16, checkpointing=False, compiled=False):
         torch.manual_seed(0)
         pm = pt.PrefixModel(model, bt.prefix_config(None))
         if checkpointing:
             enable_gradient_checkpointing(pm)
+        if compiled:
+            for layer in pm.model.base_model.layers:  # regional compilation: one graph for 30 identical layers
+                layer.compile(dynamic=False)
         params = list(trainable_state(pm).values())
         optimizer = torch.optim.AdamW(params, lr=bt.LR)
 
@@ -94,10 +101,14 @@ def main() -> None:
                                                                                    checkpointing=True)}
     if threads > 1 and not args.skip_threads:
         systems["1-thread"] = variant(target_loss, n_threads=1)
+    if not args.skip_compile:
+        systems["compiled"] = variant(target_loss, common.fresh_copy(model), compiled=True)
     other = "fp32" if env.bf16 else "bf16"
     other_step = variant(target_loss, bf16=not env.bf16)
-    for fn in systems.values():
-        fn()  # warm-up
+    warm = {name: fn()["seconds"] for name, fn in systems.items()}  # warm-up (the compiled variant compiles here)
+    compile_seconds = warm.get("compiled")
+    if compile_seconds is not None:
+        print(f"torch.compile: first step {compile_seconds:.1f} s (compiling)", flush=True)
     load_start = common.machine()["load_average"]
     runs = common.interleave(systems, reps)
     if not args.skip_other_precision:
@@ -107,7 +118,7 @@ def main() -> None:
         runs[other] = other_runs
     load_end = common.machine()["load_average"]
     losses = {name: rs[0]["loss"] for name, rs in runs.items()}
-    for name in ("full-logits", "unchunked-ce", "checkpointing", "1-thread"):  # the same computation, reorganised
+    for name in ("full-logits", "unchunked-ce", "checkpointing", "1-thread", "compiled"):  # the same computation
         if name in losses and abs(losses[name] - losses["base"]) > 1e-4 * max(1.0, abs(losses["base"])):
             raise SystemExit(f"lever {name!r} changed the loss: {losses[name]} vs base {losses['base']}")
     results = {name: {"seconds": common.stats([r["seconds"] for r in rs]),
@@ -123,7 +134,8 @@ def main() -> None:
                            f"peak RSS {r['peak_rss_mb']:.0f} vs {results['base']['peak_rss_mb']:.0f} MiB")
               for name, r in results.items() if name != "base"]
     common.write(args, {"part": "levers", "precision": env.reason, "reps": reps,
-                        "load_average_start_end": [load_start, load_end], "variants": results, "ratios": ratios})
+                        "load_average_start_end": [load_start, load_end], "variants": results, "ratios": ratios,
+                        "compile_first_step_seconds": compile_seconds})
 
 
 if __name__ == "__main__":

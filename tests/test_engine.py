@@ -430,3 +430,12 @@ def test_the_cache_does_not_stand_in_where_it_would_be_inexact():
         assert cached_prefix(model, layout, RowPrefixes.per_row([p]), 1) is None
     t5 = tiny("t5")
     assert cached_prefix(t5, pt.layout_of(t5), RowPrefixes.per_row([random_prefix(t5, 3, seed=1)]), 1) is None
+
+
+def test_a_prefix_that_reaches_no_attention_layer_is_an_error():
+    """The silent failure of other libraries (a prefix that changes nothing) is refused loudly."""
+    model = tiny("llama")
+    rows = RowPrefixes.per_row([random_prefix(model, 3, seed=1)])
+    with pytest.raises(RuntimeError, match="not applied to any attention layer"):
+        forward_with_prefix(model, rows, input_ids=torch.tensor([[3, 4, 5]]), run=lambda **kwargs: None)
+    forward_with_prefix(model, rows, input_ids=torch.tensor([[3, 4, 5]]))  # through the model: it reaches them

@@ -131,7 +131,7 @@ class _Active:
     rows: RowPrefixes | None
     capture: dict | None = None  # (kind, layer) -> (keys, values) when recording activations
     insert_at: torch.Tensor | None = None  # (rows,) where each infix row's infix sits (token index)
-    hits: int = 0
+    reached: bool = False  # a prefix reached an attention layer (a bool, not a count: torch.compile guards on it)
     # Work shared by the layers of one forward (masks, bias columns) and by the steps of one
     # generate call (prefixes repeated for beams), so it is done once, not once per layer and step.
     memo: dict = field(default_factory=dict)
@@ -248,7 +248,7 @@ def _prefixed_attention(base: str):
             active.capture[(kind, layer)] = (key.detach(), value.detach())
         if active.rows is None or kind not in active.rows.kv:
             return stock(module, query, key, value, attention_mask, **kwargs)
-        active.hits += 1
+        active.reached = True
         rows, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
         kv_key = ("kv", kind, layer, rows, key.dtype)
         infix = active.rows.infix is not None and kind == "self"
@@ -499,7 +499,7 @@ def use_prefix(model, rows: RowPrefixes | None, capture: dict | None = None):
         _ACTIVE.reset(token)
         if hook is not None:
             hook.remove()
-    if rows is not None and rows.kv and state.hits == 0:
+    if rows is not None and rows.kv and not state.reached:
         # Guard against the silent failure mode of other libraries: a prefix that never reached attention.
         raise RuntimeError("the prefix was not applied to any attention layer; was the attention implementation "
                            f"changed after prefixtune attached? (now {model.config._attn_implementation!r})")
