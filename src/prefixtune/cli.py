@@ -285,8 +285,6 @@ def demo(
     """Prefix-tune SmolLM2-135M-Instruct on 200 E2E pairs and compare with zero-shot prompting."""
     from .demo import run_demo  # torch: only when a command runs (start-up time)
 
-    if data_dir is None and Path("../shared/data/e2e").exists():
-        data_dir = "../shared/data"
     if record is not None:
         _check_writable_folder("record", record)
     run_demo(out=out, data_dir=data_dir, steps=steps, minutes=time_budget, train_size=train_size, eval_size=eval_size,

@@ -27,15 +27,22 @@ INSTRUCTION = ("Write one fluent English sentence that describes this restaurant
                "and nothing else: {source}")
 
 
+# The data beside a checkout of this project (its workplace layout): used when no folder is given
+SHARED_DATA = "../shared/data"
+
+
 def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: int = 200, minutes: float | None = None,
              train_size: int = 200, eval_size: int = 60, seed: int = 0, num_beams: int = 1, model_name: str = "smollm2-135m",
              precision: str | None = None, print_fn=print, record_dir: str | Path | None = None) -> dict:
-    """`precision`: "auto" (measured once per machine, cached), "fp32" or "bf16"; None reads $PREFIXTUNE_PRECISION."""
+    """`precision`: "auto" (measured once per machine, cached), "fp32" or "bf16"; None reads $PREFIXTUNE_PRECISION.
+    `data_dir` None: ../shared/data when it holds e2e/, else $PREFIXTUNE_DATA or the download cache."""
     out = Path(out)
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print_fn(f"prefixtune demo: {model_name}, E2E low-data ({train_size} training pairs), {steps} training steps"
              + (f", time budget {minutes:g} min" if minutes else ""))
+    if data_dir is None and Path(SHARED_DATA, "e2e").exists():
+        data_dir = SHARED_DATA
     bf16 = resolve_bf16(precision, print_fn=print_fn)  # a CPU flag is not a measurement: bf16 can be 2-20x slower
     model, tok = models.load_model(model_name)  # looked up on the module: tests patch it there
     plan = DataPlan("e2e", data_dir=data_dir, train_split="dev", eval_split="dev", train_size=train_size, seed=seed,
