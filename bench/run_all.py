@@ -2,9 +2,8 @@
 
     python bench/run_all.py [--quick] [--out PATH]
 
-Runs bench_train, bench_memory, bench_scaling, bench_levers, bench_decode, bench_serve_scale and
-bench_serve,
-each in its own process (so one's memory and threads never affect another), and writes
+Runs bench_train, bench_memory, bench_scaling, bench_levers, bench_profile, bench_decode,
+bench_serve_scale and bench_serve, each in its own process (so one's memory and threads never affect another), and writes
 bench/results/DATE-HHMM-CPU.json: date, CPU model, versions, the precision chosen, the machine's load
 average at start and end, and every script's figures. --quick runs the tiny random model with a
 few steps (about 2 minutes): it checks that the suite runs, and writes to --out (default: a
@@ -27,7 +26,7 @@ import common
 
 # the goals' figures first: a run cut short keeps them
 SCRIPTS = ["bench_train.py", "bench_memory.py", "bench_decode.py", "bench_serve_scale.py", "bench_scaling.py",
-           "bench_levers.py", "bench_serve.py"]
+           "bench_levers.py", "bench_profile.py", "bench_serve.py"]
 # bench_serve.py's own defaults (2 rounds of 32 tokens) double its time for the same ratios
 # and bench_levers.py's step in the slower precision repeats what precision.py measured (13x slower here)
 # and its 1-thread step what precision.py measured too; scaling's ratios need one repetition (the suite
