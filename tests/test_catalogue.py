@@ -85,3 +85,19 @@ def test_learning_rates_are_the_methods_own(monkeypatch):
 def test_the_image_experiments_are_the_catalogues_image_experiments():
     assert tuple(vision.IMAGE_EXPERIMENTS) == catalogue.VISION_EXPERIMENTS
     assert set(catalogue.EXPERIMENTS) == set(CATALOGUE) | set(vision.IMAGE_EXPERIMENTS)
+
+
+def test_a_folder_keeps_the_sizes_and_seeds_of_its_earlier_commands(tmp_path):
+    """`--sizes 50` now and `--sizes 200` later into one folder: experiment.json (and the table's note) name
+    both, not only the last command's; another experiment's record is not merged in."""
+    import json
+
+    from prefixtune.experiments.report import save_experiment_meta
+
+    save_experiment_meta(build("low-data", "quick", sizes=[50], seeds=[0, 1]), tmp_path)
+    save_experiment_meta(build("low-data", "quick", sizes=[200], seeds=[2]), tmp_path)
+    meta = json.loads((tmp_path / "experiment.json").read_text())
+    assert meta["sizes"] == [50, 200] and meta["seeds"] == [0, 1, 2]
+    assert meta["notes"][0].startswith("scale quick: sizes [50, 200], seeds [0, 1, 2],")
+    save_experiment_meta(build("init", "quick", sizes=[100]), tmp_path)  # another experiment: its own record
+    assert json.loads((tmp_path / "experiment.json").read_text())["sizes"] == [100]

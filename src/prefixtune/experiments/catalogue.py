@@ -38,6 +38,21 @@ class Experiment:
     x: str | None = None                      # numeric label for the figure's x axis
     notes: list[str] = field(default_factory=list)
     reference: str = "prefix"                 # the row label every other row's BLEU is compared with
+    # the scale's sizes and seeds as the folder's commands asked for them (a command with --sizes/--seeds
+    # adds to what earlier ones recorded: `with_earlier`), and the scale note written from them
+    sizes: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+
+    def with_earlier(self, earlier: dict) -> "Experiment":
+        """This experiment as recorded after `earlier` (an experiment.json of the same experiment, scale,
+        model and data): sizes and seeds are the union, and the scale note says so."""
+        same = all(earlier.get(k) == getattr(self, k) for k in ("name", "scale", "model", "dataset"))
+        if not same or self.scale not in SCALES or not self.notes:
+            return self
+        sizes = list(dict.fromkeys(list(earlier.get("sizes") or []) + self.sizes))
+        seeds = list(dict.fromkeys(list(earlier.get("seeds") or []) + self.seeds))
+        s = dataclasses.replace(SCALES[self.scale], sizes=tuple(sizes), seeds=tuple(seeds))
+        return dataclasses.replace(self, sizes=sizes, seeds=seeds, notes=[scale_note(self.scale, s)] + self.notes[1:])
 
 
 class ExperimentError(ValueError):
@@ -245,10 +260,10 @@ def build_runs(name: str, spec: ExperimentSpec, scale: str = "quick", model: str
                     runs.append(_run(dataset, method, label, size, seed, {**train, "seed": seed, **options}, s,
                                      plan=_plan(dataset, data_dir, path, size, seed, **spec.plan), decode=decode,
                                      eval_limit=eval_limit, labels=axis))
-    notes = [_scale_note(scale, s)] + [n.format(**{k: "all" if v is None else v for k, v in dataclasses.asdict(s).items()})
+    notes = [scale_note(scale, s)] + [n.format(**{k: "all" if v is None else v for k, v in dataclasses.asdict(s).items()})
                                        for n in spec.notes]
     return Experiment(name, scale, model, dataset, runs, spec.group_by, x=spec.x, notes=notes,
-                      reference=spec.reference)
+                      reference=spec.reference, sizes=list(s.sizes), seeds=list(s.seeds))
 
 
 def _run(dataset: str, method: str, label: str, size: int | None, seed: int, overrides: dict, s: Scale, *,
@@ -298,7 +313,7 @@ def _sizes(spec: ExperimentSpec, s: Scale, scale: str, dataset: str) -> tuple:
     return tuple(sizes)
 
 
-def _scale_note(scale: str, s: Scale) -> str:
+def scale_note(scale: str, s: Scale) -> str:
     return (f"scale {scale}: sizes {list(s.sizes)}, seeds {list(s.seeds)}, "
             f"{'max ' + str(s.max_steps) + ' steps' if s.max_steps else 'recipe epochs'}, "
             f"{'epochs ' + str(s.epochs) + ', ' if s.epochs else ''}"

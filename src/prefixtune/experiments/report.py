@@ -57,8 +57,15 @@ def load_experiment(folder: Path):
 
 
 def save_experiment_meta(exp: Experiment, out: Path) -> None:
-    """What the report needs to redraw this folder's table and figures without the command line."""
-    atomic_write_bytes(Path(out) / "experiment.json", json.dumps(
+    """What the report needs to redraw this folder's table and figures without the command line. A folder's
+    earlier commands stay on record: their sizes and seeds are kept beside this one's (`with_earlier`)."""
+    path = Path(out) / "experiment.json"
+    if path.exists():
+        try:
+            exp = exp.with_earlier(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, AttributeError):  # unreadable or not an object: rewritten from this command alone
+            pass
+    atomic_write_bytes(path, json.dumps(
         {k: v for k, v in dataclasses.asdict(exp).items() if k != "runs"}, indent=2).encode())
 
 
