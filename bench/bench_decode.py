@@ -1,6 +1,6 @@
 """Decoding with a prefix vs the plain model: greedy, beam-5, and a mixed batch of 8 prefixes.
 
-    python bench/bench_decode.py [--quick] [--reps 3] [--tokens 8] [--json out.json]
+    python bench/bench_decode.py [--quick] [--reps 3] [--tokens 8] [--json out.json] [--only-precision]
 
 8 E2E sources as prompts (left-padded, one batch), exactly `tokens` new tokens each (EOS
 suppressed with min_new_tokens, so every path does the same work), HF `generate`:
@@ -13,9 +13,14 @@ suppressed with min_new_tokens, so every path does the same work), HF `generate`
   prefix per-step  the prefix added by prefixtune's attention functions at every layer and step (the
                  path before decoding started from a cache holding the prefix; still the path for
                  infixes, soft prompts, sliding windows, encoder-decoders and autocast)
+  prefix bf16    "prefix" on a copy of the model whose weights are cast to bf16 (`--precision bf16` of
+                 generate/evaluate/serve: weights and activations in bf16, no autocast), against
+                 "prefix" in fp32 (the fp32 run is a separate system when the bench's precision is bf16
+                 autocast); also how many of the 8 greedy outputs are the same tokens as fp32's
 
-each greedy and with beam search (5 beams; mixed: greedy only), interleaved, best of `reps`.
+each greedy and with beam search (5 beams; mixed, bf16: greedy only), interleaved, best of `reps`.
 Goals: prefix <= 1.02x the plain model's time; mixed batch >= 0.95x a plain batch's throughput.
+bf16 / fp32 is informative: `auto` picks bf16 by precision.py's measurement, not by this ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from common import pt
 
 from prefixtune import engine
 from prefixtune.batching import prompt_batch
+from prefixtune.precision import cast_model
 
 PREFIX_TEXTS = ["table-to-text:", "Describe the restaurant:", "name : type : area :", "Write one sentence:",
                 "E2E restaurant text", "Summarize the attributes:", "A short review:", "Restaurant facts:"]
@@ -37,6 +43,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)  # 8 timed mostly the prompt's forward, not decoding
     ap.set_defaults(reps=5)
     ap.add_argument("--prefix-length", type=int, default=10)
+    ap.add_argument("--only-precision", action="store_true",
+                    help="time only the prefix in fp32 and in bf16 (the bf16 / fp32 row; minutes less on a busy machine)")
     args = ap.parse_args()
     env = common.setup(args)
     reps, tokens = (1, 4) if args.quick else (args.reps, args.tokens)
@@ -47,6 +55,8 @@ def main() -> None:
         bank = [pt.PrefixModel(model, pt.PrefixConfig(length=args.prefix_length, init_text=t, reparam="flat"),
                                tokenizer=tok).merge() for t in PREFIX_TEXTS]
     shared = pt.RowPrefixes.per_row([bank[0]])
+    half = cast_model(common.fresh_copy(model), torch.bfloat16)   # what --precision bf16 decodes with
+    shared_half = pt.RowPrefixes.per_row([bank[0]], dtype=torch.bfloat16)
     ids, mask = prompt_batch(tok, [p.source for p in common.e2e_pairs(8)], False)
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
 
@@ -54,12 +64,15 @@ def main() -> None:
         kw = dict(gen, num_beams=beams)
 
         def go() -> float:
+            autocast = env.bf16 and kind not in ("prefix bf16", "prefix fp32")
             with common.Stopwatch() as sw, torch.inference_mode(), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=env.bf16):
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 if kind in ("plain", "plain again"):
                     out = (plain if kind == "plain" else plain_again).generate(input_ids=ids, attention_mask=mask, **kw)
-                elif kind == "prefix":
+                elif kind in ("prefix", "prefix fp32"):
                     out = pt.generate_with_prefix(model, shared, ids, mask, **kw)
+                elif kind == "prefix bf16":
+                    out = pt.generate_with_prefix(half, shared_half, ids, mask, **kw)
                 elif kind == "prefix per-step":
                     real, engine.cached_prefix = engine.cached_prefix, lambda *a: None
                     try:
@@ -69,15 +82,25 @@ def main() -> None:
                 else:
                     out = pt.generate_mixed(model, bank, ids, mask, **kw)
             assert out.shape[1] == ids.shape[1] + tokens
+            outputs[kind, beams] = out[:, ids.shape[1]:]
             return sw.seconds
         return go
 
+    outputs: dict[tuple[str, int], torch.Tensor] = {}  # the latest run's new tokens
+    fp32_name = "prefix fp32 greedy" if env.bf16 else "prefix greedy"  # "prefix" runs under the bench's precision
+
     systems = {"plain greedy": run("plain", 1), "plain again greedy": run("plain again", 1),
                "prefix greedy": run("prefix", 1), "prefix per-step greedy": run("prefix per-step", 1),
-               "mixed greedy": run("mixed", 1),
+               "mixed greedy": run("mixed", 1), "prefix bf16 greedy": run("prefix bf16", 1),
+               **({"prefix fp32 greedy": run("prefix fp32", 1)} if env.bf16 else {}),
                "plain beam-5": run("plain", 5), "prefix beam-5": run("prefix", 5)}
+    if args.only_precision:
+        systems = {name: fn for name, fn in systems.items() if name in (fp32_name, "prefix bf16 greedy")}
     for fn in systems.values():
         fn()  # warm-up
+    fp32_out, bf16_out = outputs["prefix fp32" if env.bf16 else "prefix", 1], outputs["prefix bf16", 1]
+    same_outputs = sum(torch.equal(a, b) for a, b in zip(fp32_out, bf16_out))  # greedy: per row
+    same_tokens = float((fp32_out == bf16_out).float().mean())
     load_start = common.machine()["load_average"]
     times = common.interleave(systems, reps)
     load_end = common.machine()["load_average"]
@@ -90,7 +113,7 @@ def main() -> None:
     def t(name):
         return results[name]["min"]
 
-    ratios = [
+    ratios = [] if args.only_precision else [
         common.ratio("decode: plain / plain again, greedy (A/A: the bench's repeatability)",
                      t("plain greedy") / t("plain again greedy"), None,
                      f"median {results['plain greedy']['median'] / results['plain again greedy']['median']:.3f}"),
@@ -104,8 +127,14 @@ def main() -> None:
         common.ratio("decode: mixed 8 prefixes / plain batch (throughput)", t("plain greedy") / t("mixed greedy"),
                      ">= 0.95", f"median {results['plain greedy']['median'] / results['mixed greedy']['median']:.3f}"),
     ]
+    ratios.append(common.ratio("decode: bf16 / fp32 time, greedy", t("prefix bf16 greedy") / t(fp32_name), None,
+                               f"median {results['prefix bf16 greedy']['median'] / results[fp32_name]['median']:.3f}; "
+                               f"{same_outputs}/{len(fp32_out)} outputs identical to fp32's ({same_tokens:.0%} of tokens)"))
+    print(f"  bf16 vs fp32 greedy outputs: {same_outputs} of {len(fp32_out)} identical, {same_tokens:.1%} of tokens equal")
     common.write(args, {"part": "decode", "precision": env.reason, "reps": reps, "new_tokens": tokens,
-                        "load_average_start_end": [load_start, load_end], "seconds": results, "ratios": ratios})
+                        "load_average_start_end": [load_start, load_end], "seconds": results, "ratios": ratios,
+                        "bf16_outputs_identical_to_fp32": [same_outputs, len(fp32_out)],
+                        "bf16_tokens_equal_to_fp32": round(same_tokens, 4)})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .attention import RowPrefixes
 from .files import atomic_write_bytes
 from .ensemble import generate_ensemble
 from .models import NEWLINE_TOKENS
+from .precision import decoding_dtype, model_in
 
 
 def _stop_ids(tokenizer, stop_at_newline: bool) -> list[int]:
@@ -35,11 +36,19 @@ def generate_texts(model, tokenizer, sources: list[str], prefix, cfg: DecodeConf
     a list of soft artifacts (an ensemble: their next-token log-probabilities are averaged), or a
     weight artifact (fine-tuning, adapters, LoRA: applied to the model first).
     `on_output(i, text)` is called as each output is ready (so a caller can write it at once).
+    `cfg.precision` "bf16" (or "auto" where bf16 measured faster): the model's weights are cast to bf16 for
+    the call (activations follow: no autocast), the original float32 tensors put back after it; the
+    artifact's tensors meet the model in its dtype.
     """
+    with model_in(model, decoding_dtype(cfg.precision, device=model.device.type)):
+        return _generate_texts(model, tokenizer, sources, prefix, cfg, format_source, progress, on_output)
+
+
+def _generate_texts(model, tokenizer, sources, prefix, cfg, format_source, progress, on_output) -> list[str]:
     if prefix is not None and not isinstance(prefix, (list, tuple)) and not prefix.mixable:
         with prefix.apply(model, tokenizer):  # its weights in the model for the call, the base back after
-            return generate_texts(model, tokenizer, sources, prefix.row_conditioning, cfg, format_source, progress,
-                                  on_output)
+            return _generate_texts(model, tokenizer, sources, prefix.row_conditioning, cfg, format_source, progress,
+                                   on_output)
     ensemble = list(prefix) if isinstance(prefix, (list, tuple)) else None
     if ensemble is not None and len(ensemble) == 1:
         prefix, ensemble = ensemble[0], None

@@ -289,3 +289,51 @@ def frozen_matmul_weights_in(model, dtype: torch.dtype | None, keep=()):
     finally:
         for p, data in originals:
             p.data = data
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and serving: the whole frozen model in the compute precision (no autocast)
+
+
+def decoding_dtype(option: str, device: str | None = None) -> torch.dtype | None:
+    """The dtype a frozen model decodes in for `option` ("fp32", "bf16", "auto": training's measured,
+    cached choice, see `choose`): torch.bfloat16, or None for the model as loaded (float32)."""
+    return torch.bfloat16 if choose(option, device=device).bf16 else None
+
+
+def _cast_parameters(model, dtype: torch.dtype) -> list:
+    """Store every floating-point parameter of `model` in `dtype`; returns [(parameter, original tensor)].
+
+    Buffers are left as they are: a rotary embedding's float32 inverse frequencies would lose position
+    precision in bf16 (the model computes its cos/sin from them in float32, then casts to the activations').
+    """
+    originals = []
+    for p in model.parameters():  # tied weights appear once
+        if p.is_floating_point() and p.dtype != dtype:
+            originals.append((p, p.data))
+            p.data = p.data.to(dtype)
+    return originals
+
+
+def cast_model(model, dtype: torch.dtype | None):
+    """`model`'s floating-point parameters stored in `dtype` for good (None: nothing changes); returns `model`.
+
+    Weights and activations then run in `dtype` (its activations follow its weights), with no autocast:
+    decoding keeps the path that starts from a cache holding the prefix (`attention.cached_prefix`)."""
+    if dtype is not None:
+        _cast_parameters(model, dtype)
+    return model
+
+
+@contextlib.contextmanager
+def model_in(model, dtype: torch.dtype | None):
+    """Within the block, `model`'s floating-point parameters are stored in `dtype` (as `cast_model`); at exit
+    the original tensors are put back (the very same storage: exact). `dtype=None`: nothing is changed.
+
+    Artifacts applied inside the block (weight methods' `apply`) see the model in `dtype`."""
+    originals = _cast_parameters(model, dtype) if dtype is not None else []
+    try:
+        yield model
+    finally:
+        for p, data in originals:
+            p.data = data
