@@ -10,11 +10,6 @@ token, the prefix entering every attention call) on a separate bf16 copy of the 
 from __future__ import annotations
 
 import contextlib
-import io
-import os
-import subprocess
-import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -28,6 +23,8 @@ from prefixtune.decode import clean_output, generate_texts
 from prefixtune.decode_config import DecodeConfig
 from prefixtune.engine import forward_with_prefix
 from prefixtune.precision import cast_model, model_in
+
+from test_cli_errors import _run  # the CLI's entry point in this process
 from prefixtune.prefix import MergedPrefix
 from prefixtune.serve import PrefixStore, ServeConfig, create_app
 from prefixtune.serve.sampling import decode as decode_ids
@@ -240,21 +237,6 @@ def test_model_in_restores_the_very_same_tensors():
 # The CLI
 
 
-def _run(*args):
-    """The CLI's entry point in this process; (exit code, stdout, stderr)."""
-    from prefixtune.cli import main
-
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with mock.patch.object(sys, "argv", ["prefixtune", *map(str, args)]), \
-            mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="module")
 def cli_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-precision")
@@ -345,3 +327,21 @@ def test_server_in_bf16_serves_what_bf16_generate_gives(tmp_path):
         assert [ch["text"] for ch in r.json()["choices"]] == want
     loaded = app.state.prefixtune.prefixes.get(store.get("p", "alice"))
     assert loaded.prefix.kv["self"].dtype == torch.bfloat16          # prefixes are kept in the model's dtype
+
+
+@pytest.mark.parametrize("measured,recorded", [(None, "fp32"), (torch.bfloat16, "bf16")])
+def test_evaluation_records_the_precision_auto_resolved_to(measured, recorded, tmp_path, monkeypatch):
+    """metrics.json says which number format the outputs were made in, not "auto"."""
+    import json
+
+    import prefixtune.experiments.run as run
+    from prefixtune.data import EvalItem
+
+    from conftest import tiny, tiny_tokenizer
+
+    monkeypatch.setattr(run, "decoding_dtype", lambda option, device=None: measured)
+    model, tok = tiny("llama"), tiny_tokenizer("llama")
+    items = [EvalItem(source="w5 w6", references=("w6 w5",))]
+    run.evaluate(model, tok, None, items, "generic", DecodeConfig(num_beams=1, max_new_tokens=3, precision="auto"),
+                 tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["decode"]["precision"] == recorded

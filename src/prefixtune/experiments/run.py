@@ -28,6 +28,7 @@ from ..files import atomic_write_bytes
 from ..methods import attach, load_artifact, method_of
 from ..metrics import score
 from ..metrics.model_based import model_based_scores
+from ..precision import decoding_dtype
 from ..prefix import read_metadata
 from ..recipes import canonical
 from ..train import TrainConfig, TrainingError, check_resumable, train
@@ -194,6 +195,9 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
     """
     if task == "accuracy":  # a classifier (ptuning-v2): labels, not generated text
         return _evaluate_classifier(model, tokenizer, prefix, items, out_dir)
+    if decode_cfg.precision == "auto":  # metrics.json records the precision the outputs were made in
+        bf16 = decoding_dtype("auto", device=model.device.type) is not None
+        decode_cfg = dataclasses.replace(decode_cfg, precision="bf16" if bf16 else "fp32")
     partial = None
     if out_dir is not None:
         out_dir = Path(out_dir)
