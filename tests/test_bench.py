@@ -28,12 +28,14 @@ def test_bench_suite_runs_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["complete"] and set(result["parts"]) == {
-        "bench_train", "bench_memory", "bench_scaling", "bench_levers", "bench_decode", "bench_serve_scale", "bench_serve"}
+        "bench_train", "bench_memory", "bench_scaling", "bench_levers", "bench_profile", "bench_decode", "bench_serve_scale",
+        "bench_serve"}
     assert result["cpu"] and result["versions"]["torch"] and result["versions"]["peft"] == "0.21.2"
     assert len(result["load_average_start"]) == 3 and len(result["load_average_end"]) == 3
     names = [r["name"] for r in result["ratios"]]
     for goal in ("PEFT+Trainer group_by_length", "FLOP utilisation", "peak RSS", "prefix / plain model time, greedy",
-                 "beam-5", "mixed 8 prefixes", "16 distinct", "mixed batch / PEFT", "checkpointing", "unchunked-ce"):
+                 "beam-5", "mixed 8 prefixes", "16 distinct", "mixed batch / PEFT", "checkpointing", "unchunked-ce",
+                 "compiled", "A/A", "prefix in the cache", "matmul + attention-kernel share", "bf16 / fp32 time"):
         assert any(goal in n for n in names), (goal, names)
     assert all(r["value"] > 0 for r in result["ratios"])
     train = result["parts"]["bench_train"]["systems"]
