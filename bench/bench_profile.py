@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 import common
 from common import pt
 
-from prefixtune.batching import IGNORE, collate
+from prefixtune.batching import collate
 from prefixtune.engine import target_loss
 from prefixtune.methods import trainable_state
 
@@ -51,7 +51,6 @@ def main() -> None:
     pm = pt.PrefixModel(model, bt.prefix_config(None))
     params = list(trainable_state(pm).values())
     optimizer = torch.optim.AdamW(params, lr=bt.LR)
-    head = model.get_output_embeddings()
 
     def prefix_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=env.bf16):
@@ -61,17 +60,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def floor_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=env.bf16):
-            embeds = model.get_input_embeddings()(b.input_ids).detach().requires_grad_(True)
-            hidden = model.base_model(inputs_embeds=embeds, attention_mask=b.attention_mask,
-                                      use_cache=False).last_hidden_state
-            targets = b.labels[:, 1:]
-            keep = targets != IGNORE
-            loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
-        loss.backward()
-
-    steps = {"prefix": prefix_step, "floor": floor_step}
+    steps = {"prefix": prefix_step, "floor": lambda: bt.floor_step(model, b, env.bf16)}
     for fn in steps.values():
         fn()  # warm-up
     load_start = common.machine()["load_average"]

@@ -143,19 +143,24 @@ def run_peft(peft_model, tok, pairs, env, grouped: bool, batch_size=BATCH) -> di
 def run_floor(model, tok, pairs, env, batch_size=BATCH) -> dict:
     """The frozen LM's own cost: forward, LM head at targets, backward through the activations, no prefix."""
     batches = our_batches(tok, pairs, batch_size)
-    head = model.get_output_embeddings()
     ends = []
     for b in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=env.bf16):
-            embeds = model.get_input_embeddings()(b.input_ids).detach().requires_grad_(True)
-            hidden = model.base_model(inputs_embeds=embeds, attention_mask=b.attention_mask,
-                                      use_cache=False).last_hidden_state
-            targets = b.labels[:, 1:]
-            keep = targets != IGNORE
-            loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
-        loss.backward()
+        floor_step(model, b, env.bf16)
         ends.append(time.perf_counter())
     return throughput(ends, [token_counts(b) for b in batches])
+
+
+def floor_step(model, b, bf16: bool) -> None:
+    """One floor step on batch `b`: forward, LM head at targets, backward to the input embeddings only."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        embeds = model.get_input_embeddings()(b.input_ids).detach().requires_grad_(True)
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=b.attention_mask,
+                                  use_cache=False).last_hidden_state
+        targets = b.labels[:, 1:]
+        keep = targets != IGNORE
+        loss = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][keep]).float(),
+                                                 targets[keep])
+    loss.backward()
 
 
 def run_full(model, tok, pairs, env, batch_size=BATCH) -> dict:
