@@ -278,17 +278,10 @@ def frozen_matmul_weights_in(model, dtype: torch.dtype | None, keep=()):
     for module in model.modules():
         own = {id(p) for p in module.parameters(recurse=False)}
         (linear if isinstance(module, (torch.nn.Linear, Conv1D)) else other).update(own)
-    originals = []
-    for p in model.parameters():
-        if id(p) in linear and id(p) not in other and id(p) not in keep_ids and not p.requires_grad \
-                and p.dtype == torch.float32:
-            originals.append((p, p.data))
-            p.data = p.data.to(dtype)
-    try:
+    frozen = [p for p in model.parameters() if id(p) in linear and id(p) not in other and id(p) not in keep_ids
+              and not p.requires_grad and p.dtype == torch.float32]
+    with _parameters_in(frozen, dtype):
         yield model
-    finally:
-        for p, data in originals:
-            p.data = data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,18 +294,30 @@ def decoding_dtype(option: str, device: str | None = None) -> torch.dtype | None
     return torch.bfloat16 if choose(option, device=device).bf16 else None
 
 
-def _cast_parameters(model, dtype: torch.dtype) -> list:
-    """Store every floating-point parameter of `model` in `dtype`; returns [(parameter, original tensor)].
+def _cast_parameters(params, dtype: torch.dtype) -> list:
+    """Store each floating-point parameter of `params` in `dtype`; returns [(parameter, original tensor)].
 
-    Buffers are left as they are: a rotary embedding's float32 inverse frequencies would lose position
+    Only parameters: a rotary embedding's float32 inverse frequencies (a buffer) would lose position
     precision in bf16 (the model computes its cos/sin from them in float32, then casts to the activations').
     """
     originals = []
-    for p in model.parameters():  # tied weights appear once
+    for p in params:  # model.parameters() yields tied weights once
         if p.is_floating_point() and p.dtype != dtype:
             originals.append((p, p.data))
             p.data = p.data.to(dtype)
     return originals
+
+
+@contextlib.contextmanager
+def _parameters_in(params, dtype: torch.dtype):
+    """Within the block `params` are stored in `dtype`; at exit the original tensors are put back (the very
+    same storage: exact)."""
+    originals = _cast_parameters(params, dtype)
+    try:
+        yield
+    finally:
+        for p, data in originals:
+            p.data = data
 
 
 def cast_model(model, dtype: torch.dtype | None):
@@ -321,7 +326,7 @@ def cast_model(model, dtype: torch.dtype | None):
     Weights and activations then run in `dtype` (its activations follow its weights), with no autocast:
     decoding keeps the path that starts from a cache holding the prefix (`attention.cached_prefix`)."""
     if dtype is not None:
-        _cast_parameters(model, dtype)
+        _cast_parameters(model.parameters(), dtype)
     return model
 
 
@@ -331,9 +336,5 @@ def model_in(model, dtype: torch.dtype | None):
     the original tensors are put back (the very same storage: exact). `dtype=None`: nothing is changed.
 
     Artifacts applied inside the block (weight methods' `apply`) see the model in `dtype`."""
-    originals = _cast_parameters(model, dtype) if dtype is not None else []
-    try:
+    with _parameters_in(model.parameters() if dtype is not None else (), dtype):
         yield model
-    finally:
-        for p, data in originals:
-            p.data = data
