@@ -8,12 +8,15 @@ each (EOS ignored so every path does the same work). Measured side by side in on
   mixed      our continuous-batching engine, all 32 requests submitted at once (one mixed batch)
   same       the same engine and prompts, every request using prefix 0 (a same-prefix batch)
   grouped    our engine run one prefix group at a time (isolates the gain of mixing from PEFT's overheads)
+  plain      the same engine and prompts with no prefix at all: what serving with prefixes costs
+  per-step   mixed, with prefill not writing the prefixes into the cache (the attention functions add
+             each row's prefix per layer and step, the path before the cache held them): the lever row
   peft       PEFT 0.21.2 prefix-tuning, requests grouped by prefix, group after group: PEFT's forward
              builds the prefix cache (its own past_key_values) and prefills; decode steps continue that
              cache through the base model, which is what PEFT's generate does. (PEFT's generate itself
              ignores the prefix on transformers 5.24, so it cannot be timed honestly.)
 
-Goals: mixed >= 3x peft throughput; mixed >= 0.9x same. Outputs of peft and mixed are compared
+Goals: mixed >= 3x peft throughput; mixed >= 0.9x same; mixed >= 0.98x plain (issue 20). Outputs of peft and mixed are compared
 token by token so the comparison is honest. Every path runs in a worker thread with the same torch
 thread count. Throughput = generated tokens / wall time; latency = submit-all to a request's end.
 """
@@ -36,6 +39,7 @@ import torch
 
 import common  # noqa: F401  (puts this checkout's src/ first on the path)
 import prefixtune as pt
+import prefixtune.serve.batcher as batcher_module
 from prefixtune.peft_io import to_peft_model
 from prefixtune.serve.batcher import Batcher, GenerationRequest
 from prefixtune.serve.config import ServeConfig, available_cores
@@ -99,6 +103,16 @@ def run_ours(model, tok, prefixes, prompt_ids, tokens: int) -> tuple[dict, list[
         latencies = [h.finished_at - start for h in handles]
     generated = sum(r.completion_tokens for r in results)
     return summary("", seconds, generated, latencies), [r.token_ids for r in results]
+
+
+def run_ours_per_step(model, tok, prefixes, prompt_ids, tokens: int) -> tuple[dict, list[list[int]]]:
+    """Our engine with the prefixes kept out of the cache: added per layer and decode step."""
+    laid_out = batcher_module.cached_prefix
+    batcher_module.cached_prefix = lambda *a, **k: None
+    try:
+        return run_ours(model, tok, prefixes, prompt_ids, tokens)
+    finally:
+        batcher_module.cached_prefix = laid_out
 
 
 def run_ours_grouped(model, tok, prefixes, prompt_ids, tokens: int) -> tuple[dict, list[list[int]]]:
@@ -212,6 +226,8 @@ def main() -> None:
             ("peft", run_peft, (peft_model, mixed_prefixes, prompt_ids, args.tokens, pad_id)),
             ("same", run_ours, (model, tok, same_prefixes, prompt_ids, args.tokens)),
             ("grouped", run_ours_grouped, (model, tok, mixed_prefixes, prompt_ids, args.tokens)),
+            ("plain", run_ours, (model, tok, [None] * args.requests, prompt_ids, args.tokens)),
+            ("per-step", run_ours_per_step, (model, tok, mixed_prefixes, prompt_ids, args.tokens)),
         ]:
             result, out = in_thread(fn, *fn_args)
             result["path"] = name
@@ -225,7 +241,11 @@ def main() -> None:
                   for a, b in zip(outputs["mixed"], outputs["peft"])]
     ratios = {"mixed_vs_peft": best["mixed"]["tokens_per_s"] / best["peft"]["tokens_per_s"],
               "mixed_vs_same": best["mixed"]["tokens_per_s"] / best["same"]["tokens_per_s"],
-              "mixed_vs_grouped": best["mixed"]["tokens_per_s"] / best["grouped"]["tokens_per_s"]}
+              "mixed_vs_grouped": best["mixed"]["tokens_per_s"] / best["grouped"]["tokens_per_s"],
+              "mixed_vs_plain": best["mixed"]["tokens_per_s"] / best["plain"]["tokens_per_s"],
+              "mixed_vs_per_step": best["mixed"]["tokens_per_s"] / best["per-step"]["tokens_per_s"]}
+    if outputs["per-step"] != outputs["mixed"]:
+        sys.exit("the per-step path and the cache path gave different tokens: a bug, not a speed difference")
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": "tiny random llama (--quick)" if args.quick else args.model, "requests": args.requests, "prefixes": args.prefixes, "new_tokens": args.tokens,
@@ -247,6 +267,8 @@ def main() -> None:
     print(f"mixed / peft (goal >= 3.0): {ratios['mixed_vs_peft']:.2f}x")
     print(f"mixed / same (goal >= 0.9): {ratios['mixed_vs_same']:.2f}x")
     print(f"mixed / grouped (our engine, one prefix group at a time): {ratios['mixed_vs_grouped']:.2f}x")
+    print(f"mixed / plain, no prefix (goal >= 0.98): {ratios['mixed_vs_plain']:.3f}x")
+    print(f"mixed / per-step prefixes (lever: prefix in the cache): {ratios['mixed_vs_per_step']:.3f}x")
     print(f"PEFT output equals ours: {report['peft_equal_to_mixed']}")
     if equal == 0:
         print("WARNING: no PEFT output equals ours; the comparison is not of the same computation")

@@ -42,7 +42,9 @@ def serve_ratios(report: dict) -> list[dict]:
     return [common.ratio("serve: mixed batch / PEFT grouped by prefix", r["mixed_vs_peft"], ">= 3.0",
                          report.get("peft_equal_to_mixed", "")),
             common.ratio("serve: mixed batch / same-prefix batch", r["mixed_vs_same"], ">= 0.9"),
-            common.ratio("serve: mixed batch / our engine one group at a time", r["mixed_vs_grouped"], None)]
+            common.ratio("serve: mixed batch / our engine one group at a time", r["mixed_vs_grouped"], None),
+            common.ratio("serve: mixed batch / no prefix (throughput)", r["mixed_vs_plain"], ">= 0.98"),
+            common.ratio("serve: prefix in the cache / per step (lever)", r["mixed_vs_per_step"], None)]
 
 
 def main() -> None:

@@ -4,7 +4,11 @@ One worker thread owns the model and loops:
   1. admit waiting requests (up to `max_batch_size` rows in all): prefill them together in one
      left-padded forward pass, choose their first token, then merge them into the running batch by
      left-padding the shorter KV cache, so every row shares one cache length;
-  2. one decode step for every running row, each attending to its own prefix;
+  2. one decode step for every running row, each attending to its own prefix: where a cache can hold
+     the prefix exactly (`attention.cached_prefix`), each row's prefix key/values are written into
+     the cache once at prefill, ahead of its prompt, and steps run the model's stock attention;
+     elsewhere (soft prompts in the prefill group, models where the cache cannot stand in) the
+     attention functions add each row's prefix per layer and step;
   3. rows that are done (EOS, a stop string, max_tokens, cancelled) leave via index_select.
 Other threads only `submit()` and wait on futures, so the model never runs twice at once.
 
@@ -12,7 +16,8 @@ Work is bounded by `max_batch_tokens` token slots (see `Slots`): the running bat
 while its cache can never outgrow the budget, and the queue holds at most one more budget of work.
 
 A row's output equals running it alone: padding is masked, positions are counted from the mask
-(plus the row's prefix length), and a row's prefix is visible to that row only.
+(whose columns include a cached prefix's slots, or else plus the row's prefix length), and a row's
+prefix is visible to that row only.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..engine import forward_with_prefix, lay_out
 
-from ..attention import RowPrefixes, layout_of
+from ..attention import RowPrefixes, cached_prefix, layout_of, repeat_rows
 from ..models import model_name
 from ..prefix import MergedPrefix, check_compatible
 from .config import ServeConfig
@@ -352,6 +357,7 @@ class Batcher:
         if layout.is_encoder_decoder or not layout.arch.shift_positions:
             raise ValueError(f"the batching server supports decoder-only models; {model_name(model)} is not one")
         self.model = model
+        self.layout = layout
         self.tokenizer = tokenizer
         self.config = config or ServeConfig()
         self.metrics = metrics or ServerMetrics()
@@ -369,6 +375,7 @@ class Batcher:
         self._abort = False
         self._thread: threading.Thread | None = None
         self.steps = 0          # decode steps run
+        self.cached_prefills = 0  # prefills whose rows' prefixes went into the cache (no per-step prefix)
         self.largest_batch = 0  # most rows ever decoded together
         self.metrics.queue_depth.fn = lambda: self.queue_depth
         self.metrics.running.fn = lambda: self.running
@@ -592,11 +599,21 @@ class Batcher:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[i, width - len(prompt):] = 1
-        prefixes = None
+        prefixes, cache = None, None
         if any(r.prefix is not None for r in rows):
             prefixes = RowPrefixes.per_row([r.prefix for r in rows], device=self.device, dtype=self.model.dtype)
-        logits, cache = self._forward(ids, mask, prefixes, cache=None)
-        self.metrics.prompt_tokens.inc(int(mask.sum()))
+        prompt_tokens = int(mask.sum())
+        laid = cached_prefix(self.model, self.layout, prefixes, len(rows)) if prefixes is not None else None
+        if laid is not None:
+            # From here on the prefix is cache columns ahead of the prompt: (rows, P) valid slots join the
+            # mask, positions counted over the mask start after each row's prefix, and the batch carries no
+            # per-row prefixes (merging and dropping rows treat the slots as any other cached tokens).
+            cache, valid = laid
+            mask = torch.cat([repeat_rows(valid, len(rows)).to(mask.dtype), mask], dim=1)   # (rows, P + width)
+            prefixes = None
+        self.cached_prefills += laid is not None
+        logits, cache = self._forward(ids, mask, prefixes, cache=cache)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
         for layer in cache.layers:
             if type(layer) is not DynamicLayer:
                 raise RuntimeError(f"the batching server needs full-attention caches; {model_name(self.model)} uses "
