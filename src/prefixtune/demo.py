@@ -44,7 +44,14 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
     if data_dir is None and Path(SHARED_DATA, "e2e").exists():
         data_dir = SHARED_DATA
     bf16 = resolve_bf16(precision, print_fn=print_fn)  # a CPU flag is not a measurement: bf16 can be 2-20x slower
+    phases: dict[str, float] = {}  # where the time goes on this CPU kind (recorded in demo.json)
+
+    def lap(name: str) -> None:
+        phases[name] = time.time() - started - sum(phases.values())
+
+    lap("precision")  # the bf16/fp32 probe (cached after a machine's first run)
     model, tok = models.load_model(model_name)  # looked up on the module: tests patch it there
+    lap("load_model")
     plan = DataPlan("e2e", data_dir=data_dir, train_split="dev", eval_split="dev", train_size=train_size, seed=seed,
                     eval_size=eval_size)
     decode_cfg = DecodeConfig(num_beams=num_beams, max_new_tokens=60, batch_size=20)
@@ -64,6 +71,7 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
     run = run_training(model_name, plan, prefix_cfg, train_cfg, out, resume=resume, print_fn=print_fn,
                        model_and_tokenizer=(model, tok))
     items = run["eval_items"]
+    lap("train")  # data, training steps, dev losses, checkpoints
 
     def instruct(source: str) -> str:
         chat = [{"role": "user", "content": INSTRUCTION.format(source=source)}]
@@ -71,8 +79,10 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
 
     print_fn(f"zero-shot: generating {len(items)} outputs with an instruction, no prefix ...")
     zero = evaluate(model, tok, None, items, "e2e", decode_cfg, out / "zero_shot", format_source=instruct)
+    lap("zero_shot_eval")
     print_fn(f"prefix-tuned: generating {len(items)} outputs ...")
     tuned = evaluate(model, tok, run["artifact"], items, "e2e", decode_cfg, out / "eval")
+    lap("prefix_eval")
 
     size = Path(run["artifact_path"]).stat().st_size
     n_params = sum(p.numel() for p in model.parameters())
@@ -94,6 +104,7 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
                "zero_shot": zero["scores"], "prefix_tuned": tuned["scores"], "prefix_bytes": size,
                "total_seconds": round(time.time() - started, 1), "bf16": bf16, "resumed": resume,
                "best_step": run.get("best_step"), "machine": machine(), "versions": package_versions(),
+               "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
                "torch_threads": __import__("torch").get_num_threads(),
                # other work on the machine slows the run (not its result): the 1-minute load average
                "load_average": [load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}

@@ -1,0 +1,39 @@
+"""`make demo` end to end on a tiny random model and the shared E2E data: it trains, evaluates both
+systems, and records where its time went (the per-CPU figures of the README come from these records)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import prefixtune.models
+from prefixtune.demo import run_demo
+from prefixtune.serve.testing import char_tokenizer
+
+from conftest import SHARED, missing, tiny
+
+DATA = SHARED / "data"
+
+
+def test_demo_trains_evaluates_and_records_its_phases(tmp_path, monkeypatch):
+    if not (DATA / "e2e").exists():
+        missing(f"shared E2E data not found at {DATA}")
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the zero-shot row's instruction
+    monkeypatch.setattr(prefixtune.models, "load_model", lambda name: (tiny("llama"), tok))
+    lines: list[str] = []
+    summary = run_demo(out=tmp_path / "demo", data_dir=str(DATA), steps=3, train_size=20, eval_size=3,
+                       precision="fp32", print_fn=lines.append, record_dir=tmp_path / "records")
+
+    assert summary["steps"] == 3 and summary["eval_mrs"] == 3
+    phases = summary["phase_seconds"]
+    assert list(phases) == ["precision", "load_model", "train", "zero_shot_eval", "prefix_eval"]
+    assert all(v >= 0 for v in phases.values())
+    # the phases cover the run: what is left is the summary itself
+    assert sum(phases.values()) == pytest.approx(summary["total_seconds"], abs=1.0)
+    on_disk = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert on_disk["phase_seconds"] == phases
+    records = list((tmp_path / "records").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["prefix_tuned"] == summary["prefix_tuned"]
+    assert any(line.startswith("total time:") for line in "\n".join(lines).splitlines())
