@@ -1,6 +1,6 @@
 """Decoding with a prefix vs the plain model: greedy, beam-5, and a mixed batch of 8 prefixes.
 
-    python bench/bench_decode.py [--quick] [--reps 3] [--tokens 8] [--json out.json] [--only-precision]
+    python bench/bench_decode.py [--quick] [--reps 3] [--tokens 8] [--device auto] [--json out.json] [--only-precision]
 
 8 E2E sources as prompts (left-padded, one batch), exactly `tokens` new tokens each (EOS
 suppressed with min_new_tokens, so every path does the same work), HF `generate`:
@@ -21,6 +21,8 @@ suppressed with min_new_tokens, so every path does the same work), HF `generate`
 each greedy and with beam search (5 beams; mixed, bf16: greedy only), interleaved, best of `reps`.
 Goals: prefix <= 1.02x the plain model's time; mixed batch >= 0.95x a plain batch's throughput.
 bf16 / fp32 is informative: `auto` picks bf16 by precision.py's measurement, not by this ratio.
+On a GPU (`--device`: cuda where one is available) every path runs there (bf16 autocast by default,
+sdpa attention), each timing read after torch.cuda.synchronize.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ PREFIX_TEXTS = ["table-to-text:", "Describe the restaurant:", "name : type : are
 
 
 def main() -> None:
-    ap = common.parser(__doc__)
+    ap = common.parser(__doc__, cuda=True)
     ap.add_argument("--tokens", type=int, default=32)  # 8 timed mostly the prompt's forward, not decoding
     ap.set_defaults(reps=5)
     ap.add_argument("--prefix-length", type=int, default=10)
@@ -48,16 +50,16 @@ def main() -> None:
     args = ap.parse_args()
     env = common.setup(args)
     reps, tokens = (1, 4) if args.quick else (args.reps, args.tokens)
-    model, tok = common.load(args.quick)
+    model, tok = common.load(args.quick, env.device)
     plain = common.fresh_copy(model)
     plain_again = common.fresh_copy(model)
     with torch.no_grad():
         bank = [pt.PrefixModel(model, pt.PrefixConfig(length=args.prefix_length, init_text=t, reparam="flat"),
                                tokenizer=tok).merge() for t in PREFIX_TEXTS]
-    shared = pt.RowPrefixes.per_row([bank[0]])
+    shared = pt.RowPrefixes.per_row([bank[0]], device=env.device)
     half = cast_model(common.fresh_copy(model), torch.bfloat16)   # what --precision bf16 decodes with
-    shared_half = pt.RowPrefixes.per_row([bank[0]], dtype=torch.bfloat16)
-    ids, mask = prompt_batch(tok, [p.source for p in common.e2e_pairs(8)], False)
+    shared_half = pt.RowPrefixes.per_row([bank[0]], device=env.device, dtype=torch.bfloat16)
+    ids, mask = (t.to(env.device) for t in prompt_batch(tok, [p.source for p in common.e2e_pairs(8)], False))
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
 
     def run(kind: str, beams: int):
@@ -65,8 +67,8 @@ def main() -> None:
 
         def go() -> float:
             autocast = env.bf16 and kind not in ("prefix bf16", "prefix fp32")
-            with common.Stopwatch() as sw, torch.inference_mode(), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with common.Stopwatch(env.device) as sw, torch.inference_mode(), \
+                    torch.autocast(env.device, dtype=torch.bfloat16, enabled=autocast):
                 if kind in ("plain", "plain again"):
                     out = (plain if kind == "plain" else plain_again).generate(input_ids=ids, attention_mask=mask, **kw)
                 elif kind in ("prefix", "prefix fp32"):
@@ -105,8 +107,8 @@ def main() -> None:
     times = common.interleave(systems, reps)
     load_end = common.machine()["load_average"]
     results = {name: common.stats(ts) for name, ts in times.items()}
-    print(f"decoding, 8 prompts, {tokens} new tokens, prefix length {args.prefix_length}, {env.precision}, "
-          f"{env.threads} threads, best of {reps}; load average {load_start} -> {load_end}")
+    print(f"decoding, 8 prompts, {tokens} new tokens, prefix length {args.prefix_length}, {env.precision} on "
+          f"{env.gpu or 'cpu'}, {env.threads} threads, best of {reps}; load average {load_start} -> {load_end}")
     for name, r in results.items():
         print(f"  {name:<22} {r['min']:7.3f} s (median {r['median']:.3f})  {8 * tokens / r['min']:7.1f} tok/s")
 

@@ -1,6 +1,6 @@
 """Training throughput: prefixtune's trainer vs PEFT PrefixTuning + HF Trainer, the floor, full fine-tuning.
 
-    python bench/bench_train.py [--quick] [--reps 3] [--pairs 210] [--json out.json]
+    python bench/bench_train.py [--quick] [--reps 3] [--pairs 210] [--device auto] [--json out.json]
 
 Same model (SmolLM2-135M), data (a fixed sample of E2E dev pairs, encoded once by prefixtune's
 `encode`), batch 10, lr, precision, prefix length 10 and reparametrization MLP (hidden 512, input
@@ -17,8 +17,11 @@ step 1 to the end of step N.
                      (the input embeddings require grad), LM head at target positions; no prefix
   full-ft            full fine-tuning on prefixtune's batches: every weight trained (AdamW), same loss
 
+On a GPU (`--device`: cuda where one is available) every system runs there, the HF Trainer too, in
+bf16 autocast by default and with sdpa attention; each step's end is read after torch.cuda.synchronize.
+
 FLOP utilisation = counted FLOPs of a step / step time / measured matmul peak (1024^3 fp32 or bf16
-matmul at the same threads). FLOPs count real (unpadded) tokens only:
+matmul at the same threads; 8192^3 on a GPU). FLOPs count real (unpadded) tokens only:
   per real token:     4 * W   (W = weights of the transformer layers' matmuls; forward 2W, backward to
                                the activations 2W; full fine-tuning adds 2W for weight gradients: 6W)
   per real token and layer: 12 * d * ctx  (attention scores and mixing, forward 4*d*ctx, backward
@@ -29,7 +32,6 @@ matmul at the same threads). FLOPs count real (unpadded) tokens only:
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -94,7 +96,10 @@ def run_prefixtune(model, tok, pairs, env, mlp_input_dim=None, batch_size=BATCH)
     with tempfile.TemporaryDirectory() as out:
         train(pm, tok, pairs, [], cfg, out, print_fn=lambda s: None)
         log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-    ends = [r["time"] for r in log if "loss" in r]  # written at the end of each step (1 ms resolution)
+    # written at the end of each step (1 ms resolution), after the trainer reads the step's loss and checks
+    # the parameters: on a GPU too, the time the step's work took. The trainer takes the GPU when one
+    # is visible: common.resolve_device leaves none visible for a CPU run.
+    ends = [r["time"] for r in log if "loss" in r]
     counts = [token_counts(b) for b in our_batches(tok, pairs, batch_size)]
     assert [c[1] for c in counts] == [r["target_tokens"] for r in log if "loss" in r], "batches differ from the trainer's"
     return throughput(ends, counts)
@@ -124,13 +129,14 @@ def run_peft(peft_model, tok, pairs, env, grouped: bool, batch_size=BATCH) -> di
 
     class StepEnds(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
+            ends.append(common.now(env.device))
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=LR,
             lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0,
-            train_sampling_strategy="group_by_length" if grouped else "random", bf16=env.bf16, use_cpu=True,
+            train_sampling_strategy="group_by_length" if grouped else "random", bf16=env.bf16,
+            use_cpu=env.device == "cpu",  # the bench's device: the CPU, or the one GPU left visible
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
             dataloader_num_workers=0, remove_unused_columns=False)
         trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=collator,
@@ -142,17 +148,17 @@ def run_peft(peft_model, tok, pairs, env, grouped: bool, batch_size=BATCH) -> di
 
 def run_floor(model, tok, pairs, env, batch_size=BATCH) -> dict:
     """The frozen LM's own cost: forward, LM head at targets, backward through the activations, no prefix."""
-    batches = our_batches(tok, pairs, batch_size)
+    batches = [b.to(env.device) for b in our_batches(tok, pairs, batch_size)]
     ends = []
     for b in batches:
         floor_step(model, b, env.bf16)
-        ends.append(time.perf_counter())
+        ends.append(common.now(env.device))
     return throughput(ends, [token_counts(b) for b in batches])
 
 
 def floor_step(model, b, bf16: bool) -> None:
     """One floor step on batch `b`: forward, LM head at targets, backward to the input embeddings only."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(b.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         embeds = model.get_input_embeddings()(b.input_ids).detach().requires_grad_(True)
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=b.attention_mask,
                                   use_cache=False).last_hidden_state
@@ -167,7 +173,7 @@ def run_full(model, tok, pairs, env, batch_size=BATCH) -> dict:
     """Full fine-tuning: every weight trained with AdamW, the same target-position loss as prefixtune."""
     from prefixtune.engine import target_loss
 
-    batches = our_batches(tok, pairs, batch_size)
+    batches = [b.to(env.device) for b in our_batches(tok, pairs, batch_size)]
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -175,13 +181,13 @@ def run_full(model, tok, pairs, env, batch_size=BATCH) -> dict:
     ends = []
     try:
         for b in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=env.bf16):
+            with torch.autocast(b.input_ids.device.type, dtype=torch.bfloat16, enabled=env.bf16):
                 loss = target_loss(model, None, b.input_ids, b.attention_mask, b.labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ends.append(time.perf_counter())
+            ends.append(common.now(env.device))
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -213,7 +219,7 @@ def step_flops(model, batches, prefix_len: int, weight_grads: bool) -> float:
 
 
 def main() -> None:
-    ap = common.parser(__doc__)
+    ap = common.parser(__doc__, cuda=True)
     ap.add_argument("--pairs", type=int, default=210, help="E2E pairs per epoch (steps = pairs / batch; 210: 20 timed "
                     "steps per system and repetition after the warm-up step, as issue 20 asks)")
     args = ap.parse_args()
@@ -221,7 +227,7 @@ def main() -> None:
     n_pairs, reps = (12, 1) if args.quick else (args.pairs, args.reps)
     batch = 4 if args.quick else BATCH
 
-    model, tok = common.load(args.quick)
+    model, tok = common.load(args.quick, env.device)
     peft_model = make_peft(common.fresh_copy(model))
     full_model = common.fresh_copy(model)
     token_dim = peft_model.peft_config["default"].token_dim  # our MLP input width = PEFT's
@@ -251,7 +257,7 @@ def main() -> None:
         results[name] = {"target_tok_s": common.stats([r["target_tok_s"] for r in rs]),
                          "real_tok_s": common.stats([r["real_tok_s"] for r in rs]),
                          "s_per_step": common.stats([r["s_per_step"] for r in rs]), "best_run": best}
-    peak = common.matmul_peak(env.bf16)
+    peak = common.matmul_peak(env.bf16, env.device)
     batches = our_batches(tok, pairs, batch)
     util = {}
     for name, prefix_len, full in (("prefixtune", PREFIX_LEN, False), ("floor", 0, False), ("full-ft", 0, True)):
@@ -276,8 +282,9 @@ def main() -> None:
         common.ratio("train: FLOP utilisation of a prefixtune step", util["prefixtune"], ">= 0.6",
                      f"peak {peak / 1e9:.0f} GFLOP/s; floor {util['floor']:.2f}, full-ft {util['full-ft']:.2f}"),
     ]
-    print(f"training, {n_pairs} E2E pairs, batch {batch}, prefix {PREFIX_LEN} + MLP {MLP_HIDDEN}, {env.precision}, "
-          f"{env.threads} threads, {reps} interleaved reps; load average {load_start} -> {load_end}")
+    print(f"training, {n_pairs} E2E pairs, batch {batch}, prefix {PREFIX_LEN} + MLP {MLP_HIDDEN}, {env.precision} "
+          f"on {env.gpu or 'cpu'}, {env.threads} threads, {reps} interleaved reps; load average {load_start} -> "
+          f"{load_end}")
     print(f"{'system':<14} {'target tok/s best/median':>26} {'real tok/s best/median':>26} {'s/step best/median':>20}")
     for name, r in results.items():
         t, real, s = r["target_tok_s"], r["real_tok_s"], r["s_per_step"]

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one after another, then one table of ratios and one JSON file.
 
-    python bench/run_all.py [--quick] [--out PATH]
+    python bench/run_all.py [--quick] [--device auto] [--out PATH]
 
 Runs bench_train, bench_memory, bench_scaling, bench_levers, bench_profile, bench_decode,
 bench_serve_scale and bench_serve, each in its own process (so one's memory and threads never affect another), and writes
@@ -8,6 +8,10 @@ bench/results/DATE-HHMM-CPU.json: date, CPU model, versions, the precision chose
 average at start and end, and every script's figures. --quick runs the tiny random model with a
 few steps (about 2 minutes): it checks that the suite runs, and writes to --out (default: a
 temporary file), never to bench/results.
+
+On a GPU (--device: cuda where one is available) bench_train and bench_decode run there (bf16 by
+default) and the CPU-only scripts are skipped, each with its reason (CPU_ONLY); the file is then
+bench/results/DATE-HHMM-GPU.json, named by the GPU's model, and records the device and the GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import common
 
+HERE = Path(__file__).resolve().parent
+
 # the goals' figures first: a run cut short keeps them
 SCRIPTS = ["bench_train.py", "bench_memory.py", "bench_decode.py", "bench_serve_scale.py", "bench_scaling.py",
            "bench_levers.py", "bench_profile.py", "bench_serve.py"]
@@ -34,6 +40,14 @@ SCRIPTS = ["bench_train.py", "bench_memory.py", "bench_decode.py", "bench_serve_
 EXTRA_ARGS = {"bench_serve.py": ["--rounds", "1", "--tokens", "16"],
               "bench_levers.py": ["--skip-other-precision", "--skip-threads", "--reps", "2"],
               "bench_scaling.py": ["--reps", "1"]}
+# scripts that measure the CPU itself, or whose model, autocast and timers are the CPU's: skipped on a GPU
+# (the others take --device)
+CPU_ONLY = {"bench_memory.py": "peak RSS is the host's memory; a GPU run's activations are in GPU memory",
+            "bench_serve_scale.py": "its model, serving engine and autocast run on the CPU",
+            "bench_scaling.py": "its steps run under CPU autocast, timed without synchronizing a GPU",
+            "bench_levers.py": "its levers are the CPU's (threads, CPU autocast, compile on the CPU)",
+            "bench_profile.py": "it groups self CPU time by operator (torch.profiler's CPU activity)",
+            "bench_serve.py": "its model and serving engine run on the CPU at --threads"}
 
 
 def serve_ratios(report: dict) -> list[dict]:
@@ -47,32 +61,49 @@ def serve_ratios(report: dict) -> list[dict]:
             common.ratio("serve: prefix in the cache / per step (lever)", r["mixed_vs_per_step"], None)]
 
 
+def command(script: str, out: Path, quick: bool, device: str) -> list[str]:
+    """The command line that runs `script`, writing its JSON to `out` (CPU_ONLY scripts take no --device)."""
+    cmd = [sys.executable, str(HERE / script), "--json", str(out)] + (["--quick"] if quick else [])
+    cmd += [] if script in CPU_ONLY else ["--device", device]
+    return cmd + (EXTRA_ARGS.get(script, []) if not quick else [])
+
+
+def results_path(start: dict) -> Path:
+    """bench/results/DATE-HHMM-MODEL.json, MODEL the GPU's on a GPU, else the CPU's."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", start.get("gpu") or start["cpu"]).strip("-")
+    # the start time in the name: a second run on the same day and machine keeps the first one's record
+    return HERE / "results" / f"{start['date'][:10]}-{start['date'][11:16].replace(':', '')}-{slug}.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", help="results file (default: bench/results/DATE-HHMM-CPU.json; --quick: a temporary file)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    ap.add_argument("--out", help="results file (default: bench/results/DATE-HHMM-CPU.json, -GPU.json on a GPU; "
+                    "--quick: a temporary file)")
     ap.add_argument("--only", nargs="*", help="run only these scripts (e.g. bench_decode.py)")
     args = ap.parse_args()
-    here = Path(__file__).resolve().parent
     started = time.time()
-    start = common.machine()
-    from prefixtune.precision import choose
-
-    precision = choose("fp32" if args.quick else "auto")  # measured once per machine, before any script runs
+    # pins this process to the device: the scripts inherit $CUDA_VISIBLE_DEVICES, so "cuda" is the same GPU there
+    device = common.resolve_device(args.device)
+    start = common.machine(device)
+    # on the CPU measured once per machine (then cached), before any script runs
+    precision = common.choose_precision("auto", device, args.quick)
+    gpu = f" ({start['gpu']})" if device == "cuda" else ""
     print(f"prefixtune benchmarks{' (quick smoke run)' if args.quick else ''}, {start['date']}, {start['cpu']} "
-          f"x{start['cores']}, load average {start['load_average']}\nprecision {precision.reason}", flush=True)
+          f"x{start['cores']}, load average {start['load_average']}\ndevice {device}{gpu}\n"
+          f"precision {precision.reason}", flush=True)
 
     if args.out:
         path = Path(args.out)
     elif args.quick:
         path = Path(tempfile.gettempdir()) / "prefixtune-bench-quick.json"
     else:
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", start["cpu"]).strip("-")
-        # the start time in the name: a second run on the same day and CPU keeps the first one's record
-        path = here / "results" / f"{start['date'][:10]}-{start['date'][11:16].replace(':', '')}-{slug}.json"
+        path = results_path(start)
     result = {"date": start["date"], "cpu": start["cpu"], "cores": start["cores"], "versions": start["versions"],
+              "device": device, **({"gpu": start["gpu"]} if device == "cuda" else {}),
               "precision": precision.reason, "load_average_start": start["load_average"], "quick": args.quick,
-              "complete": False, "ratios": [], "parts": {}}
+              "complete": False, "ratios": [], "parts": {}, "skipped": {}}
     parts = result["parts"]
     with tempfile.TemporaryDirectory() as tmp:
         if not args.quick:  # convert the GGUF model once; every script then loads the folder in seconds
@@ -84,12 +115,14 @@ def main() -> None:
             except Exception as e:  # slower, not wrong: every script loads the GGUF model itself
                 print(f"could not convert the model once ({e}); each script loads it", flush=True)
         for script in args.only or SCRIPTS:
+            if device == "cuda" and script in CPU_ONLY:
+                print(f"\n== {script} == skipped on the GPU: {CPU_ONLY[script]}", flush=True)
+                result["skipped"][script.removesuffix(".py")] = CPU_ONLY[script]
+                continue
             out = Path(tmp) / (script + ".json")
-            cmd = [sys.executable, str(here / script), "--json", str(out)] + (["--quick"] if args.quick else [])
-            cmd += EXTRA_ARGS.get(script, []) if not args.quick else []
             print(f"\n== {script} ==", flush=True)
             t0 = time.time()
-            proc = subprocess.run(cmd)
+            proc = subprocess.run(command(script, out, args.quick, device))
             if proc.returncode:
                 raise SystemExit(f"{script} failed (exit {proc.returncode})")
             name = script.removesuffix(".py")
@@ -99,7 +132,7 @@ def main() -> None:
             save(path, result)  # after every part: an interrupted run keeps what it measured
     end = common.machine()
     result.update(load_average_end=end["load_average"], wall_s=round(time.time() - started, 1), complete=True)
-    print(f"\n== ratios ({start['date']}, {start['cpu']}, {precision.name}, load average "
+    print(f"\n== ratios ({start['date']}, {start.get('gpu') or start['cpu']}, {precision.name}, load average "
           f"{start['load_average'][0]} at start, {end['load_average'][0]} at end) ==")
     common.print_ratios(result["ratios"])
     save(path, result)
