@@ -24,10 +24,9 @@ from prefixtune import models
 from prefixtune.config import PrefixConfig
 from prefixtune.data_plan import DataPlan
 from prefixtune.decode import DecodeConfig
+from prefixtune.demo import DEMO_PREFIX
 from prefixtune.experiments.run import evaluate, run_training
 from prefixtune.train import TrainConfig
-
-DEMO_PREFIX = dict(length=10, reparam="mlp", mlp_hidden=512, init_text="table-to-text: restaurant description")
 
 
 def main() -> None:

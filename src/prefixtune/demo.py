@@ -27,6 +27,9 @@ INSTRUCTION = ("Write one fluent English sentence that describes this restaurant
                "and nothing else: {source}")
 
 
+# The demo's prefix (scripts/demo_config_search.py searches training budgets around this same prefix)
+DEMO_PREFIX = dict(length=10, reparam="mlp", mlp_hidden=512, init_text="table-to-text: restaurant description")
+
 # The data beside a checkout of this project (its workplace layout): used when no folder is given
 SHARED_DATA = "../shared/data"
 
@@ -65,7 +68,7 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
     # more per example: 600 examples in batches of 5 scored BLEU 0.671, in batches of 10 (60 steps at
     # 3e-3) 0.611, and 800 in batches of 10 0.647; the old 200 steps of 10 at 1e-3 scored 0.717 for
     # 3.3x the training work.
-    prefix_cfg = PrefixConfig(length=10, reparam="mlp", mlp_hidden=512, init_text="table-to-text: restaurant description")
+    prefix_cfg = PrefixConfig(**DEMO_PREFIX)
     train_cfg = TrainConfig(lr=2e-3, epochs=20, batch_size=5, warmup_steps=5, max_steps=steps,
                             time_budget_s=minutes * 60 if minutes else None,
                             eval_every=20, patience=3, checkpoint_every=20, dev_max_examples=30, seed=seed, log_every=10,
