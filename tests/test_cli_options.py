@@ -189,7 +189,7 @@ def test_count_progress_off_a_terminal_is_silent():
         assert update is None  # pytest's stderr is not a terminal
 
 
-@pytest.mark.parametrize("command", ["", "serve", "generate", "evaluate", "experiment"])
+@pytest.mark.parametrize("command", ["", "train", "serve", "generate", "evaluate", "experiment"])
 def test_help_does_not_import_torch(command):
     code = ("import contextlib, io, sys\n"
             "from prefixtune.cli import main\n"

@@ -25,7 +25,8 @@ PACKAGE_ROOT = Path(prefixtune.__file__).resolve().parent
 
 # Modules importable without torch on purpose: `prefixtune --help` and the config dataclasses (start-up time).
 TORCH_FREE = ["prefixtune.cli", "prefixtune.config", "prefixtune.serve.config", "prefixtune.files",
-              "prefixtune.decode_config", "prefixtune.progress", "prefixtune.experiments.config"]
+              "prefixtune.decode_config", "prefixtune.progress", "prefixtune.experiments.config",
+              "prefixtune.methods.configs", "prefixtune.methods", "prefixtune.methods.registry"]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ each row run alone, and log-probabilities averaged row by row.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -110,6 +113,49 @@ def test_a_config_says_its_method_by_its_class_and_reads_files_that_named_it_ins
     assert pt.InfixConfig.from_dict({"length": 3, "method": "infix"}) == pt.InfixConfig(length=3)
     with pytest.raises(pt.config.ConfigError, match="unknown field"):
         pt.PrefixConfig.from_dict({"length": 3, "colour": "red"})
+
+
+def test_the_registry_names_configs_without_torch_and_each_entry_is_its_class():
+    # a fresh interpreter: the registry and every config class, and nothing of torch
+    code = ("import sys\nfrom prefixtune.methods import METHODS, config_classes\n"
+            "assert list(config_classes()) == list(METHODS) and 'lora' in METHODS\n"
+            "assert 'torch' not in sys.modules, 'the registry imported torch'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from prefixtune.methods import config_class, config_classes, get_method
+
+    for name, cfg in config_classes().items():  # the table's config class is the module class's own
+        cls = get_method(name)
+        assert (cls.name, cls.config_class) == (name, cfg) and config_class(name.upper()) is cfg
+    with pytest.raises(ValueError, match="unknown method 'nope'; methods: prefix, infix"):
+        config_class("nope")
+
+
+def test_a_registry_entry_that_disagrees_with_its_class_is_refused(monkeypatch):
+    from prefixtune.methods import registry
+
+    monkeypatch.setitem(registry._TABLE, "lora", registry.Registered(pt.PrefixConfig, "lora:LoRAModel"))
+    with pytest.raises(TypeError, match="registry entry 'lora' -> lora:LoRAModel is 'lora' with LoRAConfig, not PrefixConfig"):
+        registry.get_method("lora")
+
+
+def test_a_third_party_method_registers_with_its_class_in_hand(monkeypatch):
+    from prefixtune.methods import METHODS, config_class, registry
+
+    monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))  # undone after the test
+
+    @registry.register
+    class EchoModel(pt.PrefixModel):
+        name = "echo"
+
+    assert METHODS["echo"] is EchoModel and config_class("echo") is pt.PrefixConfig and list(METHODS)[-1] == "echo"
+
+
+def test_the_adapter_config_offers_exactly_the_activations_the_module_builds():
+    from prefixtune.methods.adapter import ACTIVATIONS
+    from prefixtune.methods.configs import ADAPTER_ACTIVATIONS
+
+    assert tuple(ACTIVATIONS) == ADAPTER_ACTIVATIONS
 
 
 # ---------------------------------------------------------------------------------------------

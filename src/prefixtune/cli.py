@@ -21,10 +21,11 @@ import typer
 
 from .cli_options import (LaterOptionsGroup, config_from, fields_of, options, options_later, split_values,
                           with_options)
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .data_plan import DataPlan
 from .decode_config import DecodeConfig, decode_config_for
 from .files import PrefixFileError
+from .methods.registry import DEFAULT_METHOD, config_class, config_classes  # torch-free: classes load on use
 from .plots import plot_run  # matplotlib is imported only when a plot is drawn
 from .progress import count_progress, decoding_progress, on_terminal, progress_print, training_progress
 from .recipes import configs_for, recipe_for  # torch-free: the methods are imported only when a config is built
@@ -73,13 +74,12 @@ def _check_writable_folder(option: str, folder: Path) -> None:
 
 @cache
 def _method_fields():
-    """train's options: TrainConfig's and every method config's fields, with the labels of their owners."""
-    from .methods import METHODS  # torch: the methods import it; only when train runs or shows its help (start-up time)
-    from .train import TrainConfig  # torch: train imports it; only when train runs or shows its help (start-up time)
-
-    labels = {cls.config_class: name for name, cls in METHODS.items()}
+    """train's options: TrainConfig's and every method config's fields, with the labels of their owners
+    (torch-free: the registry names config classes without importing the methods)."""
+    methods = config_classes()
+    labels = {cls: name for name, cls in methods.items()}
     labels[TrainConfig] = "train"
-    classes = [TrainConfig] + list(dict.fromkeys(cls.config_class for cls in METHODS.values()))
+    classes = [TrainConfig] + list(dict.fromkeys(methods.values()))
     return fields_of(*classes), (lambda c: labels.get(c, c.__name__))
 
 
@@ -89,9 +89,7 @@ _TRAIN_DATA = fields_of(DataPlan, exclude=("seed", "eval_size"))
 
 def _train_options() -> list[inspect.Parameter]:
     """train's generated options: the method (its default from the registry), the data plan's, the methods'
-    and training's. They import torch: generated when train runs or shows its help (start-up time)."""
-    # torch: the methods package imports it (registry is one of its modules); only for train (start-up time)
-    from .methods.registry import DEFAULT_METHOD
+    and training's; generated when train runs or shows its help."""
 
     method = inspect.Parameter("method", inspect.Parameter.KEYWORD_ONLY, annotation=str,
                                default=typer.Option(DEFAULT_METHOD, help="Method: see `prefixtune methods`."))
@@ -111,21 +109,20 @@ def train(
 
     Options marked (name) belong to that method's config, (train) to training; the others choose the data.
     Defaults come from the dataset's recipe (the paper's values for prefix-tuning)."""
-    from .experiments import run_training  # torch: only when a command runs (start-up time)
-    from .methods import get_method  # torch: only when a command runs (start-up time)
-    from .models import check_model_name  # torch: only when a command runs (start-up time)
-    from .train import TrainConfig  # torch: only when a command runs (start-up time)
-
     fields, label = _method_fields()
-    cls = get_method(settings["method"])
+    method = settings["method"].lower()
     given = split_values(settings, fields)
-    allowed = {f.name for f in dataclasses.fields(cls.config_class)} | {f.name for f in dataclasses.fields(TrainConfig)}
+    allowed = {f.name for f in dataclasses.fields(config_class(method))} | {f.name for f in dataclasses.fields(TrainConfig)}
     for name in given:
         if name not in allowed:
             owners = ", ".join(label(c) for c in fields[name]["owners"])
-            _fail(f"--{name.replace('_', '-')} is not an option of method {cls.name!r} (it belongs to {owners})")
+            _fail(f"--{name.replace('_', '-')} is not an option of method {method!r} (it belongs to {owners})")
     plan = config_from(DataPlan, split_values(settings, _TRAIN_DATA))  # the data options, checked first
-    method_cfg, train_cfg = configs_for(plan.dataset, cls.name, **given)
+
+    from .experiments import run_training  # torch: only when a command runs (start-up time)
+    from .models import check_model_name  # torch: only when a command runs (start-up time)
+
+    method_cfg, train_cfg = configs_for(plan.dataset, method, **given)
     plan = dataclasses.replace(plan, seed=train_cfg.seed)  # one seed per run: the training's
     check_model_name(model)
     if "bf16" not in given:  # a CPU flag is not a measurement: bf16 autocast can be 2-20x slower on a CPU

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,3 +90,53 @@ class PrefixConfig(MethodConfig):
         if self.kinds is not None:
             self.kinds = tuple(self.kinds)
             check_field(len(self.kinds) > 0, c, "kinds", "must name at least one attention kind, or be None for all")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults are generic; `recipes.RECIPES` holds the paper's per-dataset, per-method values."""
+
+    lr: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
+    epochs: int = field(default=5, metadata={"help": "Passes over the training data."})
+    batch_size: int = field(default=5, metadata={"help": "Examples per forward pass."})
+    grad_accum: int = field(default=1, metadata={"help": "Forward passes per optimizer step."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+    seed: int = field(default=0, metadata={"help": "Seeds data order and initialization."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    time_budget_s: float | None = field(default=None, metadata={
+        "help": "Opt-in: stop training after this many seconds (the result then depends on the machine's speed)."})
+    checkpoint_every: int = field(default=50, metadata={"help": "Write a resumable checkpoint every N steps."})
+    eval_every: int | None = field(default=None, metadata={"help": "Dev loss every N steps (default: each epoch)."})
+    patience: int | None = field(default=None, metadata={"help": "Early stop after N dev evaluations without improvement."})
+    dev_max_examples: int = field(default=200, metadata={"help": "Dev pairs used for the dev loss."})
+    max_source_len: int = field(default=256, metadata={"help": "Source tokens kept (longer sources are cut)."})
+    max_target_len: int = field(default=128, metadata={"help": "Target tokens kept."})
+    log_every: int = field(default=10, metadata={"help": "Print progress every N steps (every step goes to log.jsonl)."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 for the frozen LM's matmuls (its linear weights "
+                                                "stored in bf16 for the run; the method's parameters, optimizer and "
+                                                "loss stay float32). Faster or slower by CPU, measured: a SmolLM2 step "
+                                                "1.34x faster on a Xeon with AMX-BF16, 1.8x slower on a Xeon with "
+                                                "AVX512-BF16 but no AMX, 19.7x slower on an AMD EPYC without AVX-512; "
+                                                "--precision auto measures this machine."})
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "dev_max_examples",
+                     "max_source_len", "max_target_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "time_budget_s"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"TrainConfig.{name}: must be a finite number, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr: must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"TrainConfig.time_budget_s: must be > 0 (or unset), got {self.time_budget_s}")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
+from .methods.registry import get_method  # torch-free to import; the method's class loads on use
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,6 @@ def configs_for(dataset: str, method: str, **overrides):
 
     Overrides are field names of the method's config or of TrainConfig; an unknown one is refused.
     """
-    # torch: the methods import it; the CLI imports this module (start-up time)
-    from .methods import get_method
-    # torch: train imports it; the CLI imports this module (start-up time)
-    from .train import TrainConfig
 
     method_cls = get_method(method)
     cls = method_cls.config_class

@@ -1,45 +1,47 @@
-"""The method registry: `--method NAME` -> (config dataclass, module class).
+"""The methods: `--method NAME` -> (config dataclass, module class), and what works on any method.
 
 Every method implements `methods.base.Method`; the trainer, checkpoints, CLI, evaluation and the
-server know only that protocol. Adding a method: one new file with a `Method` subclass, and its
-class in `_REGISTERED` below.
+server know only that protocol. The table of methods is `registry.py`: adding a method is one new
+file with a `Method` subclass (its config dataclass in `configs.py`), and one line there.
+
+Importing this package does not import torch: the module classes load on first use (CLI start-up time).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..prefix import load_prefix, read_format
-from .base import Method
-from .registry import METHODS, get_method, register
-from .infix import InfixConfig, InfixModel
-from .prefix import PrefixModel
-from .prompt import PromptConfig, PromptModel
-from .ptuning import PTuningConfig, PTuningModel
-from .adapter import AdapterModel
-from .finetune import FinetuneModel
-from .ft_top import FtTopModel
-from .lora import LoRAModel
-from .ia3 import IA3Model
-from .ptuning_v2 import PTuningV2Config, PTuningV2Model
-from .vpt import VPTDeepModel, VPTModel, VPTShallowModel
-from .coop import CoCoOpModel, CoOpModel, DAPLModel
-from .l2p import L2PModel
-from .weights import WEIGHTS_FORMAT, WeightArtifact
+from .registry import DEFAULT_METHOD, METHODS, config_class, config_classes, get_method, register
 
-_REGISTERED: list[type[Method]] = [PrefixModel, InfixModel, PromptModel, PTuningModel, PTuningV2Model,
-                                   FinetuneModel, FtTopModel, AdapterModel, LoRAModel, IA3Model,
-                                   VPTModel, VPTShallowModel, VPTDeepModel, CoOpModel, CoCoOpModel, DAPLModel,
-                                   L2PModel]
-for _cls in _REGISTERED:
-    register(_cls)
+if TYPE_CHECKING:
+    from .base import Method
+
+# Names importable from here, each loaded from its module on first use (torch).
+_LAZY = {
+    "Method": ".base", "WeightMethod": ".weights", "WeightArtifact": ".weights", "WEIGHTS_FORMAT": ".weights",
+    "PrefixModel": ".prefix", "InfixModel": ".infix", "PromptModel": ".prompt", "PTuningModel": ".ptuning",
+    "PTuningV2Model": ".ptuning_v2", "FinetuneModel": ".finetune", "FtTopModel": ".ft_top",
+    "AdapterModel": ".adapter", "LoRAModel": ".lora", "IA3Model": ".ia3", "VPTModel": ".vpt",
+    "VPTShallowModel": ".vpt", "VPTDeepModel": ".vpt", "CoOpModel": ".coop", "CoCoOpModel": ".coop",
+    "DAPLModel": ".coop", "L2PModel": ".l2p",
+    "InfixConfig": ".configs", "PromptConfig": ".configs", "PTuningConfig": ".configs",
+    "PTuningV2Config": ".configs",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_of(config) -> type[Method]:
     """The method a config object configures (each method has its own config class)."""
-    for cls in METHODS.values():
-        if type(config) is cls.config_class:
-            return cls
+    for name, cls in config_classes().items():
+        if type(config) is cls:
+            return get_method(name)
     raise TypeError(f"{type(config).__name__} is no registered method's config class")
 
 
@@ -64,6 +66,8 @@ def build(model, method: str = "prefix", tokenizer=None, config=None, **fields) 
 
 def trainable_state(module) -> dict:
     """THE definition of what is trained and saved in checkpoints: delegated to the method."""
+    from .base import Method  # torch
+
     if isinstance(module, Method):
         return module.trainable()
     raise TypeError(f"no trainable-state rule for {type(module).__name__}: not a prefixtune method")
@@ -76,6 +80,9 @@ def save_artifact(artifact, path: str | Path, model=None) -> Path:
 
 def load_artifact(path: str | Path, model=None):
     """Load any method's artifact file; with `model`, refuse one made for another base model."""
+    from ..prefix import load_prefix, read_format  # torch
+    from .weights import WEIGHTS_FORMAT, WeightArtifact  # torch
+
     if read_format(path) == WEIGHTS_FORMAT:
         return WeightArtifact.load(path, model)
     return load_prefix(path, model)
@@ -90,6 +97,6 @@ def attach(model, artifact, tokenizer=None) -> Method:
     return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer).eval()
 
 
-__all__ = ["Method", "METHODS", "register", "get_method", "method_of", "artifact_method", "build", "trainable_state", "save_artifact",
+__all__ = ["Method", "METHODS", "DEFAULT_METHOD", "register", "get_method", "config_class", "config_classes", "method_of", "artifact_method", "build", "trainable_state", "save_artifact",
            "load_artifact", "attach", "PrefixModel", "InfixModel", "InfixConfig", "PromptModel", "PromptConfig",
            "PTuningModel", "PTuningConfig"]

@@ -9,43 +9,15 @@ share of the base model's parameters, e.g. 0.001 or 0.03, as the paper's ADAPTER
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig, check_field
 from ..models import arch_of, modules_matching
+from .configs import AdapterConfig
 from .weights import WeightMethod
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-
-
-@dataclass
-class AdapterConfig(MethodConfig):
-    """Houlsby bottleneck adapters after attention and after the MLP (paper §5.2)."""
-
-    size: int | None = field(default=None, metadata={"help": "Bottleneck width of every adapter. Give this or fraction."})
-    fraction: float | None = field(
-        default=None, metadata={"help": "Target trainable share of the base model's parameters (e.g. 0.001 = 0.1%, "
-                                        "0.03 = 3%); the bottleneck width is the nearest that gives it (at least 1). "
-                                        "Default when neither is given: 0.001."})
-    activation: Literal["relu", "gelu", "tanh"] = field(default="relu", metadata={"help": "Bottleneck non-linearity."})
-    init_std: float = field(default=0.01, metadata={"help": "Standard deviation of the down-projection's init "
-                                                            "(the up-projection starts at zero)."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        check_field(self.size is None or self.fraction is None, c, "size",
-               f"give size ({self.size}) or fraction ({self.fraction}), not both")
-        if self.size is None and self.fraction is None:
-            self.fraction = 0.001
-        check_field(self.size is None or (isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1),
-               c, "size", f"must be an int >= 1, got {self.size!r}")
-        check_field(self.fraction is None or 0 < self.fraction < 1, c, "fraction", f"must be in (0, 1), got {self.fraction!r}")
-        check_field(self.activation in ACTIVATIONS, c, "activation", f"must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
-        check_field(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
 
 
 class Bottleneck(nn.Module):

@@ -14,7 +14,8 @@ CLI, `evaluate`, `generate` and the server know only this protocol:
     export()       the artifact that is saved and served: a `MergedPrefix` (soft methods, mixable
                    per row) or a `WeightArtifact` (weight methods)
 
-Adding a method is one new file with a subclass and one line in `methods/__init__.py`.
+Adding a method is one new file with a subclass, its config dataclass in `configs.py`, and one line in
+the table of `registry.py`.
 """
 
 from __future__ import annotations

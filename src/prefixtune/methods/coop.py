@@ -29,74 +29,16 @@ add_special_tokens=False)` works.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
 from ..batching import Batch
-from ..config import MethodConfig, check_field
-from ..data.cifar10 import CLASSES
 from ..models import model_name
-from .vpt import ImageClassifier, FeatureCache, check_labels
+from .configs import CoCoOpConfig, CoOpConfig, DAPLConfig
+from .vpt import ImageClassifier, FeatureCache
 
-POSITIONS = ("end", "middle", "front")
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
-
-
-@dataclass
-class CoOpConfig(MethodConfig):
-    """Learnable text context for CLIP (CoOp)."""
-
-    length: int = field(default=16, metadata={"help": "Context vectors M (CoOp: 16; ignored when ctx_init is given: "
-                                                      "its word count)."})
-    ctx_init: str | None = field(default=None, metadata={
-        "help": "Words whose token embeddings start the context, e.g. 'a photo of a' (then M = their tokens); "
-                "None: random N(0, 0.02) as CoOp."})
-    class_specific: bool = field(default=False, metadata={"help": "One context per class (CoOp's CSC) instead of one shared."})
-    class_position: Literal["end", "middle", "front"] = field(default="end", metadata={
-        "help": "Where the class name stands: after the context, in its middle, or before it."})
-    num_labels: int = field(default=10, metadata={"help": "Number of classes."})
-    labels: tuple[str, ...] = field(default=CLASSES, metadata={"help": "Class names, written into the prompts."})
-    image_size: int | None = field(default=None, metadata={"help": "Images resized to this (default: the processor's)."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        check_field(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
-        check_field(self.class_position in POSITIONS, c, "class_position", f"must be one of {POSITIONS}")
-        check_field(self.ctx_init is None or bool(str(self.ctx_init).strip()), c, "ctx_init", "must be non-empty words or unset")
-        check_labels(self, c)
-
-
-
-@dataclass
-class CoCoOpConfig(CoOpConfig):
-    """CoOp + a Meta-Net that conditions the context on each image (CoCoOp)."""
-
-    length: int = field(default=4, metadata={"help": "Context vectors M (CoCoOp: 4)."})
-
-
-@dataclass
-class DAPLConfig(CoOpConfig):
-    """Domain-agnostic + domain-specific context per (class, domain) (DAPL)."""
-
-    length: int = field(default=16, metadata={"help": "Domain-agnostic context vectors M1 (DAPL: 16)."})
-    domain_length: int = field(default=16, metadata={"help": "Domain-specific context vectors M2 per domain (DAPL: 16)."})
-    domains: tuple[str, ...] = field(default=("source", "target"), metadata={
-        "help": "Domain names (targets are written 'domain/label'; 'domain/?' is unlabelled)."})
-    threshold: float = field(default=0.5, metadata={
-        "help": "Unlabelled images train on CLIP's zero-shot pseudo-label when its probability is at least this."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        c = type(self).__name__
-        if isinstance(self.domains, str):
-            self.domains = tuple(s.strip() for s in self.domains.split(","))
-        self.domains = tuple(self.domains)
-        check_field(len(self.domains) >= 1 and len(set(self.domains)) == len(self.domains), c, "domains", "distinct names")
-        check_field(isinstance(self.domain_length, int) and self.domain_length >= 1, c, "domain_length", "must be >= 1")
-        check_field(0.0 <= self.threshold <= 1.0, c, "threshold", f"must be in [0, 1], got {self.threshold!r}")
 
 
 class _ContextWriter:

@@ -6,17 +6,11 @@ applied to a model of the same base and `detach()` restores the original weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import MethodConfig
+from .configs import FinetuneConfig
 from .weights import WeightMethod
-
-
-@dataclass
-class FinetuneConfig(MethodConfig):
-    """Full fine-tuning: no options besides the training settings."""
 
 
 class FinetuneModel(WeightMethod):

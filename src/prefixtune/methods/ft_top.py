@@ -7,26 +7,12 @@ Embeddings, final norms and the LM head stay frozen. The artifact holds only tho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import MethodConfig, check_field
 from ..models import block_parameters
+from .configs import FtTopConfig
 from .weights import WeightMethod
-
-
-@dataclass
-class FtTopConfig(MethodConfig):
-    """Fine-tune only the top k transformer blocks (k=2: the paper's FT-top2)."""
-
-    layers: int = field(default=2, metadata={"help": "How many top transformer blocks train (of each stack for "
-                                                     "encoder-decoder models); 2 is the paper's FT-top2."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        check_field(isinstance(self.layers, int) and not isinstance(self.layers, bool) and self.layers >= 1, c, "layers",
-               f"must be an int >= 1, got {self.layers!r}")
 
 
 class FtTopModel(WeightMethod):

@@ -15,44 +15,19 @@ PEFT's IA3 adapter format is read and written (`peft_type` "IA3").
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig, check_field
 from ..models import arch_of, fingerprint, modules_matching
 from ..files import PrefixFileError
+from .configs import IA3Config
 from .lora import has_conv1d, linear_shape
 from .weights import WeightArtifact, WeightMethod
 
 # children of an attention module that project keys or values (a fused q/k/v projection: scaled whole)
 _KEY_VALUE_NAMES = re.compile(r"^(?:k|v|key|value|k_proj|v_proj|c_attn|query_key_value|qkv_proj|qkv|Wqkv)$")
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.ia3_l$")
-
-
-@dataclass
-class IA3Config(MethodConfig):
-    """Rescaling vectors on keys, values and the FFN's inner activations ((IA)³, Liu et al. 2022)."""
-
-    target_modules: str | None = field(
-        default=None, metadata={"help": "Regex searched in module names: the key/value projections whose outputs are "
-                                        "rescaled (nn.Linear or GPT-2 Conv1D). None: found in the architecture's "
-                                        "attention modules."})
-    feedforward_modules: str | None = field(
-        default=None, metadata={"help": "Regex searched in module names: the FFN output projections whose inputs "
-                                        "(the inner activations) are rescaled. None: the last linear layer of each "
-                                        "MLP in the architecture table."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        for name in ("target_modules", "feedforward_modules"):
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    check_field(False, c, name, f"is not a valid regex ({e})")
 
 
 def _linear_children(module: nn.Module) -> dict[str, nn.Module]:

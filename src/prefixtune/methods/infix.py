@@ -10,23 +10,11 @@ in an encoder-decoder model the decoder prefix already sits between source and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-from ..config import ConfigError, PrefixConfig
 from ..attention import RowPrefixes, describe
 from ..prefix import MergedPrefix
+from .configs import InfixConfig
 from .prefix import PrefixModel
-
-
-@dataclass
-class InfixConfig(PrefixConfig):
-    """An infix is shaped, parametrized and initialized like a prefix (paper §7.3)."""
-
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.kinds not in (None, ("self",)):
-            raise ConfigError("InfixConfig.kinds: an infix lives in decoder-only self-attention ('self') only")
 
 
 class InfixModel(PrefixModel):

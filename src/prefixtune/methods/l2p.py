@@ -15,38 +15,13 @@ The experiment sets `task_classes` (the current task's label indices) before tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..batching import Batch
-from ..config import MethodConfig, check_field
-from ..data.cifar10 import CLASSES
-from .vpt import ImageClassifier, PromptedEncoder, FeatureCache, check_labels
-
-
-@dataclass
-class L2PConfig(MethodConfig):
-    """A prompt pool with learnable keys, queried by the frozen [CLS] (L2P)."""
-
-    pool_size: int = field(default=10, metadata={"help": "Prompts in the pool, M (L2P: 10)."})
-    top_n: int = field(default=5, metadata={"help": "Prompts chosen per image, N (L2P: 5)."})
-    length: int = field(default=5, metadata={"help": "Tokens per prompt, L_p (L2P: 5)."})
-    pull: float = field(default=0.1, metadata={"help": "lambda: weight of the key-query distance term (L2P: 0.1)."})
-    train_mask: bool = field(default=True, metadata={
-        "help": "Train on the current task's classes' logits only (the official code's class-incremental setting)."})
-    num_labels: int = field(default=10, metadata={"help": "Number of classes of the head (all tasks)."})
-    labels: tuple[str, ...] = field(default=CLASSES, metadata={"help": "Class names in head order (default: CIFAR-10)."})
-    image_size: int | None = field(default=None, metadata={"help": "Images resized to this (default: the processor's)."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        for name in ("pool_size", "top_n", "length"):
-            check_field(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, c, name, "must be an int >= 1")
-        check_field(self.top_n <= self.pool_size, c, "top_n", f"{self.top_n} > pool_size {self.pool_size}")
-        check_field(self.pull >= 0, c, "pull", f"must be >= 0, got {self.pull!r}")
-        check_labels(self, c)
+from .configs import L2PConfig
+from .vpt import ImageClassifier, PromptedEncoder, FeatureCache
 
 
 class L2PModel(ImageClassifier):

@@ -11,46 +11,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import MethodConfig, check_field
 from ..models import arch_of, fingerprint, modules_matching
 from ..files import PrefixFileError
+from .configs import LoRAConfig
 from .weights import WeightArtifact, WeightMethod
 
 # PEFT's name of one LoRA tensor: base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
-
-
-@dataclass
-class LoRAConfig(MethodConfig):
-    """Low-rank adaptation of linear layers (Hu et al. 2021)."""
-
-    rank: int = field(default=8, metadata={"help": "Rank r of each update B·A."})
-    alpha: float = field(default=16.0, metadata={"help": "Scale numerator: the update is (alpha / rank)·B·A·x."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input while training."})
-    target_modules: str | None = field(
-        default=None, metadata={"help": "Regex searched in module names choosing the layers to adapt (nn.Linear or "
-                                        "GPT-2 Conv1D), e.g. '\\.(q_proj|k_proj|v_proj|o_proj)$'. None: the "
-                                        "architecture's default (query and value projections)."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        check_field(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1, c, "rank",
-               f"must be an int >= 1, got {self.rank!r}")
-        check_field(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, c, "alpha",
-               f"must be a finite number > 0, got {self.alpha!r}")
-        check_field(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, c, "dropout",
-               f"must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None:
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                check_field(False, c, "target_modules", f"is not a valid regex ({e})")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -7,44 +7,16 @@ token embeddings (then a prompt made from text T is T written before the input).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, MethodConfig, check_field
+from ..config import ConfigError
 from ..attention import RowPrefixes
 from ..prefix import MergedPrefix, check_compatible
 from ..files import PrefixFileError
 from .base import Method
-
-PROMPT_INITS = ("random", "vocab", "text")
-
-
-@dataclass
-class PromptConfig(MethodConfig):
-    """Soft prompt at the input embeddings (Lester et al. 2021; paper §7.2 EMB-k)."""
-
-    length: int = field(default=10, metadata={"help": "Number of virtual tokens (soft embedding vectors)."})
-    init: Literal["random", "vocab", "text"] | None = field(
-        default=None,
-        metadata={"help": "'random' (normal, init_std), 'vocab' (embeddings of tokens sampled from the first 5,000 "
-                  "ids), or 'text' (init_text's token embeddings, cycled or cut to length). None: 'text' when "
-                  "init_text is set, else 'vocab'."},
-    )
-    init_text: str | None = field(default=None, metadata={"help": "Text whose token embeddings start the prompt."})
-    init_std: float = field(default=0.02, metadata={"help": "Standard deviation of the random initialization."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        check_field(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
-        if self.init is None:
-            self.init = "text" if self.init_text else "vocab"
-        check_field(self.init in PROMPT_INITS, c, "init", f"must be one of {PROMPT_INITS}, got {self.init!r}")
-        check_field(self.init != "text" or bool(self.init_text), c, "init_text", "init='text' needs a non-empty init_text")
-        check_field(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
-
+from .configs import PromptConfig
 
 def initial_embeddings(model, tokenizer, length: int, init: str, init_text: str | None, std: float) -> torch.Tensor:
     """(length, hidden) starting vectors in the input-embedding space (after any embedding scale)."""

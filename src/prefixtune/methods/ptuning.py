@@ -8,70 +8,13 @@ are served like a prompt-tuning artifact (with the template).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig, check_field
 from .base import Method
+from .configs import PTuningConfig, parse_template
 from .prompt import PromptModel
-
-_TOKEN = re.compile(r"\[P\](?:\*(\d+))?|\{source\}")
-
-
-def parse_template(template: str) -> list[tuple[str, object]]:
-    """"[P]*3 {source} [P]*3" -> [("v", 3), ("s", None), ("v", 3)]; other text -> ("t", "text")."""
-    parts, pos, seen_source = [], 0, False
-    for m in _TOKEN.finditer(template):
-        text = template[pos:m.start()].strip()
-        if text:
-            parts.append(("t", text))
-        if m.group(0) == "{source}":
-            if seen_source:
-                raise ValueError(f"template {template!r} names {{source}} twice")
-            parts.append(("s", None)); seen_source = True
-        else:
-            parts.append(("v", int(m.group(1) or 1)))
-        pos = m.end()
-    if template[pos:].strip():
-        parts.append(("t", template[pos:].strip()))
-    if not seen_source:
-        raise ValueError(f"template {template!r} has no {{source}}")
-    if not any(kind == "v" for kind, _ in parts):
-        raise ValueError(f"template {template!r} has no virtual token [P]")
-    return parts
-
-
-@dataclass
-class PTuningConfig(MethodConfig):
-    """P-tuning's prompt encoder and template (Liu et al. 2021)."""
-
-    template: str = field(default="[P]*3 {source} [P]*3",
-                          metadata={"help": "Where virtual tokens go: '[P]' or '[P]*n' for n virtual tokens, "
-                                    "'{source}' for the input, any other words are fixed anchor tokens."})
-    encoder: Literal["lstm", "mlp"] = field(default="lstm", metadata={
-        "help": "Prompt encoder: 'lstm' (bidirectional 2-layer LSTM + MLP, as in the paper) or 'mlp'."})
-    encoder_hidden: int | None = field(default=None, metadata={
-        "help": "Hidden width of the prompt encoder (None: the model's hidden size)."})
-    init_std: float = field(default=0.02, metadata={"help": "Std of the encoder's random input vectors."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        check_field(self.encoder in ("lstm", "mlp"), c, "encoder", f"must be 'lstm' or 'mlp', got {self.encoder!r}")
-        check_field(self.encoder_hidden is None or self.encoder_hidden >= 1, c, "encoder_hidden", "must be >= 1")
-        check_field(self.init_std > 0, c, "init_std", f"must be > 0, got {self.init_std!r}")
-        try:
-            parse_template(self.template)
-        except ValueError as e:
-            check_field(False, c, "template", str(e))
-
-    @property
-    def length(self) -> int:
-        return sum(n for kind, n in parse_template(self.template) if kind == "v")
-
 
 class PromptEncoder(nn.Module):
     """(virtual, hidden) trainable inputs -> LSTM/MLP -> (virtual, hidden) soft vectors."""

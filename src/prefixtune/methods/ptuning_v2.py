@@ -22,14 +22,12 @@ classifier answers with a label, not text, so it does not share generation batch
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
 from ..batching import IGNORE, Batch, Encoded
-from ..config import ConfigError, PrefixConfig, check_field
+from ..config import ConfigError
 from ..data.boolq import PAIR_SEPARATOR
 from ..engine import activations_of_text, forward_with_prefix
 from ..attention import RowPrefixes
@@ -37,49 +35,9 @@ from ..models import model_name
 from ..prefix import Prefix
 from ..files import PrefixFileError
 from .base import Method
+from .configs import PTuningV2Config
 from .prompt import initial_embeddings
 from .weights import WeightArtifact
-
-DEPTHS = ("deep", "input", "none")
-
-@dataclass
-class PTuningV2Config(PrefixConfig):
-    """Deep prompts shaped like a prefix (length, flat or MLP, init) plus a linear classification head."""
-
-    length: int = field(default=16, metadata={"help": "Deep-prompt length: key/value slots at every encoder layer."})
-    reparam: Literal["mlp", "flat"] = field(default="flat", metadata={
-        "help": "'flat': train the per-layer key/values directly (P-tuning v2's default); 'mlp': P = MLP(P')."})
-    num_labels: int = field(default=2, metadata={"help": "Number of classes of the head."})
-    labels: tuple[str, ...] = field(default=("False", "True"), metadata={
-        "help": "Class names in head order; training targets must be one of them (BoolQ: False, True)."})
-    head_dropout: float = field(default=0.1, metadata={"help": "Dropout on the [CLS] state before the head (training only)."})
-    prompt_depth: Literal["deep", "input", "none"] = field(default="deep", metadata={
-        "help": "'deep': key/values at every encoder layer (P-tuning v2); 'input': `length` soft tokens after [CLS] "
-                "at the input embeddings only (shallow prompt tuning, the paper's PT baseline; init 'text' uses the "
-                "text's token embeddings); 'none': no prompt (a linear probe, or fine-tuning with tune_encoder)."})
-    tune_encoder: bool = field(default=False, metadata={
-        "help": "Also train every encoder weight (with prompt_depth 'none': the fine-tuning baseline); the saved "
-                "file then holds the whole encoder."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        c = type(self).__name__
-        if isinstance(self.labels, str):
-            self.labels = tuple(s.strip() for s in self.labels.split(","))
-        self.labels = tuple(self.labels)
-        check_field(isinstance(self.num_labels, int) and self.num_labels >= 2, c, "num_labels",
-               f"must be an int >= 2, got {self.num_labels!r}")
-        check_field(len(self.labels) == self.num_labels, c, "labels",
-               f"names {len(self.labels)} classes {list(self.labels)} but num_labels is {self.num_labels}")
-        check_field(len(set(self.labels)) == len(self.labels) and all(self.labels), c, "labels",
-               f"must be distinct non-empty names, got {list(self.labels)}")
-        check_field(0.0 <= self.head_dropout < 1.0, c, "head_dropout", f"must be in [0, 1), got {self.head_dropout!r}")
-        check_field(self.kinds in (None, ("self",)), c, "kinds", "deep prompts live in the encoder's self-attention ('self')")
-        check_field(self.prompt_depth in DEPTHS, c, "prompt_depth", f"must be one of {DEPTHS}, got {self.prompt_depth!r}")
-        check_field(isinstance(self.tune_encoder, bool), c, "tune_encoder", f"must be true or false, got {self.tune_encoder!r}")
-        check_field(self.reparam == "flat" or self.prompt_depth == "deep", c, "reparam",
-               f"'mlp' reparametrizes deep prompts only; prompt_depth {self.prompt_depth!r} needs 'flat'")
-
 
 class PTuningV2Model(Method):
     """A frozen encoder, deep prompts at every layer, and a linear head on the first token."""

@@ -32,94 +32,22 @@ import inspect
 import math
 import re
 import weakref
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..batching import IGNORE, Batch, Encoded
-from ..config import ConfigError, MethodConfig, check_field
-from ..data.cifar10 import CLASSES
+from ..config import ConfigError
 from ..attention import RowPrefixes, use_prefix
 from ..models import model_name, modules_matching
 from ..files import PrefixFileError
 from ..vision import Image, ImageProcessor, vision_config
 from .adapter import Bottleneck, adapter_sites
 from .base import Method
+from .configs import VPTConfig, VPTDeepConfig, VPTShallowConfig
 from .lora import LoRALayer, linear_shape, lora_targets
 from .weights import WeightArtifact
-
-DEPTHS = ("shallow", "deep", "prefix", "none")
-TUNES = ("head", "full", "lora", "adapter")
-POOLS = ("cls", "mean")
-
-
-def check_labels(cfg, c: str) -> None:
-    if isinstance(cfg.labels, str):
-        cfg.labels = tuple(s.strip() for s in cfg.labels.split(","))
-    cfg.labels = tuple(cfg.labels)
-    check_field(isinstance(cfg.num_labels, int) and cfg.num_labels >= 2, c, "num_labels", f"must be an int >= 2, got {cfg.num_labels!r}")
-    check_field(len(cfg.labels) == cfg.num_labels, c, "labels",
-           f"names {len(cfg.labels)} classes but num_labels is {cfg.num_labels}")
-    check_field(len(set(cfg.labels)) == len(cfg.labels) and all(cfg.labels), c, "labels", "must be distinct non-empty names")
-
-
-@dataclass
-class VPTConfig(MethodConfig):
-    """Visual prompts (shallow, deep or key/value) + a linear head on a frozen image encoder."""
-
-    length: int = field(default=10, metadata={"help": "Prompt tokens (VPT: per layer for deep)."})
-    depth: Literal["shallow", "deep", "prefix", "none"] = field(default="shallow", metadata={
-        "help": "'shallow': prompts after [CLS] at the input only; 'deep': fresh prompts at every layer; 'prefix': "
-                "key/values at every layer (the engine's prefix); 'none': no prompt (linear probe, fine-tuning, LoRA)."})
-    num_labels: int = field(default=10, metadata={"help": "Number of classes of the head."})
-    labels: tuple[str, ...] = field(default=CLASSES, metadata={
-        "help": "Class names in head order (default: CIFAR-10's ten)."})
-    pool: Literal["cls", "mean"] = field(default="cls", metadata={
-        "help": "What the head reads: the last layer's [CLS] token, or the mean of the patch tokens (prompts excluded)."})
-    tune: Literal["head", "full", "lora", "adapter"] = field(default="head", metadata={
-        "help": "What of the encoder trains besides prompts and head: 'head' nothing, 'full' every weight, 'lora' "
-                "LoRA on the architecture's query/value projections, 'adapter' Houlsby bottlenecks after each "
-                "attention and MLP sublayer (the table's adapter sites)."})
-    rank: int = field(default=8, metadata={"help": "LoRA rank (tune='lora')."})
-    alpha: float = field(default=8.0, metadata={"help": "LoRA scale numerator: alpha / rank (tune='lora')."})
-    size: int | None = field(default=8, metadata={"help": "Adapter bottleneck width (tune='adapter')."})
-    image_size: int | None = field(default=None, metadata={
-        "help": "Images are resized to this many pixels square (a multiple of the patch size); default: the "
-                "model's processor crop size (224 for DINOv2/ViT)."})
-    prompt_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prompts while training (VPT: 0.0-0.1)."})
-    head_dropout: float = field(default=0.0, metadata={"help": "Dropout on the pooled feature before the head (training only)."})
-
-    def __post_init__(self):
-        c = type(self).__name__
-        check_field(isinstance(self.length, int) and self.length >= 1, c, "length", f"must be an int >= 1, got {self.length!r}")
-        check_field(self.depth in DEPTHS, c, "depth", f"must be one of {DEPTHS}, got {self.depth!r}")
-        check_field(self.tune in TUNES, c, "tune", f"must be one of {TUNES}, got {self.tune!r}")
-        check_field(self.pool in POOLS, c, "pool", f"must be one of {POOLS}, got {self.pool!r}")
-        check_field(isinstance(self.rank, int) and self.rank >= 1, c, "rank", f"must be an int >= 1, got {self.rank!r}")
-        check_field(self.alpha > 0 and math.isfinite(self.alpha), c, "alpha", f"must be > 0, got {self.alpha!r}")
-        check_field(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 1), c, "image_size",
-               f"must be an int >= 1 (or unset), got {self.image_size!r}")
-        for name in ("prompt_dropout", "head_dropout"):
-            check_field(0.0 <= getattr(self, name) < 1.0, c, name, f"must be in [0, 1), got {getattr(self, name)!r}")
-        check_labels(self, c)
-
-
-@dataclass
-class VPTShallowConfig(VPTConfig):
-    """VPT-Shallow: prompts after [CLS] at the first layer's input."""
-
-    depth: Literal["shallow", "deep", "prefix", "none"] = field(default="shallow", metadata={"help": VPTConfig.__dataclass_fields__["depth"].metadata["help"]})
-
-
-@dataclass
-class VPTDeepConfig(VPTConfig):
-    """VPT-Deep: fresh prompts at every layer."""
-
-    depth: Literal["shallow", "deep", "prefix", "none"] = field(default="deep", metadata={"help": VPTConfig.__dataclass_fields__["depth"].metadata["help"]})
-
 
 # ---------------------------------------------------------------------------------------------
 # Prompts into a ViT-style encoder (hooks)
