@@ -281,6 +281,16 @@ def test_fuzz_other_routes(target, route, auth, junk):
         assert r.status_code == 200 and any(m["id"] == "p0" for m in r.json()["data"])
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 9e-6])
+def test_a_temperature_near_zero_decodes_greedily(target, temperature):
+    # found by test_fuzz_completions: 5e-324 is a valid JSON number, and logits / 5e-324 overflowed to a 500
+    server, key, client, world = target
+    r = client.post("/v1/completions", json={"model": "p0", "prompt": "hello", "max_tokens": 4,
+                                             "temperature": temperature}, headers=auth_header("valid", key))
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["choices"][0]["text"] == world.reference("p0", "hello", 4)
+
+
 def test_the_server_still_answers_after_the_fuzz(target, capsys):
     server, key, client, world = target
     with capsys.disabled():  # the count of generated cases, in the test output

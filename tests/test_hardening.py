@@ -282,6 +282,7 @@ def test_an_ensemble_of_files_for_different_base_models_is_refused_before_the_lo
 @pytest.mark.parametrize("args, words", [
     (["--temperature", "-1", "--do-sample"], ["--temperature"]),
     (["--temperature", "-1"], ["--temperature"]),
+    (["--temperature", "5e-324", "--do-sample"], ["--temperature", "1e-5", "--do-sample"]),  # would sample NaN
     (["--do-sample", "--top-p", "0"], ["--top-p"]),
     (["--num-beams", "0"], ["--num-beams"]),
     (["--max-new-tokens", "-3"], ["--max-new-tokens"]),

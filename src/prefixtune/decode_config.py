@@ -46,7 +46,9 @@ class DecodeConfig:
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be from 0 to max_new_tokens")
         check(math.isfinite(self.length_penalty), "length_penalty", "must be a finite number")
-        check(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be a number above 0")
+        # below 1e-5, logits / temperature can overflow to inf and sampling to NaN; greedy is the limit there
+        check(math.isfinite(self.temperature) and self.temperature >= 1e-5, "temperature",
+              "must be a number of at least 1e-5 (for greedy decoding, leave out --do-sample)")
         check(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be above 0 and at most 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.max_source_len >= 1, "max_source_len", "must be >= 1")

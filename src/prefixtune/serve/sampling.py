@@ -6,10 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this decode greedily, as in vLLM: logits divided by a temperature near 0 (5e-324
+# is a valid JSON number) overflow to inf, and the softmax of inf is NaN; argmax is its limit anyway.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples. temperature == 0 means greedy (argmax)."""
+    """How one request samples. temperature 0 (or below GREEDY_BELOW) means greedy (argmax)."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -33,7 +37,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

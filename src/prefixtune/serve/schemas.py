@@ -38,7 +38,7 @@ class CompletionRequest(BaseModel):
     model: str = Field(description="A prefix name, or the served base model's name for no prefix.")
     prompt: str | list[str] = Field(description="One prompt, or a list of prompts (one choice each).")
     max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate per prompt.")
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 (or below 1e-5) means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] = Field(default_factory=list, description="A string or up to 8 strings that end the completion.")
     stream: bool = False
