@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -216,3 +218,17 @@ def test_experiment_options_reach_the_command_and_bad_values_are_one_error_line(
         r = _run("experiment", "low-data", "--out", tmp_path / "y", *bad)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {option}:"), r.stderr
+
+
+@pytest.mark.parametrize("method_args, present, absent", [
+    (["--method", "lora"], ["--rank", "--alpha", "--lr", "--dataset"], ["--mlp-hidden", "--layers", "--template"]),
+    (["--method=FT-TOP"], ["--layers", "--lr"], ["--rank", "--mlp-hidden"]),
+    ([], ["--rank", "--layers", "--mlp-hidden", "--template", "--lr"], []),  # no method named: every option
+    (["--method", "nope"], ["--rank", "--mlp-hidden"], []),  # an unknown one: every option (train itself refuses it)
+])
+def test_train_help_for_one_method_lists_its_options_and_trainings_only(method_args, present, absent):
+    r = subprocess.run([sys.executable, "-m", "prefixtune.cli", "train", *method_args, "--help"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    listed = set(re.findall(r"^│ [ *]+(--[a-z0-9-]+)", r.stdout, flags=re.M))
+    assert set(present) <= listed and not set(absent) & listed, (sorted(listed), present, absent)

@@ -87,14 +87,29 @@ def _method_fields():
 _TRAIN_DATA = fields_of(DataPlan, exclude=("seed", "eval_size"))
 
 
-def _train_options() -> list[inspect.Parameter]:
-    """train's generated options: the method (its default from the registry), the data plan's, the methods'
-    and training's; generated when train runs or shows its help."""
+def _method_asked_for_help(args: list[str]) -> str | None:
+    """`train --method NAME --help` (a registered NAME): the method whose options alone the help lists."""
+    if "--help" not in args:
+        return None
+    for i, arg in enumerate(args):
+        name = arg.partition("=")[2] if arg.startswith("--method=") else (
+            args[i + 1] if arg == "--method" and i + 1 < len(args) else None)
+        if name is not None:
+            return name.lower() if name.lower() in config_classes() else None
+    return None
 
-    method = inspect.Parameter("method", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-                               default=typer.Option(DEFAULT_METHOD, help="Method: see `prefixtune methods`."))
-    return [method, *options(_TRAIN_DATA, label=lambda cls: "", show_defaults=True),
-            *options(*_method_fields())]
+
+def _train_options(args: list[str] = ()) -> list[inspect.Parameter]:
+    """train's generated options: the method (its default from the registry), the data plan's, the methods'
+    and training's; generated when train runs or shows its help. `--method NAME --help` lists only that
+    method's and training's (every method's options make a long page)."""
+    method = inspect.Parameter("method", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+        DEFAULT_METHOD, help="Method: see `prefixtune methods`; `--method NAME --help` lists its options only."))
+    fields, label = _method_fields()
+    shown = _method_asked_for_help(list(args))
+    if shown is not None:
+        fields = fields_of(TrainConfig, config_class(shown))
+    return [method, *options(_TRAIN_DATA, label=lambda cls: "", show_defaults=True), *options(fields, label)]
 
 
 def train(

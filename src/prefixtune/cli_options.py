@@ -159,8 +159,8 @@ _LATER: dict[Callable, Callable[[], list[inspect.Parameter]]] = {}
 
 
 def options_later(func, make_options):
-    """Command `func` (with `**options` in its signature) gets the options `make_options()` returns when it
-    is the command invoked; until then, only its own parameters."""
+    """Command `func` (with `**options` in its signature) gets the options `make_options(args)` returns when
+    it is the command invoked (`args`: the command line after its name); until then, only its own parameters."""
     _LATER[func] = make_options
     return with_options(func, [])
 
@@ -173,7 +173,7 @@ class LaterOptionsGroup(TyperGroup):
         name, command, rest = super().resolve_command(ctx, args)
         func = getattr(command.callback, "__wrapped__", None) if command is not None else None
         if func in _LATER:
-            with_options(func, _LATER[func]())
+            with_options(func, _LATER[func](list(rest)))
             del _LATER[func]  # the signature is complete now: later builds of the group read it as it is
             command = self.commands[name] = get_command_from_info(
                 CommandInfo(name=name, callback=func), pretty_exceptions_short=False,
