@@ -176,6 +176,16 @@ class FtTopConfig(MethodConfig):
                f"must be an int >= 1, got {self.layers!r}")
 
 
+def check_regex(cfg, c: str, name: str) -> None:
+    """A module-name pattern field: unset, or a regex that compiles."""
+    value = getattr(cfg, name)
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as e:
+            check_field(False, c, name, f"is not a valid regex ({e})")
+
+
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "tanh")  # adapter.py maps each to its module
 
 
@@ -225,11 +235,7 @@ class LoRAConfig(MethodConfig):
                f"must be a finite number > 0, got {self.alpha!r}")
         check_field(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, c, "dropout",
                f"must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None:
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                check_field(False, c, "target_modules", f"is not a valid regex ({e})")
+        check_regex(self, c, "target_modules")
 
 
 @dataclass
@@ -248,12 +254,7 @@ class IA3Config(MethodConfig):
     def __post_init__(self):
         c = type(self).__name__
         for name in ("target_modules", "feedforward_modules"):
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    check_field(False, c, name, f"is not a valid regex ({e})")
+            check_regex(self, c, name)
 
 
 # ---------------------------------------------------------------------------------------------
