@@ -64,6 +64,11 @@ def _train(model, data, out, *extra):
             "all", "--train-size", 30, "--out", out, "--max-steps", 2, "--batch-size", 4, "--length", 2, *extra]
 
 
+def _without(args: list, option: str) -> list:
+    i = args.index(option)
+    return args[:i] + args[i + 2:]
+
+
 CASES = {
     "non-UTF-8 data file": lambda r, m, g: _train(m, r / "latin1.jsonl", r / "o1"),
     "non-UTF-8 --input-file": lambda r, m, g: ["generate", "--model", m, "--input-file", r / "inputs-latin1.txt"],
@@ -84,11 +89,29 @@ CASES = {
     "--lr inf": lambda r, m, g: _train(m, g, r / "o7", "--lr", "inf"),
     "unknown method": lambda r, m, g: _train(m, g, r / "o8", "--method", "nosuch"),
     "option of another method": lambda r, m, g: _train(m, g, r / "o9", "--template", "[P] {source}"),
+    "a method option out of range": lambda r, m, g: _without(_train(m, g, r / "o10", "--method", "lora", "--rank", "0"),
+                                                             "--length"),
 }
 
 
 def _snapshot(root: Path) -> dict:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_a_method_option_out_of_range_is_told_with_its_option(assets):
+    root, model_dir, good = assets
+    r = _run(*CASES["a method option out of range"](root, model_dir, good))
+    assert r.stderr.strip() == "error: --rank: LoRAConfig.rank: must be an int >= 1, got 0", r.stderr
+
+
+def test_bad_data_is_refused_before_the_precision_is_measured(assets):
+    # measuring fp32 against bf16 takes seconds on a fresh machine: a mistake in the data should not wait for it
+    from unittest import mock
+
+    root, model_dir, _ = assets
+    with mock.patch("prefixtune.precision.choose", side_effect=AssertionError("precision measured")):
+        r = _run(*_train(model_dir, root / "latin1.jsonl", root / "o11", "--precision", "auto"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "latin1.jsonl" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -244,7 +244,7 @@ def test_two_process_data_parallel_training(tmp_path):
 def test_cli_user_errors_are_one_clear_line(tmp_path):
     cmd, env = _cli("train", "--dataset", "e2e", "--out", tmp_path / "x", "--lr", "-1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == "error: TrainConfig.lr: must be > 0, got -1.0"
+    assert r.returncode == 2 and r.stderr.strip() == "error: --lr: TrainConfig.lr: must be > 0, got -1.0"
 
 
 def test_download_failure_names_url_and_way_around(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from typing import Optional
 import typer
 
 from .cli_options import (LaterOptionsGroup, config_from, fields_of, options, options_later, split_values,
-                          with_options)
+                          told_with_its_option, with_options)
 from .config import ConfigError, TrainConfig
 from .data_plan import DataPlan
 from .decode_config import DecodeConfig, decode_config_for
@@ -137,16 +137,17 @@ def train(
     from .experiments import run_training  # torch: only when a command runs (start-up time)
     from .models import check_model_name  # torch: only when a command runs (start-up time)
 
-    method_cfg, train_cfg = configs_for(plan.dataset, method, **given)
+    try:
+        method_cfg, train_cfg = configs_for(plan.dataset, method, **given)
+    except ConfigError as e:
+        raise told_with_its_option(e, config_class(method), TrainConfig) from None
     plan = dataclasses.replace(plan, seed=train_cfg.seed)  # one seed per run: the training's
     check_model_name(model)
-    if "bf16" not in given:  # a CPU flag is not a measurement: bf16 autocast can be 2-20x slower on a CPU
-        from .precision import resolve_bf16  # torch: precision imports it; only when bf16 is measured (start-up time)
-
-        train_cfg = dataclasses.replace(train_cfg, bf16=resolve_bf16(precision, print_fn=progress_print))
+    # a CPU flag is not a measurement: bf16 autocast can be 2-20x slower on a CPU. --bf16/--no-bf16 wins; else
+    # --precision decides, once the data is checked
     with training_progress() as progress:
         result = run_training(model, plan, method_cfg, train_cfg, out, resume=resume, progress=progress,
-                              print_fn=progress_print)
+                              print_fn=progress_print, precision=None if "bf16" in given else precision)
     typer.echo(f"saved {result['artifact_path']} after {result['steps']} steps (best dev loss "
                f"{result['best_dev_loss']:.4f}; {result['trainable_params']:,} trainable parameters)")
 

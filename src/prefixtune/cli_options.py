@@ -149,12 +149,17 @@ def config_from(cls, given: dict[str, Any], base=None):
     try:
         return cls(**values)
     except ConfigError as e:
-        named = [f.name for f in dataclasses.fields(cls) if str(e).startswith(f"{cls.__name__}.{f.name}:")]
-        raise ConfigError(f"{flag(named[0])}: {e}" if named else str(e)) from None
+        raise told_with_its_option(e, cls) from None
 
 
-# Commands whose options are generated only when they run (or show their own --help): what generating them
-# needs (the method registry imports torch) is then not paid for by `prefixtune --help` (start-up time).
+def told_with_its_option(error: ConfigError, *classes) -> ConfigError:
+    """`error` from one of `classes` (`Cls.field: ...`) with the option it came from in front: `--field: Cls.field: ...`."""
+    named = [f.name for cls in classes for f in dataclasses.fields(cls) if str(error).startswith(f"{cls.__name__}.{f.name}:")]
+    return ConfigError(f"{flag(named[0])}: {error}" if named else str(error))
+
+
+# Commands whose options are generated only when they run (or show their own --help), from their command line:
+# `train --method NAME --help` lists that method's options only; `prefixtune --help` builds none of them.
 _LATER: dict[Callable, Callable[[], list[inspect.Parameter]]] = {}
 
 

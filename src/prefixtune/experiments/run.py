@@ -28,7 +28,7 @@ from ..files import atomic_write_bytes
 from ..methods import attach, load_artifact, method_of
 from ..metrics import score
 from ..metrics.model_based import model_based_scores
-from ..precision import decoding_dtype
+from ..precision import decoding_dtype, resolve_bf16
 from ..prefix import read_metadata
 from ..recipes import canonical
 from ..train import TrainConfig, TrainingError, check_resumable, train
@@ -144,9 +144,11 @@ def check_same_run(checkpoint: Path, identity: dict) -> None:
 
 def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainConfig, out: str | Path,
                  resume: bool = False, print_fn: Callable[[str], None] = print, model_and_tokenizer=None,
-                 progress=None) -> dict:
+                 progress=None, precision: str | None = None) -> dict:
     """Load data, then the model; train the method `method_cfg` configures on it. Data and the output folder are checked
-    before the model is loaded, and run.json is written only for a run that goes ahead.
+    before the model is loaded, and run.json is written only for a run that goes ahead. `precision` ("auto",
+    "fp32", "bf16"; None: `train_cfg.bf16` as it is) decides `train_cfg.bf16` once the data is checked: "auto"
+    may measure this machine for seconds, which a mistake in the data should not wait for.
 
     The returned "model" is the base model again: a weight method (finetune, ft-top, adapter, LoRA) is
     detached after training (its hooks removed, the original weights put back), so that applying the
@@ -164,6 +166,8 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     identity = run_identity(model_name, plan, train_pairs, dev_pairs)
     if resume and (out / "checkpoint.safetensors").exists():  # data and model name: decided before the load
         check_same_run(out / "checkpoint.safetensors", identity)
+    if precision is not None:
+        train_cfg = dataclasses.replace(train_cfg, bf16=resolve_bf16(precision, print_fn=print_fn))
     model, tok = model_and_tokenizer or models.load_model(model_name)  # looked up on the module: tests patch it there
     identity["fingerprint"] = models.fingerprint(model)
     torch.manual_seed(train_cfg.seed)
