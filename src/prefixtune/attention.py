@@ -280,8 +280,11 @@ def _prefixed_attention(base: str):
     return attention
 
 
+# torch.compile skips these functions (they run eagerly between the compiled parts of a layer): tracing them
+# breaks the graph at the context variable anyway, and their per-forward memo made dynamo recompile.
+# Measured on a tiny Llama, 3 batch shapes x 3 steps with each layer compiled: 8.6 s of compiling, not 34.8 s.
 for _base, _mask_fn in (("sdpa", sdpa_mask), ("eager", eager_mask)):
-    AttentionInterface.register(f"prefixtune_{_base}", _prefixed_attention(_base))
+    AttentionInterface.register(f"prefixtune_{_base}", torch.compiler.disable(_prefixed_attention(_base)))
     ALL_MASK_ATTENTION_FUNCTIONS.register(f"prefixtune_{_base}", _mask_fn)
 
 

@@ -1,0 +1,63 @@
+"""torch.compile over a prefixed model: the same loss and gradients as eager, and dynamo never traces
+into prefixtune's attention functions (they are `torch.compiler.disable`d: traced, they broke the graph
+at their context variable and their per-forward memo made dynamo recompile)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prefixtune as pt
+from prefixtune.engine import target_loss
+
+from conftest import tiny
+
+SHAPES = (12, 15, 9)  # sequence lengths: varying batches, as training's length buckets give
+
+
+def _batch(model, length: int):
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(5, model.config.vocab_size, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    labels = ids.clone()
+    labels[:, : length // 2] = -100
+    return ids, mask, labels
+
+
+def _step(pm, model, length: int):
+    ids, mask, labels = _batch(model, length)
+    loss = target_loss(pm.model, pm.rows(), ids, mask, labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    pm.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_compiled_layers_give_the_eager_loss_and_gradients(attn):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny("llama", attn)
+    torch.manual_seed(0)
+    pm = pt.PrefixModel(model, pt.PrefixConfig(length=3))
+    eager = {n: _step(pm, model, n) for n in SHAPES}
+    for layer in pm.model.base_model.layers:  # regional compilation, as bench_levers' "compiled" lever
+        layer.compile()
+    try:
+        for _ in range(2):
+            for n in SHAPES:
+                loss, grads = _step(pm, model, n)
+                ref_loss, ref_grads = eager[n]
+                assert torch.allclose(loss, ref_loss, atol=1e-5), (n, loss, ref_loss)
+                assert grads.keys() == ref_grads.keys()
+                for name in grads:
+                    assert torch.allclose(grads[name], ref_grads[name], atol=1e-5), (n, name)
+        traced_into_ours = [reason for reason in counters["graph_break"] if "ContextVar" in reason]
+        assert not traced_into_ours, traced_into_ours
+    finally:
+        for layer in pm.model.base_model.layers:
+            layer._compiled_call_impl = None  # back to eager for whoever shares the process
+        torch._dynamo.reset()
