@@ -12,9 +12,10 @@ step (forward, loss, backward, AdamW), interleaved, best and median of `reps` af
   1-thread         the base step with 1 torch thread (the machine's cores: see "threads"; --skip-threads)
   checkpointing    the base step with gradient checkpointing (prefixtune.gradient_checkpointing)
   bf16             the base step under bf16 autocast (one run only when it is > 2x slower)
-  compiled         the base step with each decoder layer compiled by torch.compile (one graph reused
-                   by every layer; prefixtune's attention function runs between the compiled parts);
-                   the first step's compile time is reported beside it (--skip-compile: not timed)
+  compiled         the base step with each decoder layer compiled (`prefixtune.compiling.compiled_layers`,
+                   what `train --compile` does: one graph reused by every layer; prefixtune's attention
+                   functions run eagerly between the compiled parts); the first step's compile time is
+                   reported beside it (--skip-compile: not timed)
 
 Peak RSS of a step (VmHWM reset before it) is recorded for base, full-logits, unchunked-ce and
 checkpointing. Padding (packing, length buckets) is measured by bench_train.py (real vs padded
@@ -29,6 +30,7 @@ import common
 from common import pt
 
 from prefixtune.batching import IGNORE, collate
+from prefixtune.compiling import compiled_layers
 from prefixtune.engine import forward_with_prefix, target_loss
 from prefixtune.methods import trainable_state
 
@@ -74,9 +76,8 @@ def main() -> None:
         pm = pt.PrefixModel(model, bt.prefix_config(None))
         if checkpointing:
             enable_gradient_checkpointing(pm)
-        if compiled:
-            for layer in pm.model.base_model.layers:  # regional compilation: one graph for 30 identical layers
-                layer.compile(dynamic=False)
+        if compiled:  # regional compilation, as `train --compile`: one graph for 30 identical layers
+            compiled_layers(pm).__enter__()  # this process's model copy stays compiled; it exits with it
         params = list(trainable_state(pm).values())
         optimizer = torch.optim.AdamW(params, lr=bt.LR)
 

@@ -61,3 +61,34 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(attn):
         for layer in pm.model.base_model.layers:
             layer._compiled_call_impl = None  # back to eager for whoever shares the process
         torch._dynamo.reset()
+
+
+def test_a_compiled_training_run_logs_the_eager_runs_losses_and_leaves_the_layers_eager(tmp_path):
+    import json
+
+    from prefixtune.train import TrainConfig, train
+
+    from conftest import reversal_pairs, tiny_tokenizer
+
+    def run(compile_: bool):
+        torch._dynamo.reset()
+        model, tok = tiny("llama"), tiny_tokenizer("llama")
+        torch.manual_seed(0)
+        pm = pt.PrefixModel(model, pt.PrefixConfig(length=3, mlp_hidden=16))
+        out = tmp_path / f"compile-{compile_}"
+        cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=6, max_steps=6, eval_every=3, log_every=100, compile=compile_)
+        train(pm, tok, reversal_pairs(36), reversal_pairs(12, seed=1), cfg, out, print_fn=lambda s: None)
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return pm, [r["loss"] for r in log if "loss" in r], [r["dev_loss"] for r in log if "dev_loss" in r]
+
+    from torch._dynamo.utils import counters
+
+    _, eager_losses, eager_dev = run(False)
+    counters.clear()
+    pm, losses, dev = run(True)
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert compiled_graphs >= 1  # the run did compile
+    assert len(losses) == len(eager_losses) == 6 and len(dev) == len(eager_dev) >= 2
+    assert all(abs(a - b) < 1e-4 for a, b in zip(losses + dev, eager_losses + eager_dev)), (losses, eager_losses)
+    assert all("forward" not in vars(layer) for layer in pm.model.model.layers)  # compiled forwards removed

@@ -114,6 +114,10 @@ class TrainConfig:
     max_source_len: int = field(default=256, metadata={"help": "Source tokens kept (longer sources are cut)."})
     max_target_len: int = field(default=128, metadata={"help": "Target tokens kept."})
     log_every: int = field(default=10, metadata={"help": "Print progress every N steps (every step goes to log.jsonl)."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile every transformer layer of the frozen "
+                                                 "LM for the run (prefixtune's attention runs eagerly between the "
+                                                 "compiled parts; the same loss and gradients). The first steps "
+                                                 "compile; see docs/performance.md for what it gained where measured."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 for the frozen LM's matmuls (its linear weights "
                                                 "stored in bf16 for the run; the method's parameters, optimizer and "
                                                 "loss stay float32). Faster or slower by CPU, measured: a SmolLM2 step "

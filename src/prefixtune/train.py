@@ -14,6 +14,7 @@ checkpoint to the same final artifact as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,6 +27,7 @@ import torch
 from accelerate import Accelerator
 
 from .batching import Encoded, length_bucketed_batches
+from .compiling import compiled_layers
 from .config import TrainConfig
 from .methods import Method, get_method, save_artifact
 from .precision import frozen_matmul_weights_in
@@ -34,7 +36,7 @@ from .prefix import MergedPrefix, read_safetensors
 from .files import atomic_write_bytes
 
 # Settings a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "time_budget_s")
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "time_budget_s", "compile")  # compile: equal within rounding
 
 
 class TrainingError(RuntimeError):
@@ -279,7 +281,8 @@ def train(method: Method, tokenizer, train_pairs, dev_pairs, cfg: TrainConfig, o
 
     # bf16: the frozen linear weights stored in bf16 for the run (autocast would recast them on every
     # forward; the numbers are identical), the originals put back before the artifact is exported
-    with frozen_matmul_weights_in(method.model, torch.bfloat16 if cfg.bf16 else None, keep=params):
+    with frozen_matmul_weights_in(method.model, torch.bfloat16 if cfg.bf16 else None, keep=params), \
+            (compiled_layers(method) if cfg.compile else contextlib.nullcontext()):
         started = time.time() - state.train_seconds
         tokens_seen, rows_seen, window_start = 0, 0, time.time()
         stop = state.done
