@@ -1,6 +1,6 @@
 """Training throughput: prefixtune's trainer vs PEFT PrefixTuning + HF Trainer, the floor, full fine-tuning.
 
-    python bench/bench_train.py [--quick] [--reps 3] [--pairs 210] [--device auto] [--json out.json]
+    python bench/bench_train.py [--quick] [--reps 3] [--pairs 210] [--device auto] [--systems a,b] [--json out.json]
 
 Same model (SmolLM2-135M), data (a fixed sample of E2E dev pairs, encoded once by prefixtune's
 `encode`), batch 10, lr, precision, prefix length 10 and reparametrization MLP (hidden 512, input
@@ -10,6 +10,9 @@ all alike. Step 1 of each run is warm-up: throughput = tokens of steps 2..N / ti
 step 1 to the end of step N.
 
   prefixtune         prefixtune.train.train() (length-bucketed batches, LM head at target positions)
+  prefixtune+compile the same with TrainConfig(compile=True) (`train --compile`: every transformer layer
+                     compiled). Its untimed warm-up compiles one batch shape; the first timed run
+                     meets new lengths and recompiles once (dynamic), so its best run is the figure
   peft+grouped       PEFT 0.21.2 PrefixTuningConfig(prefix_projection) + HF Trainer,
                      train_sampling_strategy="group_by_length" (transformers 5's group_by_length=True)
   peft               the same with the Trainer's default random sampler
@@ -42,6 +45,7 @@ from common import pt
 from prefixtune.batching import IGNORE, collate, encode, length_bucketed_batches
 
 BATCH, LR, PREFIX_LEN, MLP_HIDDEN = 10, 1e-3, 10, 512
+SYSTEMS = ("prefixtune", "prefixtune+compile", "peft+grouped", "peft", "floor", "full-ft")
 
 
 def encoded_pairs(tok, pairs):
@@ -84,7 +88,7 @@ def prefix_config(mlp_input_dim: int | None) -> pt.PrefixConfig:
     return pt.PrefixConfig(length=PREFIX_LEN, reparam="mlp", mlp_hidden=MLP_HIDDEN, mlp_input_dim=mlp_input_dim)
 
 
-def run_prefixtune(model, tok, pairs, env, mlp_input_dim=None, batch_size=BATCH) -> dict:
+def run_prefixtune(model, tok, pairs, env, mlp_input_dim=None, batch_size=BATCH, compile_=False) -> dict:
     import json
 
     from prefixtune.train import TrainConfig, train
@@ -92,7 +96,7 @@ def run_prefixtune(model, tok, pairs, env, mlp_input_dim=None, batch_size=BATCH)
     torch.manual_seed(0)
     pm = pt.PrefixModel(model, prefix_config(mlp_input_dim))
     cfg = TrainConfig(lr=LR, epochs=1, batch_size=batch_size, checkpoint_every=10 ** 6, log_every=10 ** 6,
-                      bf16=env.bf16, max_source_len=256, max_target_len=128)
+                      bf16=env.bf16, max_source_len=256, max_target_len=128, compile=compile_)
     with tempfile.TemporaryDirectory() as out:
         train(pm, tok, pairs, [], cfg, out, print_fn=lambda s: None)
         log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
@@ -222,31 +226,38 @@ def main() -> None:
     ap = common.parser(__doc__, cuda=True)
     ap.add_argument("--pairs", type=int, default=210, help="E2E pairs per epoch (steps = pairs / batch; 210: 20 timed "
                     "steps per system and repetition after the warm-up step, as issue 20 asks)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help=f"comma-separated subset of {', '.join(SYSTEMS)} (a ratio is printed where both of its systems ran)")
     args = ap.parse_args()
+    chosen = [x.strip() for x in args.systems.split(",") if x.strip()]
+    unknown = sorted(set(chosen) - set(SYSTEMS))
+    if unknown or not chosen:
+        ap.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
     env = common.setup(args)
     n_pairs, reps = (12, 1) if args.quick else (args.pairs, args.reps)
     batch = 4 if args.quick else BATCH
 
     model, tok = common.load(args.quick, env.device)
-    peft_model = make_peft(common.fresh_copy(model))
-    full_model = common.fresh_copy(model)
-    token_dim = peft_model.peft_config["default"].token_dim  # our MLP input width = PEFT's
+    peft_model = make_peft(common.fresh_copy(model))  # also gives PEFT's token_dim, our MLP input width
+    full_model = common.fresh_copy(model) if "full-ft" in chosen else None
+    token_dim = peft_model.peft_config["default"].token_dim
     pairs = common.e2e_pairs(n_pairs)
 
-    systems = {
-        "prefixtune": lambda: run_prefixtune(model, tok, pairs, env, token_dim, batch),
-        "peft+grouped": lambda: run_peft(peft_model, tok, pairs, env, True, batch),
-        "peft": lambda: run_peft(peft_model, tok, pairs, env, False, batch),
-        "floor": lambda: run_floor(model, tok, pairs, env, batch),
-        "full-ft": lambda: run_full(full_model, tok, pairs, env, batch),
+    every = {
+        "prefixtune": lambda ps: run_prefixtune(model, tok, ps, env, token_dim, batch),
+        "prefixtune+compile": lambda ps: run_prefixtune(model, tok, ps, env, token_dim, batch, compile_=True),
+        "peft+grouped": lambda ps: run_peft(peft_model, tok, ps, env, True, batch),
+        "peft": lambda ps: run_peft(peft_model, tok, ps, env, False, batch),
+        "floor": lambda ps: run_floor(model, tok, ps, env, batch),
+        "full-ft": lambda ps: run_full(full_model, tok, ps, env, batch),
     }
+    assert tuple(every) == SYSTEMS
+    systems = {name: (lambda run=every[name]: run(pairs)) for name in chosen}
     warm = pairs[:batch] if not args.quick else []
-    # untimed warm-up of every path (kernels, allocator): one step each
-    if warm:
-        run_prefixtune(model, tok, warm, env, token_dim, batch)
-        run_peft(peft_model, tok, warm, env, True, batch)
-        run_floor(model, tok, warm, env, batch)
-        run_full(full_model, tok, warm, env, batch)
+    # untimed warm-up of every path (kernels, allocator; compiling): one step each
+    for name in chosen if warm else ():
+        if name != "peft":  # the same path as peft+grouped
+            every[name](warm)
     load_start = common.machine()["load_average"]
     runs = common.interleave(systems, reps)
     load_end = common.machine()["load_average"]
@@ -261,8 +272,9 @@ def main() -> None:
     batches = our_batches(tok, pairs, batch)
     util = {}
     for name, prefix_len, full in (("prefixtune", PREFIX_LEN, False), ("floor", 0, False), ("full-ft", 0, True)):
-        flops = step_flops(model, batches, prefix_len, full)
-        util[name] = flops / results[name]["s_per_step"]["min"] / peak
+        if name in results:
+            flops = step_flops(model, batches, prefix_len, full)
+            util[name] = flops / results[name]["s_per_step"]["min"] / peak
 
     def best(name, key="target_tok_s"):
         return max(results[name][key]["all"])
@@ -270,25 +282,36 @@ def main() -> None:
     def med(name, key="target_tok_s"):
         return results[name][key]["median"]
 
-    ratios = [
-        common.ratio("train: prefixtune / PEFT+Trainer group_by_length (target tok/s)",
-                     best("prefixtune") / best("peft+grouped"), ">= 1.5",
-                     f"median {med('prefixtune') / med('peft+grouped'):.2f}"),
-        common.ratio("train: prefixtune / PEFT+Trainer default (target tok/s)", best("prefixtune") / best("peft"), None,
-                     f"median {med('prefixtune') / med('peft'):.2f}"),
-        common.ratio("train: prefixtune step / floor step (s per target token)", best("floor") / best("prefixtune"),
-                     None, "1.0 = the prefix costs nothing"),
-        common.ratio("train: prefixtune step / full fine-tuning step", best("full-ft") / best("prefixtune"), None),
-        common.ratio("train: FLOP utilisation of a prefixtune step", util["prefixtune"], ">= 0.6",
-                     f"peak {peak / 1e9:.0f} GFLOP/s; floor {util['floor']:.2f}, full-ft {util['full-ft']:.2f}"),
-    ]
+    def have(*names):
+        return all(n in results for n in names)
+
+    ratios = []
+    if have("prefixtune", "peft+grouped"):
+        ratios.append(common.ratio("train: prefixtune / PEFT+Trainer group_by_length (target tok/s)",
+                                   best("prefixtune") / best("peft+grouped"), ">= 1.5",
+                                   f"median {med('prefixtune') / med('peft+grouped'):.2f}"))
+    if have("prefixtune", "peft"):
+        ratios.append(common.ratio("train: prefixtune / PEFT+Trainer default (target tok/s)",
+                                   best("prefixtune") / best("peft"), None, f"median {med('prefixtune') / med('peft'):.2f}"))
+    if have("prefixtune", "prefixtune+compile"):
+        ratios.append(common.ratio("train: prefixtune --compile / prefixtune (target tok/s)",
+                                   best("prefixtune+compile") / best("prefixtune"), None,
+                                   f"median {med('prefixtune+compile') / med('prefixtune'):.2f}; > 1 = compiling wins"))
+    if have("prefixtune", "floor"):
+        ratios.append(common.ratio("train: prefixtune step / floor step (s per target token)",
+                                   best("floor") / best("prefixtune"), None, "1.0 = the prefix costs nothing"))
+    if have("prefixtune", "full-ft"):
+        ratios.append(common.ratio("train: prefixtune step / full fine-tuning step", best("full-ft") / best("prefixtune"), None))
+    if have("prefixtune", "floor", "full-ft"):
+        ratios.append(common.ratio("train: FLOP utilisation of a prefixtune step", util["prefixtune"], ">= 0.6",
+                                   f"peak {peak / 1e9:.0f} GFLOP/s; floor {util['floor']:.2f}, full-ft {util['full-ft']:.2f}"))
     print(f"training, {n_pairs} E2E pairs, batch {batch}, prefix {PREFIX_LEN} + MLP {MLP_HIDDEN}, {env.precision} "
           f"on {env.gpu or 'cpu'}, {env.threads} threads, {reps} interleaved reps; load average {load_start} -> "
           f"{load_end}")
-    print(f"{'system':<14} {'target tok/s best/median':>26} {'real tok/s best/median':>26} {'s/step best/median':>20}")
+    print(f"{'system':<19} {'target tok/s best/median':>26} {'real tok/s best/median':>26} {'s/step best/median':>20}")
     for name, r in results.items():
         t, real, s = r["target_tok_s"], r["real_tok_s"], r["s_per_step"]
-        print(f"{name:<14} {t['max']:>12.1f} {t['median']:>12.1f} {real['max']:>13.1f} {real['median']:>12.1f} "
+        print(f"{name:<19} {t['max']:>12.1f} {t['median']:>12.1f} {real['max']:>13.1f} {real['median']:>12.1f} "
               f"{s['min']:>10.3f} {s['median']:>9.3f}")
     common.write(args, {"part": "train", "precision": env.reason, "threads": env.threads, "pairs": n_pairs,
                         "batch": batch, "prefix_length": PREFIX_LEN, "mlp_hidden": MLP_HIDDEN, "lr": LR,
