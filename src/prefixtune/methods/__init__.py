@@ -97,6 +97,6 @@ def attach(model, artifact, tokenizer=None) -> Method:
     return get_method(artifact.meta["method"]).from_artifact(model, artifact, tokenizer=tokenizer).eval()
 
 
-__all__ = ["Method", "METHODS", "DEFAULT_METHOD", "register", "get_method", "config_class", "config_classes", "method_of", "artifact_method", "build", "trainable_state", "save_artifact",
-           "load_artifact", "attach", "PrefixModel", "InfixModel", "InfixConfig", "PromptModel", "PromptConfig",
-           "PTuningModel", "PTuningConfig"]
+__all__ = ["Method", "METHODS", "DEFAULT_METHOD", "register", "get_method", "config_class", "config_classes",
+           "method_of", "artifact_method", "build", "trainable_state", "save_artifact", "load_artifact", "attach",
+           "PrefixModel", "InfixModel", "InfixConfig", "PromptModel", "PromptConfig", "PTuningModel", "PTuningConfig"]
