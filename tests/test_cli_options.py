@@ -191,6 +191,23 @@ def test_count_progress_off_a_terminal_is_silent():
         assert update is None  # pytest's stderr is not a terminal
 
 
+def test_progress_bars_on_a_terminal_draw_and_print_log_lines_above_them(monkeypatch, capsys):
+    from prefixtune import progress as P
+
+    monkeypatch.setattr(P, "on_terminal", lambda: True)
+    with P.training_progress() as step:
+        step({"total": 10, "step": 3, "loss": 1.5, "tokens_per_s": 100.0})
+        P.progress_print("a log line")
+    with P.decoding_progress(4) as done:
+        done(4, 4)
+    with P.count_progress("runs") as update:
+        update(1, 2)
+    assert P._BAR is None  # log lines print plainly again
+    err = capsys.readouterr()
+    assert "3/10" in err.err and "loss 1.5000" in err.err and "4/4" in err.err and "runs" in err.err
+    assert "a log line" in err.out + err.err
+
+
 @pytest.mark.parametrize("command", ["", "train", "serve", "generate", "evaluate", "experiment"])
 def test_help_does_not_import_torch(command):
     code = ("import contextlib, io, sys\n"

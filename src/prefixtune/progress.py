@@ -21,77 +21,57 @@ def progress_print(line: str) -> None:
 
 
 @contextlib.contextmanager
+def _bar(make_callback, **tqdm_options):
+    """Yields `make_callback(bar)` for a tqdm bar on stderr (None when not on a terminal); log lines printed
+    meanwhile by `progress_print` go above the bar."""
+    global _BAR
+    if not on_terminal():
+        yield None
+        return
+    # tqdm: only when a bar is drawn; the CLI imports this module (`prefixtune --help` start-up time)
+    from tqdm import tqdm
+
+    bar = _BAR = tqdm(dynamic_ncols=True, file=sys.stderr, **tqdm_options)
+    try:
+        yield make_callback(bar)
+    finally:
+        _BAR = None
+        bar.close()
+
+
 def training_progress():
     """Yields `progress(record)` for `train()` (None when not on a terminal)."""
-    global _BAR
-    if not on_terminal():
-        yield None
-        return
-    # tqdm: only when a bar is drawn; the CLI imports this module (`prefixtune --help` start-up time)
-    from tqdm import tqdm
+    def callback(bar):
+        def progress(record: dict) -> None:
+            bar.total = record["total"]
+            bar.n = record["step"]
+            speed = (f"{record['tokens_per_s']:.0f} tok/s" if record.get("tokens_per_s") else
+                     f"{record.get('examples_per_s', 0):.1f} examples/s")  # classifiers: no target tokens
+            bar.set_postfix_str(f"loss {record['loss']:.4f} · {speed}", refresh=False)
+            bar.refresh()
+        return progress
 
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr)
-    _BAR = bar
-
-    def progress(record: dict) -> None:
-        bar.total = record["total"]
-        bar.n = record["step"]
-        speed = (f"{record['tokens_per_s']:.0f} tok/s" if record.get("tokens_per_s") else
-                 f"{record.get('examples_per_s', 0):.1f} examples/s")  # classifiers: no target tokens
-        bar.set_postfix_str(f"loss {record['loss']:.4f} · {speed}", refresh=False)
-        bar.refresh()
-
-    try:
-        yield progress
-    finally:
-        _BAR = None
-        bar.close()
+    return _bar(callback, total=None, unit="step")
 
 
-@contextlib.contextmanager
 def decoding_progress(total: int, label: str = "generating"):
     """Yields `progress(done, total)` for `generate_texts` (None when not on a terminal)."""
-    global _BAR
-    if not on_terminal():
-        yield None
-        return
-    # tqdm: only when a bar is drawn; the CLI imports this module (`prefixtune --help` start-up time)
-    from tqdm import tqdm
+    def callback(bar):
+        def progress(done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+        return progress
 
-    bar = tqdm(total=total, unit="src", desc=label, dynamic_ncols=True, file=sys.stderr)
-    _BAR = bar
-
-    def progress(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
-
-    try:
-        yield progress
-    finally:
-        _BAR = None
-        bar.close()
+    return _bar(callback, total=total, unit="src", desc=label)
 
 
-@contextlib.contextmanager
 def count_progress(label: str, unit: str = "run"):
     """Yields `update(done, total)` for a count whose total may change (a sweep's runs); None when not on a
-    terminal. Log lines printed meanwhile by `progress_print` go above the bar."""
-    global _BAR
-    if not on_terminal():
-        yield None
-        return
-    # tqdm: only when a bar is drawn; the CLI imports this module (`prefixtune --help` start-up time)
-    from tqdm import tqdm
+    terminal."""
+    def callback(bar):
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        return update
 
-    bar = tqdm(total=None, unit=unit, desc=label, dynamic_ncols=True, file=sys.stderr)
-    _BAR = bar
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
-        yield update
-    finally:
-        _BAR = None
-        bar.close()
+    return _bar(callback, total=None, unit=unit, desc=label)
