@@ -73,3 +73,15 @@ def test_mean_std_and_the_learning_rate_rule():
         choose({1e-3: math.inf, 1e-2: math.inf})
     with pytest.raises(ValueError, match="grid_factors"):
         Protocol(grid_factors=(1.0,))
+
+
+def test_the_grid_is_log_spaced_around_its_centre_and_grows_past_the_edge_that_won():
+    from prefixtune.experiments.protocol import extend_grid, grid_around
+
+    p = Protocol()
+    grid = grid_around(1e-3, p)
+    assert grid == [0.000316, 0.001, 0.00316]
+    once = extend_grid(grid, 1e-3, "high", p)
+    assert once == [0.000316, 0.001, 0.00316, 0.01]
+    assert extend_grid(once, 1e-3, "high", p)[-1] == 0.0316  # from the centre: no drift to 0.0315 or 0.00999
+    assert extend_grid(grid, 1e-3, "low", p) == [0.0001, 0.000316, 0.001, 0.00316]

@@ -93,6 +93,23 @@ def choose(points: dict[float, float]) -> tuple[float, str | None]:
     return best, edge
 
 
+def grid_around(centre: float, protocol: Protocol) -> list[float]:
+    """The protocol's log grid around `centre`, rounded to 3 significant digits."""
+    return sorted({_round_lr(centre * f) for f in protocol.grid_factors})
+
+
+def extend_grid(grid: list[float], centre: float, edge: str, protocol: Protocol) -> list[float]:
+    """`grid` with the next point of the same log grid beyond its `edge` ('low' or 'high'), computed from
+    the centre (no rounding drift: 1e-4, not 9.99e-5)."""
+    factors = sorted(protocol.grid_factors)
+    ratio = factors[1] / factors[0]
+    beyond = [lr for lr in grid if (lr > _round_lr(centre * factors[-1]) if edge == "high"
+                                    else lr < _round_lr(centre * factors[0]))]
+    k = len(beyond) + 1
+    factor = factors[-1] * ratio ** k if edge == "high" else factors[0] / ratio ** k
+    return sorted(grid + [_round_lr(centre * factor)])
+
+
 def select_learning_rates(specs: list[RunSpec], model: str, out: Path, protocol: Protocol,
                           ray_address=None, print_fn: Callable[[str], None] = print, progress=None,
                           cpus_per_run: int | None = None) -> dict:
@@ -100,12 +117,10 @@ def select_learning_rates(specs: list[RunSpec], model: str, out: Path, protocol:
     {group: {"grid": [...], "dev_loss": {lr: loss}, "chosen": lr, "at_edge": ..., "method": ...}}."""
     groups = _groups(specs)
     base = {g: min(ss, key=lambda s: s.plan.get("seed", 0)) for g, ss in groups.items()}
-    grids = {g: sorted({_round_lr(s.overrides["lr"] * f) for f in protocol.grid_factors}) for g, s in base.items()
-             if "lr" in s.overrides}
+    grids = {g: grid_around(s.overrides["lr"], protocol) for g, s in base.items() if "lr" in s.overrides}
     missing = sorted(set(groups) - set(grids))
     if missing:
         raise ValueError(f"groups {missing} have no learning rate to search around")
-    ratio = sorted(protocol.grid_factors)[1] / sorted(protocol.grid_factors)[0]
     extensions = {g: 0 for g in groups}
     while True:
         sel = [_with_lr(base[g], lr, evaluate=False) for g in groups for lr in grids[g]]
@@ -118,14 +133,7 @@ def select_learning_rates(specs: list[RunSpec], model: str, out: Path, protocol:
             points = {lr: _loss(rows[lr_id(g, seed, lr)]) for lr in grids[g]}
             chosen, edge = choose(points)
             if edge and extensions[g] < protocol.max_extensions:
-                # the next point of the same log grid, from the centre (no rounding drift: 1e-4, not 9.99e-5)
-                factors, centre = sorted(protocol.grid_factors), base[g].overrides["lr"]
-                beyond = [lr for lr in grids[g] if (lr > _round_lr(centre * factors[-1]) if edge == "high"
-                                                    else lr < _round_lr(centre * factors[0]))]
-                k = len(beyond) + 1
-                factor = factors[-1] * ratio ** k if edge == "high" else factors[0] / ratio ** k
-                grids[g].append(_round_lr(centre * factor))
-                grids[g].sort()
+                grids[g] = extend_grid(grids[g], base[g].overrides["lr"], edge, protocol)
                 extensions[g] += 1
                 grown = True
                 print_fn(f"  {g}: best dev loss at the {edge} edge ({chosen:g}); extending the grid")
