@@ -12,6 +12,8 @@ without the method's hooks:
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -322,20 +324,90 @@ def test_experiment_vpt_arms_train_pick_lr_on_val_and_tabulate(tmp_path):
     rows = []
     for name in ("probe", "vpt-deep", "lora"):
         arm = vx.VPT_ARMS[name]
-        arm = vx.Arm(arm.method, {**arm.options, "num_labels": 2, "labels": labels}, arm.lrs)
-        row = vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path)
+        arm = vx.Arm(arm.method, {**arm.options, "num_labels": 2, "labels": labels}, arm.lr)
+        row = vx.train_arm(model, proc, name, arm, arm.grid[0], 0, splits, sc, tmp_path)
         assert row["steps"] == 2 and 0 <= row["val_accuracy"] <= 1 and "test_accuracy" not in row
-        again = vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path)
+        again = vx.train_arm(model, proc, name, arm, arm.grid[0], 0, splits, sc, tmp_path)
         assert again == row, "a finished run is read back, not redone"
         row = vx.test_arm(model, proc, row, splits, sc, tmp_path)      # the saved artifact, reloaded
         assert row["n_test"] == 6 and 0 <= row["test_accuracy"] <= 1
-        assert vx.train_arm(model, proc, name, arm, arm.lrs[0], 0, splits, sc, tmp_path) == row
+        assert vx.train_arm(model, proc, name, arm, arm.grid[0], 0, splits, sc, tmp_path) == row
+        assert len(row["test_correct"]) == 6 and row["test_correct"].count("1") == round(6 * row["test_accuracy"])
         rows.append(dict(row, chosen=True))
     with torch.no_grad():  # every arm detached: the base model is untouched
         assert torch.equal(model(pixel_values=pixels(1, 0)).last_hidden_state,
                            tiny_image_model("dinov2")(pixel_values=pixels(1, 0)).last_hidden_state)
     table = vx.vpt_table(rows, sc, "tiny")
     assert "| vpt-deep |" in table and "| lora |" in table
+    lora = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert "[" in lora.split("|")[7], lora  # a paired interval against vpt-deep (both have per-image results)
+
+
+def test_experiment_vpt_end_to_end_chooses_on_dev_loss_and_compares_with_vpt_deep(tmp_path, monkeypatch):
+    from prefixtune.data.cifar10 import CLASSES
+    from prefixtune.experiments import vision as vx
+
+    splits = {"train": random_images(10, 0, CLASSES), "dev": random_images(10, 1, CLASSES),
+              "test": random_images(10, 2, CLASSES)}
+    monkeypatch.setattr(vx, "vision_splits", lambda data_dir, n_test, seed=0: splits)
+    monkeypatch.setitem(vx.VISION_SCALES, "tiny", vx.VisionScale(image_size=SIZE, seeds=(0, 1), epochs=1, batch_size=5,
+                                                                 n_test=10, bf16=False))
+    model, proc = tiny_image_model("dinov2"), ImageProcessor(size=SIZE)
+    result = vx.run_vpt_experiment(tmp_path, scale="tiny", arms=["probe", "vpt-deep"], print_fn=lambda s: None,
+                                   model_and_processor=(model, proc))
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for arm in ("probe", "vpt-deep"):
+        grid = [r for r in rows if r["arm"] == arm and r["seed"] == 0]
+        assert len(grid) >= 3 and all(r["best_dev_loss"] is not None for r in grid)
+        best = min(grid, key=lambda r: (r["best_dev_loss"], r["lr"]))
+        assert result["chosen"][arm] == best["lr"] and [r["lr"] for r in grid if r["chosen"]] == [best["lr"]]
+        assert [r["seed"] for r in rows if r["arm"] == arm and r["chosen"]] == [0, 1]
+    probe = next(line for line in result["table"].splitlines() if line.startswith("| probe |"))
+    assert "vs vpt-deep" in result["table"] and "[" in probe.split("|")[7], probe
+
+
+def test_an_arms_learning_rate_grid_grows_past_the_winning_edge_twice_at_most(tmp_path, monkeypatch):
+    from prefixtune.experiments import vision as vx
+
+    trained = []
+
+    def fake_train_arm(model, proc, name, arm, lr, seed, splits, sc, out, print_fn=print):
+        trained.append(lr)  # dev loss falls with the rate: the high edge always wins
+        return {"arm": name, "lr": lr, "seed": seed, "best_dev_loss": 1.0 / lr, "val_accuracy": 0.5}
+
+    monkeypatch.setattr(vx, "train_arm", fake_train_arm)
+    sc = vx.VisionScale(seeds=(0, 1))
+    arm = vx.Arm("vpt", {}, 1e-3)
+    rows = vx.select_arm_lr(None, None, "probe", arm, {}, sc, tmp_path, print_fn=lambda s: None)
+    assert sorted({r["lr"] for r in rows}) == [0.000316, 0.001, 0.00316, 0.01, 0.0316]  # 3 points + 2 extensions
+    assert {(r["chosen_lr"], r["at_edge"]) for r in rows} == {(0.0316, "high")}
+    # a middle optimum is chosen without growing the grid
+    monkeypatch.setattr(vx, "train_arm", lambda *a, **k: dict(fake_train_arm(*a, **k), best_dev_loss=abs(a[4] - 1e-3)))
+    rows = vx.select_arm_lr(None, None, "probe", arm, {}, sc, tmp_path, print_fn=lambda s: None)
+    assert [r["lr"] for r in rows] == [0.000316, 0.001, 0.00316] and rows[0]["chosen_lr"] == 0.001
+
+
+def test_a_run_written_before_dev_losses_were_recorded_reads_its_log(tmp_path):
+    from prefixtune.experiments import vision as vx
+
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 25, "dev_loss": 2.5}\n{"step": 50, "dev_loss": 2.25}\n')
+    assert vx.dev_loss_of({"val_accuracy": 0.5}, tmp_path) == 2.25
+    assert vx.dev_loss_of({"best_dev_loss": 1.5}, tmp_path) == 1.5
+    assert vx.dev_loss_of({}, tmp_path / "nowhere") == float("inf")
+
+
+def test_the_paired_accuracy_difference_resamples_the_same_images_for_both_arms():
+    from prefixtune.experiments import vision as vx
+
+    ref = {"arm": "vpt-deep", "chosen": True}
+    rows = [dict(ref, seed=0, test_correct="1100" * 50), dict(ref, seed=1, test_correct="1010" * 50),
+            {"arm": "lora", "chosen": True, "seed": 0, "test_correct": "1110" * 50},
+            {"arm": "lora", "chosen": True, "seed": 1, "test_correct": "1011" * 50},
+            {"arm": "old", "chosen": True, "seed": 0}]  # no per-image results: no interval
+    diff = vx.paired_accuracy_difference(rows, "lora", "vpt-deep")
+    assert diff.estimate == pytest.approx(0.25) and 0 < diff.low <= 0.25 <= diff.high and diff.verdict() == "ahead"
+    assert vx.paired_accuracy_difference(rows, "old", "vpt-deep") is None
+    assert vx.paired_accuracy_difference(rows, "vpt-deep", "vpt-deep") is None
 
 
 # -------------------------------------------------------------------------------------------

@@ -230,7 +230,7 @@ def evaluate_images(method, items, batch_size: int = 64, bf16: bool = False) -> 
     per_class = {labels[i]: (confusion[i][i] / sum(confusion[i]) if sum(confusion[i]) else None) for i in range(k)}
     low, high = wilson_interval(correct, len(items))
     return {"accuracy": correct / len(items), "ci95": [low, high], "correct": correct, "n": len(items),
-            "per_class": per_class, "confusion": confusion, "predictions": pred}
+            "per_class": per_class, "confusion": confusion, "predictions": pred, "gold": gold}
 
 
 def classify_images(method, images: list, top: int = 3) -> list[list[tuple[str, float]]]:

@@ -6,9 +6,12 @@
 
 Every trained arm goes through the one trainer (`train.train`) with the method's own checkpoints and
 artifacts in OUT/runs/<id>/; a finished run (row.json) is skipped when the command is run again, a
-half-finished one resumes from its checkpoint. Learning rates are chosen on the 200 VTAB-1k validation
-images (seed 0), then every seed trains at the chosen rate; test accuracy is on a fixed, class-balanced
-sample of the test file with a 95% Wilson interval per run and mean ± std over seeds.
+half-finished one resumes from its checkpoint. `experiment vpt` runs the text experiments' protocol
+(protocol.py): each arm's learning rate is chosen on the dev loss of the 200 VTAB-1k validation images
+(seed 0) from a 3-point log grid around the arm's rate, grown past a winning edge up to twice, then
+every seed trains at the chosen rate. Test accuracy is on a fixed, class-balanced sample of the test
+file: a 95% Wilson interval per run, mean ± std over seeds, and for each arm against VPT-deep a paired
+bootstrap interval of the accuracy difference (the same test images, resampled; seeds paired).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from ..plots import save_png
 from ..train import TrainConfig, train
 from ..vision import evaluate_images, wilson_interval
 from .catalogue import ExperimentError
-from .stats import mean_std
+from .protocol import Protocol, choose, extend_grid, grid_around
+from .stats import mean_std, paired_bootstrap
 
 DEFAULT_MODEL = "dinov2-small"
 
@@ -184,20 +188,29 @@ def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, si
 # experiment vpt: probe vs VPT-shallow vs VPT-deep vs full fine-tuning vs LoRA, on the one trainer
 
 
+PROTOCOL = Protocol()  # the text experiments' grid (3 points spanning 10x) and edge extensions
+VPT_REFERENCE = "vpt-deep"  # the arm every other arm's test accuracy is compared with (paired)
+
+
 @dataclass(frozen=True)
 class Arm:
     method: str
     options: dict
-    lrs: tuple[float, ...]   # the grid chosen from on the 200 validation images (seed 0)
+    lr: float  # the centre of its learning-rate grid (chosen on the 200 validation images' dev loss, seed 0)
+
+    @property
+    def grid(self) -> list[float]:
+        return grid_around(self.lr, PROTOCOL)
 
 
+# Centres: the geometric middle of the 2-point grids the first runs used, so their points are grid points
 VPT_ARMS = {
-    "probe": Arm("vpt", {"depth": "none"}, (1e-3, 1e-2)),                       # head only, cached features
-    "vpt-shallow": Arm("vpt-shallow", {"length": 10}, (3e-3, 3e-2)),
-    "vpt-deep": Arm("vpt-deep", {"length": 10}, (3e-3, 3e-2)),
-    "finetune": Arm("vpt", {"depth": "none", "tune": "full"}, (1e-5, 1e-4)),
-    "lora": Arm("vpt", {"depth": "none", "tune": "lora", "rank": 8}, (1e-3, 1e-2)),
-    "adapter": Arm("vpt", {"depth": "none", "tune": "adapter", "size": 8}, (1e-3, 1e-2)),
+    "probe": Arm("vpt", {"depth": "none"}, 10 ** -2.5),                       # head only, cached features
+    "vpt-shallow": Arm("vpt-shallow", {"length": 10}, 3e-3 * 10 ** 0.5),
+    "vpt-deep": Arm("vpt-deep", {"length": 10}, 3e-3 * 10 ** 0.5),
+    "finetune": Arm("vpt", {"depth": "none", "tune": "full"}, 10 ** -4.5),
+    "lora": Arm("vpt", {"depth": "none", "tune": "lora", "rank": 8}, 10 ** -2.5),
+    "adapter": Arm("vpt", {"depth": "none", "tune": "adapter", "size": 8}, 10 ** -2.5),
 }
 # run by default (adapter: --methods ...,adapter; left out of the measured quick run for CPU time)
 DEFAULT_VPT_ARMS = ("probe", "vpt-shallow", "vpt-deep", "finetune", "lora")
@@ -246,7 +259,8 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
     row = {"arm": arm_name, "method": arm.method, "options": arm.options, "lr": lr, "seed": seed,
            "image_size": scale.image_size, "epochs": scale.epochs, "steps": res["steps"],
            "trainable_params": res["trainable_params"], "file_bytes": artifact.stat().st_size,
-           "val_accuracy": val["accuracy"], "train_seconds": round(res["train_seconds"], 1),
+           "best_dev_loss": res["best_dev_loss"], "val_accuracy": val["accuracy"],
+           "train_seconds": round(res["train_seconds"], 1),
            "seconds": round(time.time() - started, 1), "artifact": str(artifact)}
     atomic_write_bytes(done, json.dumps(row, indent=2).encode())
     return json.loads(done.read_text())
@@ -264,10 +278,39 @@ def test_arm(model, proc, row: dict, splits: dict, scale: VisionScale, out: Path
         test = evaluate_images(method, splits["test"], bf16=scale.bf16)
     finally:
         method.detach()
+    hits = "".join("1" if p == g else "0" for p, g in zip(test["predictions"], test["gold"]))  # per test image
     row = {**row, "test_accuracy": test["accuracy"], "test_ci95": test["ci95"], "test_per_class": test["per_class"],
-           "n_test": test["n"], "test_seconds": round(time.time() - started, 1)}
+           "n_test": test["n"], "test_correct": hits, "test_seconds": round(time.time() - started, 1)}
     atomic_write_bytes(run_dir / "row.json", json.dumps(row, indent=2).encode())
     return json.loads((run_dir / "row.json").read_text())
+
+
+def dev_loss_of(row: dict, run_dir: Path) -> float:
+    """A run's best dev loss: its row's, or (rows written before it was recorded) its log's lowest."""
+    if row.get("best_dev_loss") is not None:
+        return float(row["best_dev_loss"])
+    log = run_dir / "log.jsonl"
+    losses = [r["dev_loss"] for r in map(json.loads, log.read_text().splitlines()) if "dev_loss" in r] \
+        if log.exists() else []
+    return min(losses) if losses else float("inf")
+
+
+def select_arm_lr(model, proc, name: str, arm: Arm, splits: dict, sc: "VisionScale", out: Path,
+                  print_fn=print) -> list[dict]:
+    """The protocol's choice for one arm: seed 0 at every grid point, the grid grown past a winning edge
+    (up to PROTOCOL.max_extensions times); the lowest best dev loss wins. Returns the grid's rows, each
+    with `chosen_lr` and `at_edge`."""
+    seed, grid, extensions = sc.seeds[0], arm.grid, 0
+    while True:
+        tried = [train_arm(model, proc, name, arm, lr, seed, splits, sc, out, print_fn) for lr in grid]
+        points = {r["lr"]: dev_loss_of(r, out / "runs" / _run_id(name, r["lr"], seed)) for r in tried}
+        best, edge = choose(points)
+        if not edge or extensions == PROTOCOL.max_extensions:
+            break
+        grid, extensions = extend_grid(grid, arm.lr, edge, PROTOCOL), extensions + 1
+    print_fn(f"{name}: dev loss " + ", ".join(f"lr {lr:g}: {loss:.4f}" for lr, loss in sorted(points.items()))
+             + f" -> lr {best:g}" + (f" (at the grid's {edge} edge)" if edge else ""))
+    return [dict(r, best_dev_loss=points[r["lr"]], chosen_lr=best, at_edge=edge) for r in tried]
 
 
 def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
@@ -291,13 +334,11 @@ def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scal
     rows = []
     for name in arms or DEFAULT_VPT_ARMS:
         arm = VPT_ARMS[name]
-        tried = [train_arm(model, proc, name, arm, lr, sc.seeds[0], splits, sc, out, print_fn) for lr in arm.lrs]
-        best = max(tried, key=lambda r: r["val_accuracy"])
-        chosen[name] = best["lr"]
-        print_fn(f"{name}: val accuracy " + ", ".join(f"lr {r['lr']:g}: {r['val_accuracy']:.3f}" for r in tried)
-                 + f" -> lr {best['lr']:g}")
-        rows += [dict(test_arm(model, proc, r, splits, sc, out), chosen=True) if r["lr"] == best["lr"]
-                 else dict(r, chosen=False) for r in tried]
+        tried = select_arm_lr(model, proc, name, arm, splits, sc, out, print_fn)
+        chosen[name] = tried[0]["chosen_lr"]
+        best = next(r for r in tried if r["lr"] == chosen[name])
+        rows += [dict(test_arm(model, proc, r, splits, sc, out), chosen=True) if r is best else dict(r, chosen=False)
+                 for r in tried]
         for seed in sc.seeds[1:]:
             row = train_arm(model, proc, name, arm, best["lr"], seed, splits, sc, out, print_fn)
             rows.append(dict(test_arm(model, proc, row, splits, sc, out), chosen=True))
@@ -309,12 +350,29 @@ def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scal
     return {"rows": rows, "table": table, "chosen": chosen, "figure": figure}
 
 
-def vpt_table(rows, sc: VisionScale, model_name: str) -> str:
+def paired_accuracy_difference(rows: list[dict], arm: str, reference: str):
+    """Interval of mean over seeds of (arm's test accuracy - reference's), resampling the test images (the
+    same images for both; seeds paired), or None where either lacks per-image results on a common seed."""
+    def hits(a):
+        return {r["seed"]: np.frombuffer(r["test_correct"].encode(), np.uint8) - ord("0")
+                for r in rows if r["arm"] == a and r.get("chosen") and r.get("test_correct")}
+    mine, theirs = hits(arm), hits(reference)
+    seeds = sorted(set(mine) & set(theirs))
+    if arm == reference or not seeds:
+        return None
+    return paired_bootstrap([(mine[s], theirs[s]) for s in seeds], lambda x: float(x.mean()))
+
+
+def vpt_table(rows, sc: VisionScale, model_name: str, reference: str = VPT_REFERENCE) -> str:
     lines = [f"# experiment vpt: {model_name}, CIFAR-10 VTAB-1k (800 train / 200 val), {sc.image_size} px, "
              f"{sc.epochs} epochs, batch {sc.batch_size}, bf16={sc.bf16}; test: {sc.n_test} balanced test images", "",
              f"{time.strftime('%Y-%m-%d')}, {machine()}", "",
-             "| arm | lr (chosen on val) | seeds | val acc | test acc mean ± std | per-seed test acc [95% CI] | "
-             "trainable params | file | train s/run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Learning rate chosen on the validation images' dev loss (seed 0); 'vs {reference}': the mean test "
+             "accuracy difference over seeds with its paired bootstrap 95% interval (1,000 resamples of the test "
+             "images), 'ahead'/'behind' only where it excludes 0.", "",
+             f"| arm | lr (dev loss at each grid point) | seeds | val acc | test acc mean ± std | per-seed test acc "
+             f"[95% CI] | vs {reference} [95% CI] | trainable params | file | train s/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     for arm in arms:
         chosen = [r for r in rows if r["arm"] == arm and r["chosen"]]
@@ -323,10 +381,16 @@ def vpt_table(rows, sc: VisionScale, model_name: str) -> str:
         m, s = mean_std([r["test_accuracy"] for r in chosen])
         vm, _ = mean_std([r["val_accuracy"] for r in chosen])
         per = "; ".join(f"{r['test_accuracy']:.3f} [{r['test_ci95'][0]:.3f}-{r['test_ci95'][1]:.3f}]" for r in chosen)
-        tried = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in rows if r["arm"] == arm and r["seed"] == chosen[0]["seed"])
-        lines.append(f"| {arm} | {chosen[0]['lr']:g} (val {tried}) | {len(chosen)} | {vm:.3f} | {m:.3f} ± {s:.3f} | {per} | "
-                     f"{chosen[0]['trainable_params']:,} | {chosen[0]['file_bytes'] / 1024:.0f} KiB | "
-                     f"{mean_std([r['train_seconds'] for r in chosen])[0]:.0f} |")
+        grid = [r for r in rows if r["arm"] == arm and r["seed"] == chosen[0]["seed"]]
+        tried = ", ".join(f"{r['lr']:g}: " + (f"{r['best_dev_loss']:.4f}" if r.get("best_dev_loss") is not None
+                                                else f"val acc {r['val_accuracy']:.3f}") for r in grid)
+        edge = f", at the grid's {chosen[0]['at_edge']} edge" if chosen[0].get("at_edge") else ""
+        diff = paired_accuracy_difference(rows, arm, reference)
+        versus = "–" if diff is None else (f"{diff.estimate:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] "
+                                            f"{diff.verdict()}")
+        lines.append(f"| {arm} | {chosen[0]['lr']:g} ({tried}{edge}) | {len(chosen)} | {vm:.3f} | {m:.3f} ± {s:.3f} | "
+                     f"{per} | {versus} | {chosen[0]['trainable_params']:,} | "
+                     f"{chosen[0]['file_bytes'] / 1024:.0f} KiB | {mean_std([r['train_seconds'] for r in chosen])[0]:.0f} |")
     return "\n".join(lines) + "\n"
 
 
