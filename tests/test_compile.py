@@ -92,3 +92,19 @@ def test_a_compiled_training_run_logs_the_eager_runs_losses_and_leaves_the_layer
     assert len(losses) == len(eager_losses) == 6 and len(dev) == len(eager_dev) >= 2
     assert all(abs(a - b) < 1e-4 for a, b in zip(losses + dev, eager_losses + eager_dev)), (losses, eager_losses)
     assert all("forward" not in vars(layer) for layer in pm.model.model.layers)  # compiled forwards removed
+
+
+def test_compiling_keeps_a_forward_the_layer_already_had():
+    # accelerate's device-map hooks replace a module's forward with their own: it must survive compiling
+    from prefixtune.compiling import compiled_layers
+
+    model = tiny("llama")
+    layer = model.model.layers[0]
+    own = layer.forward
+    layer.forward = own  # now an instance attribute, as a hook's wrapper would be
+    with compiled_layers(model) as layers:
+        assert len(layers) == 2 and vars(layer)["forward"] is not own
+    assert vars(layer)["forward"] is own and "forward" not in vars(model.model.layers[1])
+    with pytest.raises(ValueError, match="no transformer layers"):
+        with compiled_layers(torch.nn.Linear(2, 2)):
+            pass

@@ -33,10 +33,15 @@ def compiled_layers(model):
     if not layers:
         raise ValueError(f"{type(hf).__name__} has no transformer layers that transformers marks "
                          "(GradientCheckpointingLayer): nothing to compile")
+    # a layer's own forward attribute, if it has one (accelerate's device-map hooks set one), is put back after
+    before = {layer: vars(layer).get("forward") for layer in layers}
     for layer in layers:
         layer.forward = torch.compile(layer.forward)  # an instance attribute: the class's forward stays as it is
     try:
         yield layers
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again: eager
+        for layer, own in before.items():
+            if own is None:
+                del layer.forward  # the class's forward again: eager
+            else:
+                layer.forward = own
