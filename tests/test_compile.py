@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prefixtune as pt
+from prefixtune.compiling import compiled_layers
 from prefixtune.engine import target_loss
 
 from conftest import tiny
@@ -44,22 +45,19 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(attn):
     torch.manual_seed(0)
     pm = pt.PrefixModel(model, pt.PrefixConfig(length=3))
     eager = {n: _step(pm, model, n) for n in SHAPES}
-    for layer in pm.model.base_model.layers:  # regional compilation, as bench_levers' "compiled" lever
-        layer.compile()
     try:
-        for _ in range(2):
-            for n in SHAPES:
-                loss, grads = _step(pm, model, n)
-                ref_loss, ref_grads = eager[n]
-                assert torch.allclose(loss, ref_loss, atol=1e-5), (n, loss, ref_loss)
-                assert grads.keys() == ref_grads.keys()
-                for name in grads:
-                    assert torch.allclose(grads[name], ref_grads[name], atol=1e-5), (n, name)
+        with compiled_layers(pm):  # regional compilation, as `train --compile`
+            for _ in range(2):
+                for n in SHAPES:
+                    loss, grads = _step(pm, model, n)
+                    ref_loss, ref_grads = eager[n]
+                    assert torch.allclose(loss, ref_loss, atol=1e-5), (n, loss, ref_loss)
+                    assert grads.keys() == ref_grads.keys()
+                    for name in grads:
+                        assert torch.allclose(grads[name], ref_grads[name], atol=1e-5), (n, name)
         traced_into_ours = [reason for reason in counters["graph_break"] if "ContextVar" in reason]
         assert not traced_into_ours, traced_into_ours
     finally:
-        for layer in pm.model.base_model.layers:
-            layer._compiled_call_impl = None  # back to eager for whoever shares the process
         torch._dynamo.reset()
 
 
@@ -96,8 +94,6 @@ def test_a_compiled_training_run_logs_the_eager_runs_losses_and_leaves_the_layer
 
 def test_compiling_keeps_a_forward_the_layer_already_had():
     # accelerate's device-map hooks replace a module's forward with their own: it must survive compiling
-    from prefixtune.compiling import compiled_layers
-
     model = tiny("llama")
     layer = model.model.layers[0]
     own = layer.forward
@@ -108,3 +104,30 @@ def test_compiling_keeps_a_forward_the_layer_already_had():
     with pytest.raises(ValueError, match="no transformer layers"):
         with compiled_layers(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_compiled_encoder_decoder_layers_give_the_eager_loss_and_gradients():
+    # T5: encoder, decoder and cross-attention prefixes, and the relative position bias threaded through the layers
+    torch._dynamo.reset()
+    model = tiny("t5")
+    torch.manual_seed(0)
+    pm = pt.PrefixModel(model, pt.PrefixConfig(length=3))
+
+    def step(length: int):
+        ids, mask, _ = _batch(model, length)
+        labels = torch.randint(5, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(length + 1))
+        loss = pm(input_ids=ids, attention_mask=mask, labels=labels, loss_on_targets=True)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        pm.zero_grad()
+        return loss.detach(), grads
+
+    eager = {n: step(n) for n in SHAPES[:2]}
+    try:
+        with compiled_layers(pm):
+            for n in SHAPES[:2]:
+                loss, grads = step(n)
+                assert torch.allclose(loss, eager[n][0], atol=1e-5)
+                assert all(torch.allclose(grads[k], eager[n][1][k], atol=1e-5) for k in eager[n][1])
+    finally:
+        torch._dynamo.reset()
