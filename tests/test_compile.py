@@ -131,3 +131,13 @@ def test_compiled_encoder_decoder_layers_give_the_eager_loss_and_gradients():
                 assert all(torch.allclose(grads[k], eager[n][1][k], atol=1e-5) for k in eager[n][1])
     finally:
         torch._dynamo.reset()
+
+
+def test_compiling_raises_dynamos_recompile_limit_for_the_block_only():
+    # SmolLM2's 30 layers needed more than the default 8 versions of the shared layer code
+    from prefixtune.compiling import RECOMPILE_LIMIT
+
+    default = torch._dynamo.config.recompile_limit
+    with compiled_layers(tiny("llama")):
+        assert torch._dynamo.config.recompile_limit == max(RECOMPILE_LIMIT, default) > 8
+    assert torch._dynamo.config.recompile_limit == default

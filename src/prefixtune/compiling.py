@@ -21,6 +21,8 @@ import torch
 
 from .methods import Method
 
+RECOMPILE_LIMIT = 64  # compiled versions of the layers' code kept before dynamo falls back to eager
+
 
 @contextlib.contextmanager
 def compiled_layers(model):
@@ -38,7 +40,12 @@ def compiled_layers(model):
     for layer in layers:
         layer.forward = torch.compile(layer.forward)  # an instance attribute: the class's forward stays as it is
     try:
-        yield layers
+        # The layers' shared code is specialised on whether its input requires grad (layer 0's does not: only
+        # the prefix is trained), on how transformers' wrappers pass it, on train/eval and on dynamic lengths.
+        # SmolLM2 training needed more than dynamo's default 8 versions (then the rest ran eagerly) and 14
+        # with the limit raised: RECOMPILE_LIMIT for the block.
+        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            yield layers
     finally:
         for layer, own in before.items():
             if own is None:
