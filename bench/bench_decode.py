@@ -10,6 +10,8 @@ suppressed with min_new_tokens, so every path does the same work), HF `generate`
                  a prefix ratio is read against it (a 2% goal needs an A/A ratio within 1 +- 0.01)
   prefix         prefixtune's engine with one 10-token prefix shared by the batch
   mixed          prefixtune's engine, 8 different 10-token prefixes, one per row (generate_mixed)
+  prefix stock-cache  "prefix" from transformers' growing DynamicLayer instead of prefixtune's ReservedLayer
+                 (kv_cache.py): against "plain", the prefix's own cost; against "prefix", the reserved cache's gain
   prefix per-step  the prefix added by prefixtune's attention functions at every layer and step (the
                  path before decoding started from a cache holding the prefix; still the path for
                  infixes, soft prompts, sliding windows, encoder-decoders and autocast)
@@ -18,7 +20,7 @@ suppressed with min_new_tokens, so every path does the same work), HF `generate`
                  "prefix" in fp32 (the fp32 run is a separate system when the bench's precision is bf16
                  autocast); also how many of the 8 greedy outputs are the same tokens as fp32's
 
-each greedy and with beam search (5 beams; mixed, bf16: greedy only), interleaved, best of `reps`.
+greedy, and with beam search (5 beams) for plain, plain again, prefix and prefix stock-cache; interleaved, best of `reps`.
 Goals: prefix <= 1.02x the plain model's time; mixed batch >= 0.95x a plain batch's throughput.
 bf16 / fp32 is informative: `auto` picks bf16 by precision.py's measurement, not by this ratio.
 On a GPU (`--device`: cuda where one is available) every path runs there (bf16 autocast by default,
@@ -75,8 +77,11 @@ def main() -> None:
                     out = pt.generate_with_prefix(model, shared, ids, mask, **kw)
                 elif kind == "prefix bf16":
                     out = pt.generate_with_prefix(half, shared_half, ids, mask, **kw)
-                elif kind == "prefix per-step":
-                    real, engine.cached_prefix = engine.cached_prefix, lambda *a: None
+                elif kind in ("prefix per-step", "prefix stock-cache"):
+                    real = engine.cached_prefix
+                    # per-step: no cache holds the prefix; stock-cache: one does, with HF's growing DynamicLayer
+                    engine.cached_prefix = (lambda *a, **k: None) if kind == "prefix per-step" else \
+                        (lambda *a, **k: real(*a, **{**k, "reserve": 0}))
                     try:
                         out = pt.generate_with_prefix(model, shared, ids, mask, **kw)
                     finally:
@@ -95,7 +100,8 @@ def main() -> None:
                "prefix greedy": run("prefix", 1), "prefix per-step greedy": run("prefix per-step", 1),
                "mixed greedy": run("mixed", 1), "prefix bf16 greedy": run("prefix bf16", 1),
                **({"prefix fp32 greedy": run("prefix fp32", 1)} if env.bf16 else {}),
-               "plain beam-5": run("plain", 5), "prefix beam-5": run("prefix", 5)}
+               "plain beam-5": run("plain", 5), "plain again beam-5": run("plain again", 5),
+               "prefix beam-5": run("prefix", 5), "prefix stock-cache beam-5": run("prefix stock-cache", 5)}
     if args.only_precision:
         systems = {name: fn for name, fn in systems.items() if name in (fp32_name, "prefix bf16 greedy")}
     for fn in systems.values():
@@ -110,7 +116,7 @@ def main() -> None:
     print(f"decoding, 8 prompts, {tokens} new tokens, prefix length {args.prefix_length}, {env.precision} on "
           f"{env.gpu or 'cpu'}, {env.threads} threads, best of {reps}; load average {load_start} -> {load_end}")
     for name, r in results.items():
-        print(f"  {name:<22} {r['min']:7.3f} s (median {r['median']:.3f})  {8 * tokens / r['min']:7.1f} tok/s")
+        print(f"  {name:<26} {r['min']:7.3f} s (median {r['median']:.3f})  {8 * tokens / r['min']:7.1f} tok/s")
 
     def t(name):
         return results[name]["min"]
@@ -123,6 +129,14 @@ def main() -> None:
                      f"median {results['prefix greedy']['median'] / results['plain greedy']['median']:.3f}"),
         common.ratio("decode: prefix / plain model time, beam-5", t("prefix beam-5") / t("plain beam-5"), "<= 1.02",
                      f"median {results['prefix beam-5']['median'] / results['plain beam-5']['median']:.3f}"),
+        common.ratio("decode: plain / plain again, beam-5 (A/A)", t("plain beam-5") / t("plain again beam-5"), None,
+                     f"median {results['plain beam-5']['median'] / results['plain again beam-5']['median']:.3f}"),
+        common.ratio("decode: prefix with HF's growing cache / plain, beam-5 (the prefix's own cost)",
+                     t("prefix stock-cache beam-5") / t("plain beam-5"), None,
+                     f"median {results['prefix stock-cache beam-5']['median'] / results['plain beam-5']['median']:.3f}"),
+        common.ratio("lever: reserved cache / HF's growing cache, prefix beam-5",
+                     t("prefix beam-5") / t("prefix stock-cache beam-5"), None,
+                     f"median {results['prefix beam-5']['median'] / results['prefix stock-cache beam-5']['median']:.3f}"),
         common.ratio("lever: prefix in the cache / added per layer and step, greedy",
                      t("prefix greedy") / t("prefix per-step greedy"), None,
                      f"median {results['prefix greedy']['median'] / results['prefix per-step greedy']['median']:.3f}"),

@@ -99,8 +99,8 @@ def cache_spy(monkeypatch):
     calls = []
     real = attention.cached_prefix
 
-    def spy(model, *args):
-        laid = real(model, *args)
+    def spy(model, *args, **kwargs):
+        laid = real(model, *args, **kwargs)
         calls.append((model.dtype, laid is not None))
         return laid
 
@@ -174,7 +174,7 @@ def test_bf16_generate_keeps_the_prefix_cache_and_matches_per_step_scores(monkey
     kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     fast = pt.generate_mixed(model, prefixes, ids, mask, **kw)
     assert cache_spy == [(torch.bfloat16, True)]
-    monkeypatch.setattr(pt.engine, "cached_prefix", lambda *a: None)
+    monkeypatch.setattr(pt.engine, "cached_prefix", lambda *a, **k: None)
     slow = pt.generate_mixed(model, prefixes, ids, mask, **kw)
     assert torch.equal(fast.sequences, slow.sequences)
     assert max((a.float() - b.float()).abs().max().item() for a, b in zip(fast.scores, slow.scores)) <= SAME_PRECISION_TOL

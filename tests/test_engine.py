@@ -9,6 +9,7 @@ import torch
 import prefixtune as pt
 from prefixtune.engine import activations_of_text, forward_with_prefix
 from prefixtune.attention import RowPrefixes
+from prefixtune.kv_cache import ReservedLayer
 from prefixtune.prefix import MergedPrefix
 
 from conftest import tiny
@@ -404,10 +405,12 @@ def test_generation_from_a_cache_holding_the_prefix_equals_the_per_step_path(arc
     out = dict(output_scores=True, return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id)
     laid = []
     real = attention.cached_prefix
-    monkeypatch.setattr(pt.engine, "cached_prefix", lambda *a: laid.append(real(*a)) or laid[-1])
+    monkeypatch.setattr(pt.engine, "cached_prefix", lambda *a, **k: laid.append(real(*a, **k)) or laid[-1])
     torch.manual_seed(0)
     fast = pt.engine.generate_with_prefix(model, rows, ids, mask, **kw, **out)
     assert laid and laid[0] is not None, "the laid-out cache was not used"
+    # room reserved for the prompt and the new tokens: the steps wrote in place, the buffers never regrew
+    assert all(isinstance(layer, ReservedLayer) and layer.capacity == 5 + 5 + 6 for layer in laid[0][0].layers)
     _without_laid_out_cache(monkeypatch)
     torch.manual_seed(0)
     slow = pt.engine.generate_with_prefix(model, rows, ids, mask, **kw, **out)

@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
+from .kv_cache import reserved_cache
 from .models import ARCHITECTURES, Arch, arch_of, attention_modules, model_name, position_modules
 if TYPE_CHECKING:  # per_row reads .kv, .embeds and .is_infix only: no runtime import of the artifact module
     from .prefix import MergedPrefix
@@ -288,10 +289,12 @@ for _base, _mask_fn in (("sdpa", sdpa_mask), ("eager", eager_mask)):
     ALL_MASK_ATTENTION_FUNCTIONS.register(f"prefixtune_{_base}", _mask_fn)
 
 
-def cached_prefix(model, layout: "PrefixLayout", rows: RowPrefixes | None, batch_rows: int):
+def cached_prefix(model, layout: "PrefixLayout", rows: RowPrefixes | None, batch_rows: int, reserve: int = 0):
     """Decoding: the rows' prefix key/values laid out once in a fresh DynamicCache ((batch_rows, kv_heads, P,
     head_dim) per layer, beams repeated) with the (batch, P) validity of its slots, or None where the cache
     cannot stand in exactly for prefixtune's attention functions (then they concatenate per layer and step).
+    `reserve` > 0: the layers are `kv_cache.ReservedLayer`s with room for that many tokens after the prefix
+    (the prompt and the new tokens), so decoding steps write in place instead of copying the cache.
 
     The cache stands in only where a prefix is nothing but key/values ahead of the text: self-attention only,
     no infix or soft prompt, a decoder-only model without relative position bias, self-counting position
@@ -309,6 +312,8 @@ def cached_prefix(model, layout: "PrefixLayout", rows: RowPrefixes | None, batch
     cache = DynamicCache(config=config)
     if len(cache.layers) != layout.shapes["self"][0] or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None  # a cache of another kind (sliding, recurrent, offloaded): not laid out here
+    if reserve > 0:
+        cache = reserved_cache(config, rows.valid["self"].shape[1] + reserve)
     for layer in range(len(cache.layers)):
         keys, values, _ = rows.layer("self", layer, batch_rows)             # (batch_rows, kv_heads, P, head_dim)
         cache.update(keys.to(model.dtype), values.to(model.dtype), layer)

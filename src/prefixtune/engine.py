@@ -147,7 +147,8 @@ def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_m
                              "encoder-decoder model, train a prefix (it reaches the decoder too) instead")
         insert_at = (attention_mask.long().sum(-1) - 1).clamp(min=0)
     laid = None if _cache_given_or_unusual(kwargs) else \
-        cached_prefix(model, layout, rows, input_ids.shape[0] * _rows_per_input(model, kwargs))
+        cached_prefix(model, layout, rows, input_ids.shape[0] * _rows_per_input(model, kwargs),
+                      reserve=input_ids.shape[1] + _new_tokens(model, kwargs, input_ids.shape[1]))
     if laid is not None:
         cache, valid = laid                                                      # valid: (1|batch, P)
         pos = _position_ids(layout, rows, input_ids.shape, attention_mask)
@@ -176,6 +177,13 @@ _OWN_CACHE_OPTIONS = ("cache", "past_key_values", "assistant_model", "prompt_loo
 
 def _cache_given_or_unusual(kwargs) -> bool:
     return any(kwargs.get(k) is not None for k in _OWN_CACHE_OPTIONS) or kwargs.get("use_cache") is False
+
+
+def _new_tokens(model, kwargs, prompt_width: int) -> int:
+    """How many tokens `generate` may add (room reserved in the cache; a longer run grows it)."""
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens") or config.max_new_tokens
+    return int(new) if new else max(1, int(kwargs.get("max_length") or config.max_length or 0) - prompt_width)
 
 
 def _rows_per_input(model, kwargs) -> int:

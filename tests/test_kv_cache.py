@@ -1,0 +1,71 @@
+"""kv_cache.ReservedLayer against transformers' DynamicLayer: the same keys/values after every operation
+generate() performs (prefill, steps, beam reorders, crops, batch repeats and selections), through
+buffer growth, and the same tokens and scores from a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from prefixtune.kv_cache import ReservedLayer, reserved_cache
+
+from conftest import tiny
+
+
+def _kv(rows, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 2, length, 4, generator=g), torch.randn(rows, 2, length, 3, generator=g)
+
+
+@pytest.mark.parametrize("capacity", [1, 4, 64], ids=["grows-at-once", "grows-later", "room-to-spare"])
+def test_reserved_layer_holds_what_a_dynamic_layer_holds(capacity):
+    stock, reserved = DynamicLayer(), ReservedLayer(capacity)
+
+    def same(where):
+        assert reserved.get_seq_length() == stock.get_seq_length(), where
+        assert torch.equal(reserved.keys, stock.keys) and torch.equal(reserved.values, stock.values), where
+
+    for layer in (stock, reserved):
+        out = layer.update(*_kv(6, 5, seed=0))
+    assert torch.equal(out[0], stock.keys)
+    same("prefill")
+    for step in range(7):
+        for layer in (stock, reserved):
+            out = layer.update(*_kv(6, 1, seed=step + 1))
+        assert torch.equal(out[0], stock.keys) and torch.equal(out[1], stock.values)
+        same(f"step {step}")
+        beam_idx = torch.tensor([1, 1, 0, 5, 3, 3])
+        stock.reorder_cache(beam_idx)
+        reserved.reorder_cache(beam_idx)
+        same(f"reorder after step {step}")
+    for layer in (stock, reserved):
+        layer.crop(-2)
+    same("crop")
+    for layer in (stock, reserved):
+        layer.batch_repeat_interleave(2)
+    same("repeat")
+    for layer in (stock, reserved):
+        layer.batch_select_indices(torch.tensor([0, 3, 11]))
+    same("select")
+    for layer in (stock, reserved):
+        layer.update(*_kv(3, 2, seed=99))
+    same("step after the batch changed")
+    with pytest.raises(ValueError, match="negative"):
+        reserved.crop(3)
+
+
+def test_a_reserved_cache_generates_what_the_stock_cache_generates():
+    """Beam search on a tiny Llama from a reserved cache too small for the run (it grows) and from the
+    stock DynamicCache: the same tokens and scores."""
+    model = tiny("llama")
+    ids = torch.tensor([[3, 14, 15, 92, 65], [0, 0, 35, 89, 7]])
+    mask = (ids != 0).long()
+    kw = dict(max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    stock = model.generate(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=model.config), **kw)
+    cache = reserved_cache(model.config, capacity=6)
+    mine = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kw)
+    assert all(isinstance(layer, ReservedLayer) and layer.capacity > 6 for layer in cache.layers)
+    assert torch.equal(mine.sequences, stock.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(mine.scores, stock.scores))  # bit for bit, -inf where masked
