@@ -470,3 +470,50 @@ def test_continual_scores_average_accuracy_and_forgetting():
     s = continual_scores(acc)
     assert s["average_accuracy"] == pytest.approx((0.3 + 0.6 + 0.7) / 3)
     assert s["forgetting"] == pytest.approx(((0.9 - 0.3) + (0.8 - 0.6)) / 2)
+
+
+def test_experiment_l2p_chooses_each_arms_rate_on_held_out_images_and_compares_with_l2p(tmp_path, monkeypatch):
+    """`experiment l2p` under the protocol: every arm's grid (seed 0) scored by the validation images' loss after
+    the last task, the lowest chosen, the other seeds at that rate, a paired interval against L2P."""
+    from prefixtune.data.cifar10 import CLASSES
+    from prefixtune.experiments import vision as vx
+
+    seen_splits = []
+
+    def splits(data_dir, sc, seed=0):
+        seen_splits.append(seed)
+        return {"train": random_images(20, seed, CLASSES), "val": random_images(10, 50 + seed, CLASSES),
+                "test": random_images(20, 99, CLASSES)}
+
+    monkeypatch.setattr(vx, "l2p_splits", splits)
+    monkeypatch.setitem(vx.L2P_ARMS, "l2p", vx.L2PArm("l2p", {"pool_size": 4, "top_n": 2, "length": 2}, True))
+    sc = vx.L2PScale(image_size=SIZE, per_class=2, val_per_class=1, epochs=1, batch_size=4, test_per_class=2,
+                     seeds=(0, 1), bf16=False)
+    monkeypatch.setitem(vx.L2P_SCALES, "tiny", sc)
+    model, proc = tiny_image_model("dinov2"), ImageProcessor(size=SIZE)
+    result = vx.run_l2p_experiment(tmp_path, scale="tiny", arms=["seq-head", "l2p"], print_fn=lambda s: None,
+                                   model_and_processor=(model, proc))
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(set(seen_splits)) == [0, 1]
+    for arm in ("seq-head", "l2p"):
+        grid = [r for r in rows if r["arm"] == arm and r["seed"] == 0]
+        assert len(grid) >= 3 and len({r["lr"] for r in grid}) == len(grid)
+        best = min(grid, key=lambda r: (r["val_loss"], r["lr"]))
+        assert result["chosen"][arm] == best["lr"] and [r["lr"] for r in grid if r["chosen"]] == [best["lr"]]
+        assert [r["seed"] for r in rows if r["arm"] == arm and r["chosen"]] == [0, 1]
+        assert all(len(r["test_correct"]) == 20 and 0 <= r["val_accuracy"] <= 1 for r in rows if r["arm"] == arm)
+    seq = next(line for line in result["table"].splitlines() if line.startswith("| seq-head |"))
+    assert "vs l2p" in result["table"] and "[" in seq.split("|")[7], seq
+    again = vx.run_l2p_experiment(tmp_path, scale="tiny", arms=["seq-head", "l2p"], print_fn=lambda s: None,
+                                  model_and_processor=(model, proc))
+    assert again["rows"] == result["rows"]  # finished runs are read back, not retrained
+
+
+def test_evaluate_images_reports_the_cross_entropy_over_all_classes():
+    model = tiny_image_model("vit")
+    method = build(model, "vpt", ImageProcessor(size=SIZE), depth="none", num_labels=2, labels=("airplane", "cat"))
+    items = random_images(6, 4)
+    res = evaluate_images(method, items)
+    logits = pt.vision.predict_images(method, [e.source for e in items])
+    gold = torch.tensor([("airplane", "cat").index(e.target) for e in items])
+    assert res["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, gold)), rel=1e-6)

@@ -208,8 +208,8 @@ def predict_images(method, images: list, batch_size: int = 64, bf16: bool = Fals
 
 
 def evaluate_images(method, items, batch_size: int = 64, bf16: bool = False) -> dict:
-    """Accuracy (with a 95% Wilson interval), per-class accuracy and the confusion matrix of an image
-    classifier on `items` (Examples or EvalItems whose source is an `Image`)."""
+    """Accuracy (with a 95% Wilson interval), per-class accuracy, the confusion matrix and the mean
+    cross-entropy of an image classifier on `items` (Examples or EvalItems whose source is an `Image`)."""
     items = list(items)
     if not items:
         raise ValueError("evaluate_images: no items")
@@ -229,8 +229,9 @@ def evaluate_images(method, items, batch_size: int = 64, bf16: bool = False) -> 
     correct = sum(confusion[i][i] for i in range(k))
     per_class = {labels[i]: (confusion[i][i] / sum(confusion[i]) if sum(confusion[i]) else None) for i in range(k)}
     low, high = wilson_interval(correct, len(items))
+    loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(gold)))  # over all classes, no task mask
     return {"accuracy": correct / len(items), "ci95": [low, high], "correct": correct, "n": len(items),
-            "per_class": per_class, "confusion": confusion, "predictions": pred, "gold": gold}
+            "per_class": per_class, "confusion": confusion, "predictions": pred, "gold": gold, "loss": loss}
 
 
 def classify_images(method, images: list, top: int = 3) -> list[list[tuple[str, float]]]:
