@@ -55,6 +55,13 @@ def test_reserved_layer_holds_what_a_dynamic_layer_holds(capacity):
         reserved.crop(3)
 
 
+def test_an_empty_reserved_layer_takes_any_row_count():
+    layer = ReservedLayer(8)
+    layer.update(*_kv(4, 0, seed=1))              # initialized with 4 rows, nothing cached
+    keys, _ = layer.update(*_kv(2, 3, seed=2))    # then 2 rows arrive
+    assert keys.shape == (2, 2, 3, 4) and torch.equal(keys, _kv(2, 3, seed=2)[0])
+
+
 def test_a_reserved_cache_generates_what_the_stock_cache_generates():
     """Beam search on a tiny Llama from a reserved cache too small for the run (it grows) and from the
     stock DynamicCache: the same tokens and scores."""

@@ -53,8 +53,8 @@ class ReservedLayer(DynamicLayer):
         self._expose()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if not self.is_initialized or (not self.length and self._keys.shape[0] != key_states.shape[0]):
+            self.lazy_initialization(key_states, value_states)  # first call, or rows changed while empty
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             self._reallocate(2 * end)  # doubling: amortized one copy per slot, as a growing array
