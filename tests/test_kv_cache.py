@@ -76,3 +76,26 @@ def test_a_reserved_cache_generates_what_the_stock_cache_generates():
     assert all(isinstance(layer, ReservedLayer) and layer.capacity > 6 for layer in cache.layers)
     assert torch.equal(mine.sequences, stock.sequences)
     assert all(torch.equal(a, b) for a, b in zip(mine.scores, stock.scores))  # bit for bit, -inf where masked
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("beams", [1, 4], ids=["greedy", "beam4"])
+def test_decoding_without_a_prefix_uses_a_reserved_cache_and_matches_stock_generate(arch, impl, beams, monkeypatch):
+    """generate_with_prefix(rows=None), the path of zero-shot and weight-method evaluation: the stock model's
+    tokens and scores, decoded from ReservedLayers."""
+    import prefixtune.engine as engine
+
+    model = tiny(arch, impl)
+    ids = torch.tensor([[3, 14, 15, 92, 65], [1, 1, 35, 89, 7]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    kw = dict(max_new_tokens=7, num_beams=beams, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              pad_token_id=1)
+    made = []
+    real = engine.reserved_plain_cache
+    monkeypatch.setattr(engine, "reserved_plain_cache", lambda *a: made.append(real(*a)) or made[-1])
+    mine = engine.generate_with_prefix(model, None, ids, mask, **kw)
+    assert made and all(isinstance(layer, ReservedLayer) and layer.capacity == 5 + 7 for layer in made[0].layers)
+    stock = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(mine.sequences, stock.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(mine.scores, stock.scores))

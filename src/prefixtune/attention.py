@@ -302,22 +302,33 @@ def cached_prefix(model, layout: "PrefixLayout", rows: RowPrefixes | None, batch
     no autocast (the slots must already be in the keys' dtype).
     """
     if (rows is None or set(rows.kv) != {"self"} or rows.infix is not None or rows.soft is not None
-            or layout.is_encoder_decoder or layout.bias_modules or layout.position_modules
-            or not layout.arch.shift_positions or torch.is_autocast_enabled(model.device.type)):
+            or layout.bias_modules or layout.position_modules
+            or not layout.arch.shift_positions or torch.is_autocast_enabled(model.device.type)
+            or not _plain_full_attention_cache(model, layout)):
         return None
     config = model.config
-    if getattr(config, "sliding_window", None) is not None or \
-            any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
-        return None
-    cache = DynamicCache(config=config)
-    if len(cache.layers) != layout.shapes["self"][0] or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None  # a cache of another kind (sliding, recurrent, offloaded): not laid out here
-    if reserve > 0:
-        cache = reserved_cache(config, rows.valid["self"].shape[1] + reserve)
+    cache = reserved_cache(config, rows.valid["self"].shape[1] + reserve) if reserve > 0 else DynamicCache(config=config)
     for layer in range(len(cache.layers)):
         keys, values, _ = rows.layer("self", layer, batch_rows)             # (batch_rows, kv_heads, P, head_dim)
         cache.update(keys.to(model.dtype), values.to(model.dtype), layer)
     return cache, rows.valid["self"]
+
+
+def reserved_plain_cache(model, layout: "PrefixLayout", reserve: int):
+    """Decoding without a prefix: a cache of `kv_cache.ReservedLayer`s with room for `reserve` tokens where the
+    model's stock cache is one plain DynamicLayer per layer (decoder-only, full attention), else None (HF's own)."""
+    return reserved_cache(model.config, reserve) if _plain_full_attention_cache(model, layout) else None
+
+
+def _plain_full_attention_cache(model, layout: "PrefixLayout") -> bool:
+    """A decoder-only model whose stock decoding cache is one plain DynamicLayer per attention layer: no sliding
+    windows (whose reach our functions count from each row's first real token), recurrent or offloaded layers."""
+    config = model.config
+    if layout.is_encoder_decoder or "self" not in layout.shapes or getattr(config, "sliding_window", None) is not None \
+            or any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
+        return False
+    cache = DynamicCache(config=config)
+    return len(cache.layers) == layout.shapes["self"][0] and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,10 +75,7 @@ def _generate_texts(model, tokenizer, sources, prefix, cfg, format_source, progr
             ids, mask = prompt_batch(tokenizer, [texts[i] for i in idx], is_enc_dec, cfg.max_source_len,
                                      templates=[template] * len(idx))
             ids, mask = ids.to(model.device), mask.to(model.device)
-            if rows is None:
-                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            else:
-                out = generate_with_prefix(model, rows, ids, mask, **kwargs)
+            out = generate_with_prefix(model, rows, ids, mask, **kwargs)  # rows None: the model alone
             new = out if is_enc_dec else out[:, ids.shape[1]:]
         for i, seq in zip(idx, new):
             text = tokenizer.decode(seq[seq >= 0], skip_special_tokens=True)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .attention import PrefixLayout, RowPrefixes, cached_prefix, describe, layout_of, repeat_rows, use_prefix
+from .attention import (PrefixLayout, RowPrefixes, cached_prefix, describe, layout_of, repeat_rows,
+                        reserved_plain_cache, use_prefix)
 from .prefix import MergedPrefix, check_compatible
+
 
 def _position_ids(layout: PrefixLayout, rows: RowPrefixes | None, shape, attention_mask, cache=None,
                   insert_at: torch.Tensor | None = None):
@@ -140,6 +142,13 @@ def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_m
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     layout = layout_of(model)
+    reserve = input_ids.shape[1] + _new_tokens(model, kwargs, input_ids.shape[1])  # prompt + new tokens
+    if rows is None and not _cache_given_or_unusual(kwargs):
+        # no prefix: the model's own decoding, from a cache whose steps write in place (kv_cache.py)
+        cache = reserved_plain_cache(model, layout, reserve)
+        with use_prefix(model, None):
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  **({"cache": cache} if cache is not None else {}), **kwargs)
     insert_at = None
     if rows is not None and rows.infix is not None:
         if layout.is_encoder_decoder:
@@ -147,8 +156,7 @@ def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_m
                              "encoder-decoder model, train a prefix (it reaches the decoder too) instead")
         insert_at = (attention_mask.long().sum(-1) - 1).clamp(min=0)
     laid = None if _cache_given_or_unusual(kwargs) else \
-        cached_prefix(model, layout, rows, input_ids.shape[0] * _rows_per_input(model, kwargs),
-                      reserve=input_ids.shape[1] + _new_tokens(model, kwargs, input_ids.shape[1]))
+        cached_prefix(model, layout, rows, input_ids.shape[0] * _rows_per_input(model, kwargs), reserve=reserve)
     if laid is not None:
         cache, valid = laid                                                      # valid: (1|batch, P)
         pos = _position_ids(layout, rows, input_ids.shape, attention_mask)
