@@ -29,6 +29,8 @@ sdpa attention), each timing read after torch.cuda.synchronize.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 import common
@@ -121,25 +123,23 @@ def main() -> None:
     def t(name):
         return results[name]["min"]
 
+    def versus(a: str, b: str, name: str, goal: str | None = None, note: str = "") -> dict:
+        """Best of a / best of b; the note adds the ratio of medians and the median of the per-round ratios
+        (a and b timed in the same round of the interleaving: slow drifts of the machine cancel)."""
+        rounds = statistics.median(x / y for x, y in zip(times[a], times[b]))
+        return common.ratio(name, results[a]["min"] / results[b]["min"], goal,
+                            f"median {results[a]['median'] / results[b]['median']:.3f}; per-round median "
+                            f"{rounds:.3f}" + (f"; {note}" if note else ""))
+
     ratios = [] if args.only_precision else [
-        common.ratio("decode: plain / plain again, greedy (A/A: the bench's repeatability)",
-                     t("plain greedy") / t("plain again greedy"), None,
-                     f"median {results['plain greedy']['median'] / results['plain again greedy']['median']:.3f}"),
-        common.ratio("decode: prefix / plain model time, greedy", t("prefix greedy") / t("plain greedy"), "<= 1.02",
-                     f"median {results['prefix greedy']['median'] / results['plain greedy']['median']:.3f}"),
-        common.ratio("decode: prefix / plain model time, beam-5", t("prefix beam-5") / t("plain beam-5"), "<= 1.02",
-                     f"median {results['prefix beam-5']['median'] / results['plain beam-5']['median']:.3f}"),
-        common.ratio("decode: plain / plain again, beam-5 (A/A)", t("plain beam-5") / t("plain again beam-5"), None,
-                     f"median {results['plain beam-5']['median'] / results['plain again beam-5']['median']:.3f}"),
-        common.ratio("decode: prefix with HF's growing cache / plain, beam-5 (the prefix's own cost)",
-                     t("prefix stock-cache beam-5") / t("plain beam-5"), None,
-                     f"median {results['prefix stock-cache beam-5']['median'] / results['plain beam-5']['median']:.3f}"),
-        common.ratio("lever: reserved cache / HF's growing cache, prefix beam-5",
-                     t("prefix beam-5") / t("prefix stock-cache beam-5"), None,
-                     f"median {results['prefix beam-5']['median'] / results['prefix stock-cache beam-5']['median']:.3f}"),
-        common.ratio("lever: prefix in the cache / added per layer and step, greedy",
-                     t("prefix greedy") / t("prefix per-step greedy"), None,
-                     f"median {results['prefix greedy']['median'] / results['prefix per-step greedy']['median']:.3f}"),
+        versus("plain greedy", "plain again greedy", "decode: plain / plain again, greedy (A/A: the bench's repeatability)"),
+        versus("prefix greedy", "plain greedy", "decode: prefix / plain model time, greedy", "<= 1.02"),
+        versus("prefix beam-5", "plain beam-5", "decode: prefix / plain model time, beam-5", "<= 1.02"),
+        versus("plain beam-5", "plain again beam-5", "decode: plain / plain again, beam-5 (A/A)"),
+        versus("prefix stock-cache beam-5", "plain beam-5",
+               "decode: prefix with HF's growing cache / plain, beam-5 (the prefix's own cost)"),
+        versus("prefix beam-5", "prefix stock-cache beam-5", "lever: reserved cache / HF's growing cache, prefix beam-5"),
+        versus("prefix greedy", "prefix per-step greedy", "lever: prefix in the cache / added per layer and step, greedy"),
         common.ratio("decode: mixed 8 prefixes / plain batch (throughput)", t("plain greedy") / t("mixed greedy"),
                      ">= 0.95", f"median {results['plain greedy']['median'] / results['mixed greedy']['median']:.3f}"),
     ]
