@@ -99,3 +99,20 @@ def test_decoding_without_a_prefix_uses_a_reserved_cache_and_matches_stock_gener
     stock = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(mine.sequences, stock.sequences)
     assert all(torch.equal(a, b) for a, b in zip(mine.scores, stock.scores))
+
+
+def test_room_reserved_up_front_is_bounded_and_a_longer_generation_grows_it(monkeypatch):
+    """A large max_new_tokens reserves RESERVE_AHEAD new tokens' room, not all of it; a run longer than
+    the room grows the buffers and still decodes what stock generate decodes."""
+    import prefixtune.engine as engine
+
+    monkeypatch.setattr(engine, "RESERVE_AHEAD", 3)
+    model = tiny("llama")
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    made = []
+    real = engine.reserved_plain_cache
+    monkeypatch.setattr(engine, "reserved_plain_cache", lambda *a: made.append(real(*a)) or made[-1])
+    kw = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0)
+    mine = engine.generate_with_prefix(model, None, ids, None, **kw)
+    assert all(layer.capacity > 5 + 3 for layer in made[0].layers)  # started at 8 slots, grew
+    assert torch.equal(mine, model.generate(input_ids=ids, **kw))

@@ -142,7 +142,8 @@ def generate_with_prefix(model, rows: RowPrefixes | None, input_ids, attention_m
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     layout = layout_of(model)
-    reserve = input_ids.shape[1] + _new_tokens(model, kwargs, input_ids.shape[1])  # prompt + new tokens
+    # cache room for the prompt and the new tokens, at most RESERVE_AHEAD of them up front
+    reserve = input_ids.shape[1] + min(RESERVE_AHEAD, _new_tokens(model, kwargs, input_ids.shape[1]))
     if rows is None and not _cache_given_or_unusual(kwargs):
         # no prefix: the model's own decoding, from a cache whose steps write in place (kv_cache.py)
         cache = reserved_plain_cache(model, layout, reserve)
@@ -185,6 +186,11 @@ _OWN_CACHE_OPTIONS = ("cache", "past_key_values", "assistant_model", "prompt_loo
 
 def _cache_given_or_unusual(kwargs) -> bool:
     return any(kwargs.get(k) is not None for k in _OWN_CACHE_OPTIONS) or kwargs.get("use_cache") is False
+
+
+# New tokens a decoding cache has room for from the start (kv_cache.ReservedLayer). A generation that stops
+# early (EOS) should not hold memory for a large max_new_tokens it never used; a longer one grows by doubling.
+RESERVE_AHEAD = 128
 
 
 def _new_tokens(model, kwargs, prompt_width: int) -> int:

@@ -4,8 +4,9 @@ transformers' `DynamicLayer` grows by `torch.cat`, so every decoding step copies
 cache; with a prefix laid into the cache (`attention.cached_prefix`) that copy is P slots longer.
 Profiled on SmolLM2-135M, 8 E2E prompts, beam 5, 32 new tokens, 1 thread: `aten::cat` was 6.2% of
 the plain model's run and the prefix added 9% to it. `ReservedLayer` keeps its keys/values as views of
-a buffer sized for the whole generation (grown by doubling if a call asks for more): a step writes its
-token's keys/values into the buffer and attention reads the view. The values attention sees are the
+a buffer with room for the prompt and the new tokens (`engine.RESERVE_AHEAD` of them at most up front,
+so an early EOS does not leave a large max_new_tokens reserved; grown by doubling when a run needs
+more): a step writes its token's keys/values into the buffer and attention reads the view. The values attention sees are the
 same, so outputs are identical (tested against the stock layer: tokens and scores).
 
 Only `generate_with_prefix` uses it; the serving batcher edits its cache's tensors directly and keeps
