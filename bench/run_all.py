@@ -58,7 +58,9 @@ def serve_ratios(report: dict) -> list[dict]:
             common.ratio("serve: mixed batch / same-prefix batch", r["mixed_vs_same"], ">= 0.9"),
             common.ratio("serve: mixed batch / our engine one group at a time", r["mixed_vs_grouped"], None),
             common.ratio("serve: mixed batch / no prefix (throughput)", r["mixed_vs_plain"], ">= 0.98"),
-            common.ratio("serve: prefix in the cache / per step (lever)", r["mixed_vs_per_step"], None)]
+            common.ratio("serve: prefix in the cache / per step (lever)", r["mixed_vs_per_step"], None),
+            common.ratio("serve: reserved cache / transformers' growing cache (lever)",
+                         r["mixed_vs_stock_cache"], None)]
 
 
 def command(script: str, out: Path, quick: bool, device: str) -> list[str]:

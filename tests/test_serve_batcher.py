@@ -208,7 +208,12 @@ def test_prefixes_ride_in_the_cache_and_rows_equal_the_per_step_path(arch, impl,
     Rows that join the running batch mid-decode and rows that leave early still equal each request
     alone through the attention functions' path (the prefix concatenated per layer and step)."""
     import prefixtune.engine as engine
+    import prefixtune.serve.batcher as batcher_module
+    from prefixtune.kv_cache import ReservedLayer
 
+    reserved = []  # each new batch's cache, converted so decoding steps write in place
+    convert = batcher_module.reserve_layers
+    monkeypatch.setattr(batcher_module, "reserve_layers", lambda c, room: reserved.append(convert(c, room)) or c)
     model, tok = tiny(arch, impl), char_tokenizer()
     prefixes = [random_prefix(model, n, seed=20 + n) for n in (5, 2, 3)] + [None]
     head = (prefixes[0], "The quick brown fox", 24)
@@ -222,6 +227,7 @@ def test_prefixes_ride_in_the_cache_and_rows_equal_the_per_step_path(arch, impl,
         got = [h.result(60).token_ids for h in [first, *rest]]
         assert batcher.cached_prefills >= 2, "prefill did not put the prefixes into the cache"
         assert batcher.largest_batch > 2  # the later rows joined the running head
+    assert reserved and all(isinstance(layer, ReservedLayer) for c in reserved for layer in c.layers)
     monkeypatch.setattr(engine, "cached_prefix", lambda *a, **k: None)  # the reference: per-step prefixes
     want = [alone(model, tok, pre, prompt, n) for pre, prompt, n in [head, *cases]]
     assert got == want

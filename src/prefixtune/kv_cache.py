@@ -9,8 +9,8 @@ so an early EOS does not leave a large max_new_tokens reserved; grown by doublin
 more): a step writes its token's keys/values into the buffer and attention reads the view. The values attention sees are the
 same, so outputs are identical (tested against the stock layer: tokens and scores).
 
-Only `generate_with_prefix` uses it; the serving batcher edits its cache's tensors directly and keeps
-the stock layer.
+`generate_with_prefix` decodes from it; the serving batcher converts each new batch's cache
+(`reserve_layers`) and sets its contents with `assign` when rows join or leave.
 """
 
 from __future__ import annotations
@@ -65,6 +65,16 @@ class ReservedLayer(DynamicLayer):
         self._expose()
         return self.keys, self.values
 
+    def assign(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """Hold exactly `keys`/`values` ((rows, kv_heads, length, head_dim)), with room for `room` more slots."""
+        super().lazy_initialization(keys, values)  # device, is_initialized
+        self.capacity = keys.shape[-2] + max(1, room)
+        self._keys, self._values = self._buffer(keys, self.capacity), self._buffer(values, self.capacity)
+        self.length = keys.shape[-2]
+        self._keys[:, :, :self.length] = keys
+        self._values[:, :, :self.length] = values
+        self._expose()
+
     def get_seq_length(self) -> int:
         return self.length
 
@@ -111,4 +121,17 @@ def reserved_cache(config, capacity: int) -> DynamicCache:
     The caller has checked that the stock cache for `config` is one plain `DynamicLayer` per layer."""
     cache = DynamicCache(config=config)
     cache.layers = [ReservedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def reserve_layers(cache: DynamicCache, room: int) -> DynamicCache:
+    """`cache` with each layer a `ReservedLayer` holding what it held, with room for `room` more slots."""
+    reserved = []
+    for layer in cache.layers:
+        if not isinstance(layer, ReservedLayer):
+            new = ReservedLayer(room)
+            new.assign(layer.keys, layer.values, room)
+            layer = new
+        reserved.append(layer)
+    cache.layers = reserved
     return cache

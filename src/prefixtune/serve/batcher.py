@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..engine import forward_with_prefix, lay_out
+from ..engine import RESERVE_AHEAD, forward_with_prefix, lay_out
+from ..kv_cache import ReservedLayer, reserve_layers
 
 from ..attention import RowPrefixes, cached_prefix, layout_of, repeat_rows
 from ..models import model_name
@@ -228,6 +229,14 @@ def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+    """A cache layer's new contents: a ReservedLayer keeps `room` free slots after them, a stock layer grows by cat."""
+    if isinstance(layer, ReservedLayer):
+        layer.assign(keys, values, room)
+    else:
+        layer.keys, layer.values = keys, values
+
+
 def _first_used_column(used: torch.Tensor) -> int:
     """Index of the first column where any row is real (used: (rows, cols) bool)."""
     cols = used.any(0)
@@ -288,9 +297,10 @@ class _Batch:
     def extend(self, other: "_Batch") -> None:
         """Append `other`'s rows, left-padding the shorter cache so both share one length."""
         seq = max(self.mask.shape[1], other.mask.shape[1])
+        room = max(self.room(), other.room())
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, seq, 2), _pad_left(theirs.keys, seq, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, seq, 2), _pad_left(theirs.values, seq, 2)])
+            _set_layer(mine, torch.cat([_pad_left(mine.keys, seq, 2), _pad_left(theirs.keys, seq, 2)]),
+                       torch.cat([_pad_left(mine.values, seq, 2), _pad_left(theirs.values, seq, 2)]), room)
         self.mask = torch.cat([_pad_left(self.mask, seq, 1), _pad_left(other.mask, seq, 1)])
         self.last = torch.cat([self.last, other.last])
         self.prefixes = _concat_prefixes(self.prefixes, len(self.rows), other.prefixes, len(other.rows))
@@ -304,13 +314,19 @@ class _Batch:
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = _first_used_column(mask.bool())
+        self.rows = [self.rows[i] for i in keep]
+        room = self.room()
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+            _set_layer(layer, layer.keys[:, :, start:].index_select(0, index),
+                       layer.values[:, :, start:].index_select(0, index), room)
         self.mask = mask[:, start:]
         self.last = self.last.index_select(0, index)
         self.prefixes = _select_prefixes(self.prefixes, index)
-        self.rows = [self.rows[i] for i in keep]
+
+    def room(self) -> int:
+        """Cache slots to reserve past the current length: the most tokens a row may still add, at most
+        RESERVE_AHEAD (a longer run grows the buffers; an early EOS leaves nothing large reserved)."""
+        return min(RESERVE_AHEAD, max((r.params.max_tokens - r.count for r in self.rows), default=1))
 
 
 def prefill_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
@@ -615,10 +631,12 @@ class Batcher:
         logits, cache = self._forward(ids, mask, prefixes, cache=cache)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         for layer in cache.layers:
-            if type(layer) is not DynamicLayer:
+            if type(layer) not in (DynamicLayer, ReservedLayer):
                 raise RuntimeError(f"the batching server needs full-attention caches; {model_name(self.model)} uses "
                                    f"{type(layer).__name__} (e.g. sliding-window attention)")
         new = _Batch(rows, cache, mask, torch.zeros(len(rows), dtype=torch.long, device=self.device), prefixes)
+        # decoding steps then write each token in place (kv_cache.py) instead of copying the cache
+        reserve_layers(cache, new.room())
         self._take_tokens(new, logits)
         return new
 
