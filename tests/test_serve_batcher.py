@@ -335,3 +335,22 @@ def test_infix_artifacts_are_refused_by_the_server(setup):
     with Batcher(model, tok, config()) as batcher:
         with pytest.raises(ValueError, match="infix"):
             batcher.check(GenerationRequest(tok("hi")["input_ids"], infix, SamplingParams(max_tokens=3)))
+
+
+def test_a_full_reserved_cache_gets_the_rows_room_not_doubled(setup, monkeypatch):
+    """With room for 2 tokens at a time, rows of 7 tokens refill the room before each step that needs it
+    (the layer's own doubling never runs: the budget bounds the cache by its slots) and still equal each
+    request alone."""
+    import prefixtune.serve.batcher as batcher_module
+    from prefixtune.kv_cache import ReservedLayer
+
+    model, tok, prefixes = setup
+    pre = prefixes[1]
+    monkeypatch.setattr(batcher_module, "RESERVE_AHEAD", 2)
+    monkeypatch.setattr(ReservedLayer, "_reallocate", lambda *a: pytest.fail("a reserved layer doubled"))
+    prompts = PROMPTS[:3]
+    with Batcher(model, tok, config(batch_window_ms=50)) as batcher:
+        got = [h.result(60).token_ids for h in batcher.submit_all(
+            [GenerationRequest(tok(p)["input_ids"], pre, SamplingParams(max_tokens=7)) for p in prompts])]
+    assert got == [alone(model, tok, pre, p, 7) for p in prompts]
+    assert max(map(len, got)) > 2  # the room was refilled at least once

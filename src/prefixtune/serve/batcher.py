@@ -323,6 +323,13 @@ class _Batch:
         self.last = self.last.index_select(0, index)
         self.prefixes = _select_prefixes(self.prefixes, index)
 
+    def make_room(self) -> None:
+        """Before a decode step: a full reserved cache gets `room()` more slots (not the layer's own doubling,
+        which could hold more than the rows may ever fill: the budget bounds the cache by its slots)."""
+        for layer in self.cache.layers:
+            if isinstance(layer, ReservedLayer) and layer.length >= layer.capacity:
+                layer.assign(layer.keys, layer.values, self.room())
+
     def room(self) -> int:
         """Cache slots to reserve past the current length: the most tokens a row may still add, at most
         RESERVE_AHEAD (a longer run grows the buffers; an early EOS leaves nothing large reserved)."""
@@ -643,6 +650,7 @@ class Batcher:
     def _step(self) -> None:
         """One decode step for every running row."""
         batch = self._batch
+        batch.make_room()
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
         logits, batch.cache = self._forward(batch.last[:, None], mask, batch.prefixes, cache=batch.cache)
         batch.mask = mask
