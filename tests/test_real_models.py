@@ -115,3 +115,36 @@ def test_gemma3_text_prefix_equals_text_prepended_across_the_window(gemma3):
     ref = model.base_model(input_ids=torch.cat([torch.tensor([t_ids]), x], 1)).last_hidden_state[:, len(t_ids):]
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= 1e-4 * scale
+
+
+def test_a_gguf_model_is_saved_once_and_loads_again_bit_identical(smollm2, tmp_path, monkeypatch):
+    """The first float32 load of a GGUF model saves it as safetensors in the model cache; the next load reads
+    that folder (no GGUF parsing) and gives the same weights, config, generation config and tokenizer."""
+    import json
+
+    from prefixtune import models
+
+    monkeypatch.setenv("PREFIXTUNE_MODELS", str(tmp_path))
+    target, extra = models._resolve("smollm2-135m")
+    folder = models._dequantized_folder(target, extra["gguf_file"])
+    assert str(folder).startswith(str(tmp_path)) and not folder.exists()
+    gguf_model, gguf_tok = pt.load_model("smollm2-135m")                  # parses the GGUF, saves the folder
+    assert (folder / "model.safetensors").exists() and "quantization_config" not in json.loads(
+        (folder / "config.json").read_text())
+    assert not list(tmp_path.joinpath("dequantized").glob(".*")), "a temporary folder was left behind"
+    model, tok = pt.load_model("smollm2-135m")                            # reads the saved folder
+    assert model.config._name_or_path == str(folder)
+    a, b = gguf_model.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert model.lm_head.weight is model.model.embed_tokens.weight      # still tied
+    assert models.fingerprint(model) == models.fingerprint(gguf_model)
+    skip = {"_name_or_path", "quantization_config", "transformers_version", "dtype"}
+    assert {k: v for k, v in model.config.to_dict().items() if k not in skip} == \
+        {k: v for k, v in gguf_model.config.to_dict().items() if k not in skip}
+    assert model.generation_config.to_dict() == gguf_model.generation_config.to_dict()
+    for text in ("name : The Eagle | type : coffee shop", "ünïcödé, 123  spaces\n\ttabs"):
+        assert tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
+    chat = [{"role": "user", "content": "Describe the restaurant."}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        gguf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert (tok.pad_token, tok.eos_token, tok.bos_token) == (gguf_tok.pad_token, gguf_tok.eos_token, gguf_tok.bos_token)

@@ -7,6 +7,7 @@ many key/value heads of which size they have. Supporting a new model family is o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.metadata
@@ -476,6 +477,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
     if os.path.sep in name_or_path or name_or_path.startswith("."):
         if not Path(name_or_path).exists():
             raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    saved = _dequantized_folder(target, extra["gguf_file"]) if "gguf_file" in extra else None
+    if saved is not None and saved.is_dir() and dtype == torch.float32:
+        target, extra = str(saved), {}  # the GGUF's earlier fp32 load, saved as safetensors (below)
     kwargs = dict(extra, dtype=dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -492,7 +496,48 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
     model._prefixtune_name = name_or_path
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if saved is not None and "gguf_file" in extra and dtype == torch.float32:
+        _save_dequantized(model, tokenizer, saved)
     return model, tokenizer
+
+
+def _dequantized_folder(folder: str, gguf_file: str) -> Path:
+    """Where a GGUF model is kept as safetensors after its first float32 load. Parsing and dequantizing the
+    GGUF (weights, config and tokenizer) takes ~20 s per load on a 2-core CPU; the saved folder loads in
+    under a second, bit-identical. Keyed by the file's name and size and the transformers version (its
+    dequantizer computed the weights)."""
+    import transformers  # start-up time: models.py is imported by commands that never load a model
+
+    path = Path(folder) / gguf_file
+    size = path.stat().st_size if path.exists() else 0
+    return model_cache() / "dequantized" / f"{path.stem}-{size}-transformers-{transformers.__version__}"
+
+
+def _save_dequantized(model, tokenizer, folder: Path) -> None:
+    """Save a GGUF-loaded float32 model (weights as safetensors, config without its GGUF quantization entry,
+    generation config, tokenizer) into `folder`, written under a temporary name and renamed into place, so
+    a reader never sees a partial folder. Best effort: a failure leaves only the slower GGUF path."""
+    from safetensors.torch import save_model  # start-up time: only the first load of a GGUF model saves one
+
+    if folder.is_dir():
+        return
+    tmp = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):  # the GGUF loader's; the saved weights are plain floats
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # tied weights stored once
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:  # disk full, read-only cache, or another process renamed its copy first
+        pass
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def freeze(model):
