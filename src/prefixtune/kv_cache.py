@@ -6,8 +6,8 @@ Profiled on SmolLM2-135M, 8 E2E prompts, beam 5, 32 new tokens, 1 thread: `aten:
 the plain model's run and the prefix added 9% to it. `ReservedLayer` keeps its keys/values as views of
 a buffer with room for the prompt and the new tokens (`engine.RESERVE_AHEAD` of them at most up front,
 so an early EOS does not leave a large max_new_tokens reserved; grown by doubling when a run needs
-more): a step writes its token's keys/values into the buffer and attention reads the view. The values attention sees are the
-same, so outputs are identical (tested against the stock layer: tokens and scores).
+more): a step writes its token's keys/values into the buffer and attention reads the view. Attention
+sees the same values, so outputs are identical (tested against the stock layer: tokens and scores).
 
 `generate_with_prefix` decodes from it; the serving batcher converts each new batch's cache
 (`reserve_layers`) and sets its contents with `assign` when rows join or leave.
@@ -46,12 +46,8 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
     def _reallocate(self, capacity: int) -> None:
-        """Move the cached slots into fresh buffers of `capacity` slots (more room, or rows changed)."""
-        keys, values = self._buffer(self._keys, capacity), self._buffer(self._values, capacity)
-        keys[:, :, :self.length] = self.keys
-        values[:, :, :self.length] = self.values
-        self._keys, self._values, self.capacity = keys, values, capacity
-        self._expose()
+        """Move the cached slots into fresh buffers of `capacity` slots."""
+        self.assign(self.keys, self.values, capacity - self.length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or (not self.length and self._keys.shape[0] != key_states.shape[0]):
