@@ -1,8 +1,8 @@
 """No code outside methods/ knows a method by name: behaviour comes from the facts a Method declares.
 
 Outside src/prefixtune/methods/ a method name may appear only as data: the experiment catalogues
-(experiments/catalogue.py, experiments/vision.py), which say which arms the paper's experiments compare,
-and docstrings. No module compares anything with a method name (`== "adapter"`, `in ("prefix", "infix")`,
+(experiments/catalogue.py; in experiments/vision/ its registry, vpt.py and l2p.py), which say which arms
+the paper's experiments compare, and docstrings. No module compares anything with a method name (`== "adapter"`, `in ("prefix", "infix")`,
 `match` cases), which is how per-method behaviour crept into recipes and experiments before.
 "prefix" and "prompt" are also the domain's words (the server's objects, the prompt text), so only the
 comparison rule applies to them.
@@ -18,7 +18,8 @@ import pytest
 from prefixtune.methods import METHODS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "prefixtune"
-CATALOGUES = {"experiments/catalogue.py", "experiments/vision.py"}
+CATALOGUES = {"experiments/catalogue.py", "experiments/vision/__init__.py", "experiments/vision/vpt.py",
+              "experiments/vision/l2p.py"}
 DOMAIN_WORDS = {"prefix", "prompt"}
 
 

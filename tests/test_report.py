@@ -106,3 +106,50 @@ def test_report_command_exit_codes(tmp_path):
     assert r.returncode == 0 and "regenerated: docs/methods.md" in r.stdout
     assert (tmp_path / "results" / "low-data" / "table.md").exists()  # the folder's own table and figure redrawn
     assert run("--root", tmp_path, "--check").returncode == 0
+
+
+def test_vision_blocks_are_generated_from_their_rows_and_drift_is_caught(tmp_path):
+    """docs/vision.md's tables: the probe's from probe.json files, vpt's and l2p's from results.jsonl."""
+    probe = tmp_path / "results" / "vision-probe"
+    probe.mkdir(parents=True)
+    pools = {p: {"val_accuracy": v, "test_accuracy": t, "ci95": [t - 0.02, t + 0.02]}
+             for p, v, t in (("cls", 0.7, 0.654), ("mean", 0.67, 0.626))}
+    (probe / "probe.json").write_text(json.dumps({"sizes": {"112": {**pools, "feature_seconds": 246.0,
+                                                                    "images_per_s": 12.2}}}))
+    vpt = tmp_path / "results" / "vision-vpt"
+    vpt.mkdir()
+    row = {"seed": 0, "val_accuracy": 0.5, "test_ci95": [0.4, 0.6], "trainable_params": 10, "file_bytes": 3 * 2 ** 20,
+           "train_seconds": 2.0, "chosen": True}
+    vpt_rows = [dict(row, arm="vpt-deep", lr=3e-3, best_dev_loss=1.2, test_accuracy=0.5, test_correct="10" * 50),
+                dict(row, arm="lora", lr=1e-3, best_dev_loss=1.1, test_accuracy=0.75, test_correct="1110" * 25),
+                dict(row, arm="lora", lr=1e-2, best_dev_loss=1.5, test_accuracy=0.1, chosen=False)]
+    (vpt / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vpt_rows))
+    l2p = tmp_path / "results" / "vision-l2p"
+    l2p.mkdir()
+    l2p_row = {"seed": 0, "forgetting": 0.25, "test_ci95": [0.2, 0.3], "trainable_params": 7, "seconds": 9.0,
+               "accuracy_matrix": [[0.8], [0.4, 0.6]], "chosen": True}
+    l2p_rows = [dict(l2p_row, arm="l2p", lr=1e-2, val_loss=2.0, average_accuracy=0.5, test_accuracy=0.5),
+                dict(l2p_row, arm="seq-head", lr=3e-2, val_loss=2.5, average_accuracy=0.3, test_accuracy=0.3)]
+    (l2p / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in l2p_rows))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    doc = docs / "vision.md"
+    doc.write_text("".join(f"<!-- generated: {b} -->\nstale\n<!-- /generated -->\n\n" for b in (
+        "vision-probe results/vision-probe*/probe.json", "vision-vpt results/vision-vpt", "vision-l2p results/vision-l2p")))
+    assert regenerate(tmp_path, redraw=False) == ["docs/vision.md"]
+    text = doc.read_text()
+    assert "stale" not in text
+    assert "| 112 px | 0.654 (0.634-0.674) | 0.626 (0.606-0.646) | 0.700 / 0.670 | 246 s (12.2 img/s) |" in text
+    assert "(../results/vision-probe/probe.json)" in text
+    lora = next(line for line in text.splitlines() if line.startswith("| lora |"))
+    assert "| 0.001 (0.001: 1.1000, 0.01: 1.5000) | 1 | 0.500 | 0.750 |" in lora and "3 MiB" in lora
+    assert "+0.250 [" in lora and "ahead" in lora  # paired over the same 100 test images
+    seq = next(line for line in text.splitlines() if line.startswith("| seq-head |"))
+    assert "| 0.03 (0.03: 2.5000) | 1 | 0.300 | 0.250 | 0.400 0.600 |" in seq
+    assert regenerate(tmp_path, check=True, redraw=False) == []
+    doc.write_text(text.replace("0.750", "0.760"))  # a hand-edited number
+    assert regenerate(tmp_path, check=True, redraw=False) == ["docs/vision.md"]
+    with pytest.raises(ReportError, match="results.jsonl not found"):
+        render("<!-- generated: vision-vpt results/none -->\n<!-- /generated -->", tmp_path)
+    with pytest.raises(ReportError, match="no probe.json matches"):
+        render("<!-- generated: vision-probe results/none/probe.json -->\n<!-- /generated -->", tmp_path)

@@ -314,7 +314,7 @@ def test_load_model_dinov2_small_is_the_shared_encoder_with_its_processor():
 
 
 def test_experiment_vpt_arms_train_pick_lr_on_val_and_tabulate(tmp_path):
-    from prefixtune.experiments import vision as vx
+    from prefixtune.experiments.vision import vpt as vx
 
     model = tiny_image_model("dinov2")
     proc = ImageProcessor(size=SIZE)
@@ -345,7 +345,7 @@ def test_experiment_vpt_arms_train_pick_lr_on_val_and_tabulate(tmp_path):
 
 def test_experiment_vpt_end_to_end_chooses_on_dev_loss_and_compares_with_vpt_deep(tmp_path, monkeypatch):
     from prefixtune.data.cifar10 import CLASSES
-    from prefixtune.experiments import vision as vx
+    from prefixtune.experiments.vision import vpt as vx
 
     splits = {"train": random_images(10, 0, CLASSES), "dev": random_images(10, 1, CLASSES),
               "test": random_images(10, 2, CLASSES)}
@@ -367,7 +367,7 @@ def test_experiment_vpt_end_to_end_chooses_on_dev_loss_and_compares_with_vpt_dee
 
 
 def test_an_arms_learning_rate_grid_grows_past_the_winning_edge_twice_at_most(tmp_path, monkeypatch):
-    from prefixtune.experiments import vision as vx
+    from prefixtune.experiments.vision import vpt as vx
 
     trained = []
 
@@ -388,7 +388,7 @@ def test_an_arms_learning_rate_grid_grows_past_the_winning_edge_twice_at_most(tm
 
 
 def test_a_run_written_before_dev_losses_were_recorded_reads_its_log(tmp_path):
-    from prefixtune.experiments import vision as vx
+    from prefixtune.experiments.vision import vpt as vx
 
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 25, "dev_loss": 2.5}\n{"step": 50, "dev_loss": 2.25}\n')
     assert vx.dev_loss_of({"val_accuracy": 0.5}, tmp_path) == 2.25
@@ -397,7 +397,7 @@ def test_a_run_written_before_dev_losses_were_recorded_reads_its_log(tmp_path):
 
 
 def test_the_paired_accuracy_difference_resamples_the_same_images_for_both_arms():
-    from prefixtune.experiments import vision as vx
+    from prefixtune.experiments.vision import common as vx
 
     ref = {"arm": "vpt-deep", "chosen": True}
     rows = [dict(ref, seed=0, test_correct="1100" * 50), dict(ref, seed=1, test_correct="1010" * 50),
@@ -464,7 +464,7 @@ def test_l2p_training_pulls_the_chosen_keys_towards_their_queries(tmp_path):
 
 
 def test_continual_scores_average_accuracy_and_forgetting():
-    from prefixtune.experiments.vision import continual_scores
+    from prefixtune.experiments.vision.l2p import continual_scores
 
     acc = [[0.9], [0.5, 0.8], [0.3, 0.6, 0.7]]      # acc[t][j]: task j after training task t
     s = continual_scores(acc)
@@ -476,7 +476,7 @@ def test_experiment_l2p_chooses_each_arms_rate_on_held_out_images_and_compares_w
     """`experiment l2p` under the protocol: every arm's grid (seed 0) scored by the validation images' loss after
     the last task, the lowest chosen, the other seeds at that rate, a paired interval against L2P."""
     from prefixtune.data.cifar10 import CLASSES
-    from prefixtune.experiments import vision as vx
+    from prefixtune.experiments.vision import l2p as vx
 
     seen_splits = []
 
@@ -503,7 +503,7 @@ def test_experiment_l2p_chooses_each_arms_rate_on_held_out_images_and_compares_w
         assert [r["seed"] for r in rows if r["arm"] == arm and r["chosen"]] == [0, 1]
         assert all(len(r["test_correct"]) == 20 and 0 <= r["val_accuracy"] <= 1 for r in rows if r["arm"] == arm)
     seq = next(line for line in result["table"].splitlines() if line.startswith("| seq-head |"))
-    assert "vs l2p" in result["table"] and "[" in seq.split("|")[7], seq
+    assert "vs l2p" in result["table"] and "[" in seq.split("|")[8], seq
     again = vx.run_l2p_experiment(tmp_path, scale="tiny", arms=["seq-head", "l2p"], print_fn=lambda s: None,
                                   model_and_processor=(model, proc))
     assert again["rows"] == result["rows"]  # finished runs are read back, not retrained

@@ -530,7 +530,7 @@ def experiment(
     **settings,
 ):
     """Run one of the paper's experiments as a resumable sweep of Ray tasks; writes rows, table, figure.
-    Image experiments (probe, vpt, l2p: docs/vision.md) run in experiments/vision.py. Every ExperimentConfig
+    Image experiments (probe, vpt, l2p: docs/vision.md) run in experiments/vision/. Every ExperimentConfig
     setting is an option."""
     from .experiments.command import experiment as run_experiment_command  # torch: only when it runs (start-up time)
 

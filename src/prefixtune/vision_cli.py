@@ -1,5 +1,5 @@
 """The command-line side of the image methods (cli.py calls these): `evaluate` of an image classifier and
-`classify --image` (`experiment probe|vpt|l2p` runs in experiments/vision.py)."""
+`classify --image` (`experiment probe|vpt|l2p` runs in experiments/vision/)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@
     figures.py    an experiment's figures
     report.py     an experiment folder's table and figures, and the docs' generated blocks, from results/
     command.py    the `prefixtune experiment` command as a library call
-    vision.py     the image experiments (probe, vpt, l2p)
+    vision/       the image experiments, one file each (probe.py, vpt.py, l2p.py)
 
 The names below are the package's API, each loaded from its module on first use (PEP 562), so that
 importing one module (the report, the catalogue) does not import torch.

@@ -6,7 +6,7 @@ seed (training sizes; at most one other setting, e.g. prefix length or initializ
 labelled and grouped, and the notes of its table. `build(name, scale, ...)` looks the spec up and
 hands it to `build_runs`, which knows no experiment and no method by name: an experiment is added by
 adding a spec to CATALOGUE. The image experiments (probe, vpt, l2p) have their own data path and run
-in vision.py.
+in vision/.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ CATALOGUE: dict[str, ExperimentSpec] = {
         sizes=Per((METHOD_TABLE_SIZE,), scale={"tiny": Sizes.FIRST}),
         options={"batch_size": 10}, prompt_options=METHOD_TABLE_OPTIONS, group_by=("label", "train_size")),
 }
-# Image experiments (linear probes, VPT vs baselines, L2P on split CIFAR-10): run by vision.py, to
+# Image experiments (linear probes, VPT vs baselines, L2P on split CIFAR-10): run by vision/, to
 # which `prefixtune experiment` hands them (images have their own data path); docs/vision.md
 VISION_EXPERIMENTS = ("probe", "vpt", "l2p")
 EXPERIMENTS = tuple(CATALOGUE) + VISION_EXPERIMENTS

@@ -1,6 +1,6 @@
 """`prefixtune experiment` as a library call: build an experiment from the catalogue, run it under the
 fair-comparison protocol on the executor, and write its table and figures (the image experiments are
-handed to vision.py). cli.py only parses the command line and calls `experiment`.
+handed to vision/). cli.py only parses the command line and calls `experiment`.
 """
 
 from __future__ import annotations

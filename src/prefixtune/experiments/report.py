@@ -18,6 +18,9 @@ Block kinds:
     selection DIR         its learning-rate grid: each point's dev loss, the choice
     bench-ratios GLOB     one column per `make bench` record: every ratio, its goal and whether met
     demo-runs GLOB        one line per `make demo` record (results/demo/*.json): time, machine, metrics
+    vision-probe GLOB     the linear probes' table from `experiment probe` folders (probe.json), one line per size
+    vision-vpt DIR        `experiment vpt`'s table from DIR/results.jsonl
+    vision-l2p DIR        `experiment l2p`'s table from DIR/results.jsonl
 """
 
 from __future__ import annotations
@@ -159,8 +162,38 @@ def _read_json(path) -> dict:
         raise ReportError(f"{path}: cannot be read as JSON ({e})") from None
 
 
+def _vision_rows(root: Path, arg: str) -> list[dict]:
+    path = root / arg / "results.jsonl"
+    if not path.exists():
+        raise ReportError(f"{path} not found: run `prefixtune experiment ... --out {arg}` first")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _vision_probe_block(root: Path, arg: str, link) -> str:
+    from .vision.probe import probe_table  # the image experiments import torch: only where a doc asks for them
+
+    paths = sorted(glob.glob(str(root / arg)))
+    if not paths:
+        raise ReportError(f"no probe.json matches {arg}")
+    return probe_table([_read_json(p) for p in paths]) + "\nData: " + ", ".join(
+        f"[`{Path(p).parent.name}/{Path(p).name}`]({link(p)})" for p in paths) + ".\n"
+
+
+def _vision_vpt_block(root: Path, arg: str, link) -> str:
+    from .vision.vpt import vpt_table_body
+
+    return vpt_table_body(_vision_rows(root, arg))
+
+
+def _vision_l2p_block(root: Path, arg: str, link) -> str:
+    from .vision.l2p import l2p_table_body
+
+    return l2p_table_body(_vision_rows(root, arg))
+
+
 GENERATORS = {"experiment": _experiment_block, "selection": _selection_block, "bench-ratios": _bench_block,
-              "demo-runs": _demo_block}
+              "demo-runs": _demo_block, "vision-probe": _vision_probe_block, "vision-vpt": _vision_vpt_block,
+              "vision-l2p": _vision_l2p_block}
 
 
 def render(text: str, root: Path, where: str = "docs/doc.md") -> str:

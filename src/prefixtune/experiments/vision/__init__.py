@@ -1,0 +1,61 @@
+"""The image experiments, one file each: `probe.py` (linear probes of a frozen encoder), `vpt.py` (probe vs
+VPT-shallow vs VPT-deep vs full fine-tuning vs LoRA) and `l2p.py` (split CIFAR-10, class-incremental);
+`common.py` holds what they share. This file is their registry and `prefixtune experiment probe|vpt|l2p`.
+
+    prefixtune experiment probe --out runs/exp-probe      # logistic regression on frozen CLS / mean-patch features
+    prefixtune experiment vpt --out runs/exp-vpt          # probe vs VPT-shallow vs VPT-deep vs full FT vs LoRA
+    prefixtune experiment l2p --out runs/exp-l2p          # split CIFAR-10, 5 tasks x 2 classes, class-incremental
+
+Their data path (images, accuracy) differs from the text experiments' (executor.py), the protocol does
+not: learning rates chosen per arm on held-out data, seeds, paired intervals (protocol.py, stats.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..catalogue import ExperimentError
+from .common import DEFAULT_MODEL
+from .l2p import L2P_ARMS, L2P_SCALES, run_l2p_experiment
+from .probe import run_probe_experiment
+from .vpt import VISION_SCALES, VPT_ARMS, run_vpt_experiment
+
+def _run_probe(out, data_dir, model_name, print_fn=print, **_) -> dict:
+    """run_probe_experiment with its table (probe.md); it has no arms, scales or seeds to choose."""
+    result = run_probe_experiment(out, data_dir, model_name, print_fn=print_fn)
+    return {**result, "table": (Path(out) / "probe.md").read_text()}
+
+
+@dataclass(frozen=True)
+class ImageExperiment:
+    run: Callable[..., dict]       # (out, data_dir, model_name, scale=, arms=, seeds=, print_fn=) -> {"table": ...}
+    arms: dict | None              # the arms --methods chooses among (None: none to choose)
+    scales: dict | None
+    writes: tuple[str, ...]        # the files it writes into its folder
+
+
+IMAGE_EXPERIMENTS = {
+    "probe": ImageExperiment(_run_probe, None, None, ("probe.json", "probe.md")),
+    "vpt": ImageExperiment(run_vpt_experiment, VPT_ARMS, VISION_SCALES, ("results.jsonl", "table.md")),
+    "l2p": ImageExperiment(run_l2p_experiment, L2P_ARMS, L2P_SCALES, ("results.jsonl", "table.md")),
+}
+
+
+def run_vision_experiment(name: str, out, model: str | None = None, data_dir: str | None = None,
+                          scale: str = "quick", seeds=None, arms=None, print_fn=print) -> dict:
+    """The image experiment `name` into folder `out`; prints its table."""
+    if name not in IMAGE_EXPERIMENTS:
+        raise ExperimentError(f"{name!r} is not an image experiment ({', '.join(IMAGE_EXPERIMENTS)})")
+    spec = IMAGE_EXPERIMENTS[name]
+    unknown = sorted(set(arms or ()) - set(spec.arms or ()))
+    if unknown and spec.arms is not None:
+        raise ExperimentError(f"experiment {name} has arms {', '.join(spec.arms)}; not {', '.join(unknown)}")
+    if spec.scales is not None and scale not in spec.scales:
+        raise ExperimentError(f"experiment {name} has scales {', '.join(spec.scales)}, not {scale!r}")
+    result = spec.run(out, data_dir, model or DEFAULT_MODEL, scale=scale, arms=list(arms) if arms else None,
+                      seeds=list(seeds) if seeds else None, print_fn=print_fn)
+    print_fn(result["table"])
+    print_fn("wrote " + ", ".join(str(Path(out) / f) for f in spec.writes))
+    return result

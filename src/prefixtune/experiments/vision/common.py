@@ -1,0 +1,88 @@
+"""What the image experiments share: the data beside the repository, the fixed test sample, the
+machine line, the learning-rate choice of the protocol and the paired accuracy interval."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..protocol import Protocol, choose, extend_grid, grid_around
+from ..stats import paired_bootstrap
+
+DEFAULT_MODEL = "dinov2-small"
+PROTOCOL = Protocol()  # the text experiments' grid (3 points spanning 10x) and edge extensions
+
+
+def shared_data_dir(data_dir):
+    """`data_dir`, or the shared data beside the repository where it holds CIFAR-10, else None (download)."""
+    if data_dir:
+        return data_dir
+    here = Path(__file__).resolve().parents[5] / "shared" / "data"  # src/prefixtune/experiments/vision/ -> beside the repo
+    return str(here) if (here / "cifar10").exists() else None
+
+
+def balanced_test(examples, n: int, seed: int = 0):
+    """A fixed class-balanced sample of n test examples (n / classes per class), seeded."""
+    by_class: dict[str, list] = {}
+    for e in examples:
+        by_class.setdefault(e.target, []).append(e)
+    per = n // len(by_class)
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        out += [items[i] for i in sorted(rng.permutation(len(items))[:per])]
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def run_id(arm: str, lr: float, seed: int) -> str:
+    """The folder name of one run under OUT/runs/."""
+    return f"{arm}-lr{lr:g}-s{seed}"
+
+
+def select_lr(name: str, centre: float, train_at: Callable[[float], dict], loss_of: Callable[[dict], float],
+              print_fn=print) -> list[dict]:
+    """The protocol's choice for one arm (seed 0): `train_at(lr)` (a row with "lr") at every point of the 3-point
+    grid around `centre`, the grid grown past a winning edge (up to PROTOCOL.max_extensions times); the lowest
+    `loss_of(row)` wins. Returns the grid's rows, each with `best_dev_loss`, `chosen_lr` and `at_edge`."""
+    grid, extensions = grid_around(centre, PROTOCOL), 0
+    while True:
+        tried = [train_at(lr) for lr in grid]
+        points = {r["lr"]: loss_of(r) for r in tried}
+        best, edge = choose(points)
+        if not edge or extensions == PROTOCOL.max_extensions:
+            break
+        grid, extensions = extend_grid(grid, centre, edge, PROTOCOL), extensions + 1
+    print_fn(f"{name}: dev loss " + ", ".join(f"lr {lr:g}: {loss:.4f}" for lr, loss in sorted(points.items()))
+             + f" -> lr {best:g}" + (f" (at the grid's {edge} edge)" if edge else ""))
+    return [dict(r, best_dev_loss=points[r["lr"]], chosen_lr=best, at_edge=edge) for r in tried]
+
+
+def paired_accuracy_difference(rows: list[dict], arm: str, reference: str):
+    """Interval of mean over seeds of (arm's test accuracy - reference's), resampling the test images (the
+    same images for both; seeds paired), or None where either lacks per-image results on a common seed."""
+    def hits(a):
+        return {r["seed"]: np.frombuffer(r["test_correct"].encode(), np.uint8) - ord("0")
+                for r in rows if r["arm"] == a and r.get("chosen") and r.get("test_correct")}
+    mine, theirs = hits(arm), hits(reference)
+    seeds = sorted(set(mine) & set(theirs))
+    if arm == reference or not seeds:
+        return None
+    return paired_bootstrap([(mine[s], theirs[s]) for s in seeds], lambda x: float(x.mean()))
