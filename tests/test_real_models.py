@@ -148,3 +148,31 @@ def test_a_gguf_model_is_saved_once_and_loads_again_bit_identical(smollm2, tmp_p
     assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
         gguf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert (tok.pad_token, tok.eos_token, tok.bos_token) == (gguf_tok.pad_token, gguf_tok.eos_token, gguf_tok.bos_token)
+
+
+def test_the_committed_method_sizes_are_what_the_methods_build_on_smollm2(smollm2, tmp_path):
+    """docs/methods.md's size table is generated from results/method-sizes/sizes.json: each SmolLM2 entry is
+    rebuilt here (fine-tuning's 513 MiB file aside: its counts are checked), so the table cannot drift from
+    what the methods train and save."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("method_sizes", root / "scripts" / "method_sizes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    recorded = json.loads((root / "results" / "method-sizes" / "sizes.json").read_text())["entries"]
+    assert [(e["model"], e["method"], e["configuration"], e["options"]) for e in recorded] == \
+        [tuple(e) for e in script.ENTRIES], "scripts/method_sizes.py changed: rerun it"
+    model, tok = smollm2
+    base = sum(p.numel() for p in model.parameters())
+    for e in recorded:
+        if e["model"] != "smollm2-135m":
+            continue
+        assert e["base_params"] == base
+        if e["method"] == "finetune":
+            assert e["trainable"] == e["artifact_values"] == base
+            continue
+        measured = script.measure(model, tok, e["method"], e["options"], tmp_path)
+        assert measured == {k: e[k] for k in ("trainable", "artifact_values", "file_bytes")}, e

@@ -153,3 +153,18 @@ def test_vision_blocks_are_generated_from_their_rows_and_drift_is_caught(tmp_pat
         render("<!-- generated: vision-vpt results/none -->\n<!-- /generated -->", tmp_path)
     with pytest.raises(ReportError, match="no probe.json matches"):
         render("<!-- generated: vision-probe results/none/probe.json -->\n<!-- /generated -->", tmp_path)
+
+
+def test_method_sizes_block_renders_every_entry_with_its_share_of_the_model(tmp_path):
+    folder = tmp_path / "results" / "method-sizes"
+    folder.mkdir(parents=True)
+    entries = [{"model": "m", "base_params": 1000, "method": "prefix", "configuration": "length 1", "options": {},
+                "trainable": 50, "artifact_values": 5, "file_bytes": 3 * 2 ** 20}]
+    (folder / "sizes.json").write_text(json.dumps({"date": "2026-12-06", "versions": {"prefixtune": "0", "transformers": "5"},
+                                                   "entries": entries}))
+    text = render("<!-- generated: method-sizes results/method-sizes/sizes.json -->\n<!-- /generated -->", tmp_path,
+                  "docs/methods.md")
+    assert "| m (1,000) | `prefix`: length 1 | 50 (5%) | 5 (0.5%) | 3.0 MiB |" in text
+    assert "(../results/method-sizes/sizes.json)" in text
+    with pytest.raises(ReportError, match="cannot be read as JSON"):
+        render("<!-- generated: method-sizes results/nope.json -->\n<!-- /generated -->", tmp_path)

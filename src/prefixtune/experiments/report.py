@@ -21,6 +21,8 @@ Block kinds:
     vision-probe GLOB     the linear probes' table from `experiment probe` folders (probe.json), one line per size
     vision-vpt DIR        `experiment vpt`'s table from DIR/results.jsonl
     vision-l2p DIR        `experiment l2p`'s table from DIR/results.jsonl
+    method-sizes FILE     every method's trainable parameters, artifact values and file size on the real
+                          models (scripts/method_sizes.py writes FILE)
 """
 
 from __future__ import annotations
@@ -191,9 +193,28 @@ def _vision_l2p_block(root: Path, arg: str, link) -> str:
     return l2p_table_body(_vision_rows(root, arg))
 
 
+def _file_size(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.0f} KiB"
+
+
+def _method_sizes_block(root: Path, arg: str, link) -> str:
+    record = _read_json(root / arg)
+    lines = ["| model (parameters) | method: configuration | trains (optimizer) | artifact values (saved, served) | file |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for e in record["entries"]:
+        def share(n: int) -> str:  # of the base model's parameters
+            return f"{n:,} ({100 * n / e['base_params']:.3g}%)"
+        lines.append(f"| {e['model']} ({e['base_params']:,}) | `{e['method']}`: {e['configuration']} | "
+                     f"{share(e['trainable'])} | {share(e['artifact_values'])} | {_file_size(e['file_bytes'])} |")
+    versions = record["versions"]
+    return "\n".join(lines) + (f"\n\nMeasured {record['date']} (prefixtune {versions['prefixtune']}, transformers "
+                               f"{versions['transformers']}): [`{Path(arg).name}`]({link(root / arg)}), written by "
+                               "`python scripts/method_sizes.py`.\n")
+
+
 GENERATORS = {"experiment": _experiment_block, "selection": _selection_block, "bench-ratios": _bench_block,
               "demo-runs": _demo_block, "vision-probe": _vision_probe_block, "vision-vpt": _vision_vpt_block,
-              "vision-l2p": _vision_l2p_block}
+              "vision-l2p": _vision_l2p_block, "method-sizes": _method_sizes_block}
 
 
 def render(text: str, root: Path, where: str = "docs/doc.md") -> str:
