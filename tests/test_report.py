@@ -168,3 +168,19 @@ def test_method_sizes_block_renders_every_entry_with_its_share_of_the_model(tmp_
     assert "(../results/method-sizes/sizes.json)" in text
     with pytest.raises(ReportError, match="cannot be read as JSON"):
         render("<!-- generated: method-sizes results/nope.json -->\n<!-- /generated -->", tmp_path)
+
+
+def test_prefix_memory_block_has_one_line_per_mode_of_each_record(tmp_path):
+    folder = tmp_path / "bench" / "results"
+    folder.mkdir(parents=True)
+    run = {"base_rss": 10 ** 9, "rss_growth": 500 * 10 ** 6, "peak_growth": 1700 * 10 ** 6, "cached_prefixes": 10,
+           "cached_prefix_bytes": 480 * 2 ** 20}
+    (folder / "prefix-memory-2026-12-06-2302.json").write_text(json.dumps({
+        "date": "2026-12-06 23:02 UTC", "commit": "abc", "cpu": "cpu", "cores": 2, "prefixes": 12, "file_bytes": 46 * 10 ** 6,
+        "runs": [dict(run, mode="sequential"), dict(run, mode="concurrent", rss_growth=600 * 10 ** 6)]}))
+    text = render("<!-- generated: prefix-memory bench/results/prefix-memory-*.json -->\n<!-- /generated -->", tmp_path,
+                  "docs/serving.md")
+    assert "| 12 one after another | 10 (480 MiB) | +500 MB | 50.0 MB (1.09× the 46.0 MB file) | +1,700 MB |" in text
+    assert "| 12 at once | 10 (480 MiB) | +600 MB | 60.0 MB (1.30× the 46.0 MB file) |" in text
+    with pytest.raises(ReportError, match="no bench/prefix_memory.py record"):
+        render("<!-- generated: prefix-memory bench/results/none-*.json -->\n<!-- /generated -->", tmp_path)
