@@ -184,3 +184,30 @@ def test_prefix_memory_block_has_one_line_per_mode_of_each_record(tmp_path):
     assert "| 12 at once | 10 (480 MiB) | +600 MB | 60.0 MB (1.30× the 46.0 MB file) |" in text
     with pytest.raises(ReportError, match="no bench/prefix_memory.py record"):
         render("<!-- generated: prefix-memory bench/results/none-*.json -->\n<!-- /generated -->", tmp_path)
+
+
+def test_a_classification_table_compares_accuracy_with_its_reference_arm(tmp_path):
+    from prefixtune.experiments.report import load_experiment
+    from prefixtune.experiments.tables import table_markdown
+
+    folder = tmp_path / "results" / "ptuning-v2"
+    rows = []
+    for arm, right in (("ptuning-v2", 150), ("probe", 100)):
+        rid = f"{arm}-n200-s0-lr0.01"
+        ev = folder / "runs" / rid / "eval"
+        ev.mkdir(parents=True)
+        (ev / "predictions.jsonl").write_text("".join(
+            json.dumps({"source": f"q{i}", "output": "True" if i < right else "False", "references": ["True"]}) + "\n"
+            for i in range(200)))
+        rows.append({"id": rid, "label": arm, "method": "ptuning-v2", "train_size": 200, "seed": 0, "lr": 1e-2,
+                     "stopped_early": True, "trainable_params": 10, "scores": {"accuracy": right / 200},
+                     "best_dev_loss": 0.6, "train_seconds": 3.0, "n_eval": 200})
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "experiment.json").write_text(json.dumps({
+        "name": "ptuning-v2", "scale": "quick", "model": "minilm-l6", "dataset": "boolq", "reference": "ptuning-v2",
+        "group_by": ["label", "train_size"], "x": "train_size", "notes": []}))
+    exp, rows, _ = load_experiment(folder)
+    table = table_markdown(exp, rows, folder)
+    assert "accuracy − ptuning-v2 [95% CI]" in table
+    probe = next(line for line in table.splitlines() if line.startswith("| probe |"))
+    assert "-0.2500 [" in probe and probe.rstrip(" |").split("|")[-3].strip().endswith("behind")

@@ -85,3 +85,18 @@ def test_the_grid_is_log_spaced_around_its_centre_and_grows_past_the_edge_that_w
     assert once == [0.000316, 0.001, 0.00316, 0.01]
     assert extend_grid(once, 1e-3, "high", p)[-1] == 0.0316  # from the centre: no drift to 0.0315 or 0.00999
     assert extend_grid(grid, 1e-3, "low", p) == [0.0001, 0.000316, 0.001, 0.00316]
+
+
+def test_accuracy_is_bootstrapped_from_per_question_correctness():
+    from prefixtune.experiments.stats import AccuracyStats, paired_stats
+
+    stats = paired_stats("accuracy")
+    assert isinstance(stats, AccuracyStats) and isinstance(paired_stats("e2e"), BleuStats)
+    refs = [["True"], ["False"], ["True"], ["True"]]
+    a = stats.per_source(["True", "False", "False ", "True"], refs)
+    assert a.tolist() == [1, 1, 0, 1] and stats.score(a) == 0.75
+    b = stats.per_source(["False"] * 4, refs)
+    diff = paired_bootstrap([(np.tile(a, 50), np.tile(b, 50))], stats.score)
+    assert diff.estimate == pytest.approx(0.5) and diff.verdict() == "ahead"
+    with pytest.raises(ValueError, match="no BLEU for task 'nope'"):
+        paired_stats("nope")

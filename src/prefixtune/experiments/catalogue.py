@@ -37,7 +37,7 @@ class Experiment:
     group_by: tuple[str, ...]                 # row labels a table line is keyed by (seeds averaged)
     x: str | None = None                      # numeric label for the figure's x axis
     notes: list[str] = field(default_factory=list)
-    reference: str = "prefix"                 # the row label every other row's BLEU is compared with
+    reference: str = "prefix"                 # the row label every other row's BLEU (accuracy) is compared with
     # the scale's sizes and seeds as the folder's commands asked for them (a command with --sizes/--seeds
     # adds to what earlier ones recorded: `with_earlier`), and the scale note written from them
     sizes: list = field(default_factory=list)
@@ -133,7 +133,7 @@ class ExperimentSpec:
     group_by: tuple[str, ...] = ("label",)
     x: str | None = None                        # the figure's x axis (a numeric row label)
     notes: tuple[str, ...] = ()                 # formatted with the scale's fields (None reads "all")
-    reference: str = Experiment.reference       # the row other rows' BLEU is compared with: the paper's method
+    reference: str = Experiment.reference       # the row other rows' BLEU (accuracy) is compared with: the paper's method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +191,8 @@ CATALOGUE: dict[str, ExperimentSpec] = {
         tuple(CLASSIFIER_ARMS), arms=CLASSIFIER_ARMS, arms_are="classifiers",
         notes=("BoolQ: accuracy on {classifier_eval} held-out questions; arms: the ptuning-v2 classifier "
                "with deep prompts, input-only prompts (prompt), no prompt and the encoder trained (finetune), "
-               "or the head alone (probe)",)),
+               "or the head alone (probe)",),
+        reference="ptuning-v2"),
     # every registered generation method on one budget, each at its own chosen learning rate (docs/methods.md)
     "methods": ExperimentSpec(
         "every generation method at one training size", "e2e", SMOLLM, None,

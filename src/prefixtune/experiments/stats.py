@@ -1,5 +1,5 @@
 """Statistics behind every comparison: mean ± std over seeds, and a paired bootstrap interval of a
-corpus-BLEU difference over evaluation sources.
+corpus-BLEU (or accuracy) difference over evaluation sources.
 
 The bootstrap resamples sources, not sentences of one system: both systems are scored on the same
 resampled sources (paired), so what the interval measures is how much the difference depends on
@@ -54,6 +54,21 @@ class BleuStats:
     def score(self, stats: np.ndarray) -> float:
         """Corpus BLEU (0-1) of summed statistics."""
         return self.metric._compute_score_from_stats(stats.sum(0).tolist()).score / 100.0
+
+
+class AccuracyStats:
+    """Per-source correctness for a classification task (the label equals the reference label)."""
+
+    def per_source(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
+        return np.asarray([h.strip() == r[0].strip() for h, r in zip(hyps, refs)], dtype=np.int64)
+
+    def score(self, stats: np.ndarray) -> float:
+        return float(stats.mean())
+
+
+def paired_stats(task: str):
+    """The per-source statistics a task's headline metric is bootstrapped with (ValueError where none is wired)."""
+    return AccuracyStats() if task == "accuracy" else BleuStats(task)
 
 
 @dataclass

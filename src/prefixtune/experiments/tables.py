@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..recipes import recipe_for
 from .catalogue import Experiment
-from .stats import BleuStats, Interval, mean_std, paired_bootstrap
+from .stats import Interval, mean_std, paired_bootstrap, paired_stats
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
@@ -49,12 +49,12 @@ def _predictions(out: Path, run_id: str) -> dict[str, dict] | None:
 
 def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str | None = None,
                  resamples: int = 1000) -> dict[tuple, Interval]:
-    """Per table group: paired bootstrap 95% interval of (group's BLEU - the reference rows' BLEU; default:
-    the experiment's `reference`), pairing seed with seed at the same training size (same training
-    sample, same evaluation sources)."""
+    """Per table group: paired bootstrap 95% interval of (group's headline metric - the reference rows'; BLEU,
+    or accuracy for a classification task; default reference: the experiment's `reference`), pairing seed
+    with seed at the same training size (same training sample, same evaluation sources)."""
     reference = reference or exp.reference
     try:
-        bleu = BleuStats(recipe_for(exp.dataset).metric)
+        stats = paired_stats(recipe_for(exp.dataset).metric)
     except ValueError:
         return {}
     ref_rows = {(r.get("train_size"), r.get("seed")): r for r in rows if r.get("label") == reference}
@@ -71,10 +71,10 @@ def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str | 
             sources = [src for src in a if src in b]
             if len(sources) != len(a) or len(sources) != len(b):
                 raise ValueError(f"{r['id']} and {ref['id']} were evaluated on different sources")
-            pairs.append((bleu.per_source([a[x]["output"] for x in sources], [a[x]["references"] for x in sources]),
-                          bleu.per_source([b[x]["output"] for x in sources], [b[x]["references"] for x in sources])))
+            pairs.append((stats.per_source([a[x]["output"] for x in sources], [a[x]["references"] for x in sources]),
+                          stats.per_source([b[x]["output"] for x in sources], [b[x]["references"] for x in sources])))
         if pairs:
-            result[key] = paired_bootstrap(pairs, bleu.score, resamples=resamples)
+            result[key] = paired_bootstrap(pairs, stats.score, resamples=resamples)
     return result
 
 
@@ -86,8 +86,9 @@ def table_markdown(exp: Experiment, rows: list[dict], out: Path | None = None, c
     reference = reference or exp.reference
     cols = metric_columns(rows)
     split_cols = [f"{c} {g}" for g in ("seen", "unseen") for c in cols[:1]] if any("scores_seen" in r for r in rows) else []
-    intervals = intervals_vs(exp, out, rows, reference) if out is not None and "bleu" in cols else {}
-    cmp_col = [f"BLEU − {reference} [95% CI]"] if intervals else []
+    headline = next((c for c in ("bleu", "accuracy") if c in cols), None)
+    intervals = intervals_vs(exp, out, rows, reference) if out is not None and headline else {}
+    cmp_col = [f"{'BLEU' if headline == 'bleu' else headline} − {reference} [95% CI]"] if intervals else []
     head = list(exp.group_by) + ["seeds", "lr", "stopped early", "trainable params"] + cols + split_cols + cmp_col + \
         ["dev loss", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
