@@ -6,14 +6,18 @@ A throwaway PostgreSQL cluster on 127.0.0.1, `prefixtune serve` processes (--tor
 prefixes uploaded once. The same closed-loop load (each client sends its next request when the last
 one is answered, keep-alive connections) goes to one replica, then round-robin to two (what any
 load balancer does), then for reference to one replica on a SQLite store. Every answer is checked
-against the first answer of the same request. Prints a Markdown table and the load average.
+against the first answer of the same request. Prints a Markdown table and the load average, and writes
+bench/results/replicas-<date>-<time>.json (`--out`), from which `prefixtune report` makes docs/serving.md's
+table.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -87,6 +91,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--model", default="tiny", help="tiny (random LLaMA, as in the tests) or a model name")
     ap.add_argument("--rounds", type=int, default=2, help="Interleaved rounds of one, then two replicas.")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     model_arg = make_model(args.model, tmp / "model")
@@ -135,10 +140,25 @@ def main() -> None:
     print("| setup | requests/s | p50 s | p95 s | wrong |\n| --- | ---: | ---: | ---: | ---: |")
     for label, r in results.items():
         print(f"| {label} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p95']:.3f} | {r['wrong']} |")
+    rounds = []
     for i in range(args.rounds):
-        one = results[f"round {i + 1}: 1 replica (PostgreSQL)"]["rps"]
-        two = results[f"round {i + 1}: 2 replicas (PostgreSQL)"]["rps"]
-        print(f"round {i + 1}: two / one replica = {two / one:.2f}x")
+        one = results[f"round {i + 1}: 1 replica (PostgreSQL)"]
+        two = results[f"round {i + 1}: 2 replicas (PostgreSQL)"]
+        rounds.append({"one": one, "two": two})
+        print(f"round {i + 1}: two / one replica = {two['rps'] / one['rps']:.2f}x")
+    from prefixtune.files import atomic_write_bytes
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "cpu": cpu,
+              "cores": os.cpu_count(), "model": args.model, "requests": args.requests, "clients": args.clients,
+              "max_tokens": args.max_tokens, "load_average": [round(before[0], 2), round(after[0], 2)],
+              "rounds": rounds, "sqlite": results["1 replica (SQLite store)"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"replicas-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json"
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -211,3 +211,18 @@ def test_a_classification_table_compares_accuracy_with_its_reference_arm(tmp_pat
     assert "accuracy − ptuning-v2 [95% CI]" in table
     probe = next(line for line in table.splitlines() if line.startswith("| probe |"))
     assert "-0.2500 [" in probe and probe.rstrip(" |").split("|")[-3].strip().endswith("behind")
+
+
+def test_replicas_block_has_one_line_per_round_with_the_scaling_ratio(tmp_path):
+    folder = tmp_path / "bench" / "results"
+    folder.mkdir(parents=True)
+    one, two = {"rps": 5.0, "wrong": 0}, {"rps": 9.0, "wrong": 0}
+    (folder / "replicas-2026-12-06-2330.json").write_text(json.dumps({
+        "date": "2026-12-06 23:30 UTC", "commit": "abc", "cpu": "cpu", "cores": 2, "requests": 300, "clients": 20,
+        "load_average": [1.0, 2.5], "rounds": [{"one": one, "two": two}, {"one": one, "two": dict(two, wrong=1)}],
+        "sqlite": {"rps": 4.5, "wrong": 0}}))
+    text = render("<!-- generated: replicas bench/results/replicas-*.json -->\n<!-- /generated -->", tmp_path,
+                  "docs/serving.md")
+    assert "| 1.0 → 2.5 | 1 | 5.0 | 9.0 | 1.80× | 4.5 | 0 |" in text and "| 2 | 5.0 | 9.0 | 1.80× | 4.5 | 1 |" in text
+    with pytest.raises(ReportError, match="no bench/bench_replicas.py record"):
+        render("<!-- generated: replicas bench/results/none-*.json -->\n<!-- /generated -->", tmp_path)

@@ -22,6 +22,7 @@ Block kinds:
     vision-vpt DIR        `experiment vpt`'s table from DIR/results.jsonl
     vision-l2p DIR        `experiment l2p`'s table from DIR/results.jsonl
     prefix-memory GLOB    serving RSS per loaded prefix, one line per mode of each bench/prefix_memory.py record
+    replicas GLOB         one vs two server replicas, one line per round of each bench/bench_replicas.py record
     method-sizes FILE     every method's trainable parameters, artifact values and file size on the real
                           models (scripts/method_sizes.py writes FILE)
 """
@@ -212,6 +213,23 @@ def _prefix_memory_block(root: Path, arg: str, link) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _replicas_block(root: Path, arg: str, link) -> str:
+    paths = sorted(glob.glob(str(root / arg)))
+    if not paths:
+        raise ReportError(f"no bench/bench_replicas.py record matches {arg}")
+    lines = ["| record | load average | round | 1 replica, req/s | 2 replicas, req/s | two / one | "
+             "1 replica on SQLite, req/s | wrong answers |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for p in paths:
+        r = _read_json(p)
+        for i, rnd in enumerate(r["rounds"]):
+            wrong = rnd["one"]["wrong"] + rnd["two"]["wrong"] + (r["sqlite"]["wrong"] if i == 0 else 0)
+            lines.append(f"| [{r['date']}]({link(p)}), {r['commit']}, {r['cpu']} ×{r['cores']}, {r['requests']} requests, "
+                         f"{r['clients']} clients | {r['load_average'][0]:.1f} → {r['load_average'][1]:.1f} | {i + 1} | "
+                         f"{rnd['one']['rps']:.1f} | {rnd['two']['rps']:.1f} | {rnd['two']['rps'] / rnd['one']['rps']:.2f}× | "
+                         f"{r['sqlite']['rps']:.1f} | {wrong} |")
+    return "\n".join(lines) + "\n"
+
+
 def _file_size(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.0f} KiB"
 
@@ -234,7 +252,7 @@ def _method_sizes_block(root: Path, arg: str, link) -> str:
 GENERATORS = {"experiment": _experiment_block, "selection": _selection_block, "bench-ratios": _bench_block,
               "demo-runs": _demo_block, "vision-probe": _vision_probe_block, "vision-vpt": _vision_vpt_block,
               "vision-l2p": _vision_l2p_block, "method-sizes": _method_sizes_block,
-              "prefix-memory": _prefix_memory_block}
+              "prefix-memory": _prefix_memory_block, "replicas": _replicas_block}
 
 
 def render(text: str, root: Path, where: str = "docs/doc.md") -> str:
