@@ -142,7 +142,7 @@ def test_vision_blocks_are_generated_from_their_rows_and_drift_is_caught(tmp_pat
     assert "| 112 px | 0.654 (0.634-0.674) | 0.626 (0.606-0.646) | 0.700 / 0.670 | 246 s (12.2 img/s) |" in text
     assert "(../results/vision-probe/probe.json)" in text
     lora = next(line for line in text.splitlines() if line.startswith("| lora |"))
-    assert "| 0.001 (0.001: 1.1000, 0.01: 1.5000) | 1 | 0.500 | 0.750 |" in lora and "3 MiB" in lora
+    assert "| 0.001 (0.001: 1.1000, 0.01: 1.5000) | 1 | 0.500 | 0.750 |" in lora and "3.0 MiB" in lora
     assert "+0.250 [" in lora and "ahead" in lora  # paired over the same 100 test images
     seq = next(line for line in text.splitlines() if line.startswith("| seq-head |"))
     assert "| 0.03 (0.03: 2.5000) | 1 | 0.300 | 0.250 | 0.400 0.600 |" in seq

@@ -40,7 +40,7 @@ from ..files import atomic_write_bytes
 from .catalogue import Experiment
 from .executor import SELECTION, read_results
 from .figures import draw_dev_curves, draw_figure
-from .tables import partial_choices, report_markdown, selection_markdown, table_markdown
+from .tables import file_size, partial_choices, report_markdown, selection_markdown, table_markdown
 
 BLOCK = re.compile(r"(<!-- generated: (?P<kind>[\w-]+) (?P<arg>[^>]*?) -->\n)(?P<body>.*?)(<!-- /generated -->)",
                    re.DOTALL)
@@ -230,10 +230,6 @@ def _replicas_block(root: Path, arg: str, link) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _file_size(n: int) -> str:
-    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.0f} KiB"
-
-
 def _method_sizes_block(root: Path, arg: str, link) -> str:
     record = _read_json(root / arg)
     lines = ["| model (parameters) | method: configuration | trains (optimizer) | artifact values (saved, served) | file |",
@@ -242,7 +238,7 @@ def _method_sizes_block(root: Path, arg: str, link) -> str:
         def share(n: int) -> str:  # of the base model's parameters
             return f"{n:,} ({100 * n / e['base_params']:.3g}%)"
         lines.append(f"| {e['model']} ({e['base_params']:,}) | `{e['method']}`: {e['configuration']} | "
-                     f"{share(e['trainable'])} | {share(e['artifact_values'])} | {_file_size(e['file_bytes'])} |")
+                     f"{share(e['trainable'])} | {share(e['artifact_values'])} | {file_size(e['file_bytes'])} |")
     versions = record["versions"]
     return "\n".join(lines) + (f"\n\nMeasured {record['date']} (prefixtune {versions['prefixtune']}, transformers "
                                f"{versions['transformers']}): [`{Path(arg).name}`]({link(root / arg)}), written by "

@@ -32,6 +32,11 @@ def group_rows(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict
     return out
 
 
+def file_size(n: int) -> str:
+    """Bytes as KiB below 1 MiB, else MiB with one decimal."""
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.0f} KiB"
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "–"

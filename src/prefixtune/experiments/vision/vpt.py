@@ -28,6 +28,7 @@ from ...train import TrainConfig, train
 from ...vision import evaluate_images
 from ..protocol import grid_around
 from ..stats import mean_std
+from ..tables import file_size
 from .common import (DEFAULT_MODEL, PROTOCOL, balanced_test, machine, paired_accuracy_difference, run_id, select_lr,
                      shared_data_dir)
 
@@ -220,10 +221,6 @@ def vpt_table_body(rows: list[dict], reference: str = VPT_REFERENCE) -> str:
                      f"{per} | {versus} | {chosen[0]['trainable_params']:,} | {file_size(chosen[0]['file_bytes'])} | "
                      f"{mean_std([r['train_seconds'] for r in chosen])[0]:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def file_size(n: int) -> str:
-    return f"{n / 2 ** 20:.0f} MiB" if n >= 2 ** 20 else f"{n / 1024:.0f} KiB"
 
 
 def vpt_figure(rows, path: Path):
