@@ -74,3 +74,41 @@ def test_experiment_dispatches_image_experiments_and_refuses_unknown_arms(tmp_pa
     assert r.exit_code == 2 and "experiment vpt has arms" in r.output and "nonsense" in r.output
     r = CliRunner().invoke(app, ["experiment", "l2p", "--out", str(tmp_path / "y"), "--scale", "huge"])
     assert r.exit_code == 2 and "scales" in r.output
+
+
+def test_image_experiments_dry_run_their_plan_and_refuse_text_only_options(tmp_path, monkeypatch):
+    """--dry-run prints the plan without loading a model or running an arm; --precision reaches the scale;
+    options only the text experiments have are refused by name instead of being ignored."""
+    from prefixtune import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a dry run loaded a model"))
+    out = tmp_path / "x"
+    r = CliRunner().invoke(app, ["experiment", "vpt", "--out", str(out), "--methods", "probe,vpt-deep", "--dry-run",
+                                 "--precision", "bf16"])
+    assert r.exit_code == 0, r.output
+    assert "bf16 autocast" in r.output and "vpt-deep: vpt-deep" in r.output and "lr grid" in r.output
+    assert "lora" not in r.output and not (out / "results.jsonl").exists()
+    r = CliRunner().invoke(app, ["experiment", "l2p", "--out", str(out), "--dry-run"])
+    assert r.exit_code == 0 and "fp32" in r.output and "seq-head" in r.output and "l2p-nomask" in r.output
+    r = CliRunner().invoke(app, ["experiment", "probe", "--out", str(out), "--dry-run"])
+    assert r.exit_code == 0 and "224 px" in r.output
+    for flag, value in (("--sizes", "50"), ("--ray-address", "127.0.0.1:6379"), ("--cpus-per-run", "1")):
+        r = CliRunner().invoke(app, ["experiment", "vpt", "--out", str(out), flag, value])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and flag in r.output, r.output
+
+
+def test_an_image_run_recorded_in_the_other_precision_is_refused_not_mixed(tmp_path):
+    from prefixtune.experiments.catalogue import ExperimentError
+    from prefixtune.experiments.vision.common import read_finished
+
+    row = tmp_path / "probe-lr0.01-s0" / "row.json"
+    assert read_finished(row, bf16=False) is None  # not run yet
+    row.parent.mkdir()
+    row.write_text(json.dumps({"arm": "probe", "lr": 0.01, "seed": 0}))  # before precision was recorded: bf16
+    assert read_finished(row, bf16=True)["arm"] == "probe"
+    with pytest.raises(ExperimentError, match="recorded in bf16, this run asks for fp32"):
+        read_finished(row, bf16=False)
+    row.write_text(json.dumps({"arm": "probe", "lr": 0.01, "seed": 0, "bf16": False}))
+    assert read_finished(row, bf16=False)["bf16"] is False
+    with pytest.raises(ExperimentError, match="--precision fp32"):
+        read_finished(row, bf16=True)

@@ -31,11 +31,19 @@ def experiment(name: str, out: str | Path, *, model: str | None = None, dataset:
 
     out = Path(out)
     if name in VISION_EXPERIMENTS:
+        # options the image experiments have no use for are refused, not ignored (a --dry-run that ran)
+        given = {"--sizes": sizes, "--ray-address": ray_address, "--cpus-per-run": cpus_per_run, "--dataset": dataset,
+                 "--path": path}
+        unused = [flag for flag, value in given.items() if value is not None]
+        if unused:
+            raise ExperimentError(f"experiment {name} runs its arms one by one in this process on CIFAR-10: "
+                                  f"{', '.join(unused)} is for the text experiments")
         # torch: the vision experiments import it; only when one runs (start-up time)
         from .vision import run_vision_experiment
 
         return run_vision_experiment(name, out, model=model, data_dir=data_dir, scale=scale, seeds=seeds,
-                                     arms=methods, print_fn=print_fn)
+                                     arms=methods, bf16=_bf16(precision, print_fn), dry_run=dry_run,
+                                     print_fn=print_fn)
     exp = build(name, scale, model=model, dataset=dataset, data_dir=data_dir, path=path, methods=methods,
                 seeds=seeds, sizes=sizes, bf16=_bf16(precision, print_fn))
     if cpus_per_run is not None and cpus_per_run < 1:

@@ -3,6 +3,7 @@ machine line, the learning-rate choice of the protocol and the paired accuracy i
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..catalogue import ExperimentError
 from ..protocol import Protocol, choose, extend_grid, grid_around
 from ..stats import paired_bootstrap
 
@@ -50,6 +52,20 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def read_finished(row_path: Path, bf16: bool) -> dict | None:
+    """A finished run's row, or None where it has not finished. A run recorded in the other precision is
+    refused rather than mixed into this one's table (rows from before precision was recorded ran in bf16,
+    the image scales' setting then)."""
+    if not row_path.exists():
+        return None
+    row = json.loads(row_path.read_text())
+    if row.get("bf16", True) != bf16:
+        recorded, asked = ("bf16", "fp32") if row.get("bf16", True) else ("fp32", "bf16")
+        raise ExperimentError(f"{row_path.parent}: recorded in {recorded}, this run asks for {asked}; "
+                              f"give --precision {recorded} or another --out")
+    return row
 
 
 def run_id(arm: str, lr: float, seed: int) -> str:

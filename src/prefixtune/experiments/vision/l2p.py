@@ -25,8 +25,8 @@ from ...train import TrainConfig, train
 from ...vision import evaluate_images
 from ..protocol import grid_around
 from ..stats import mean_std
-from .common import (DEFAULT_MODEL, PROTOCOL, balanced_test, machine, paired_accuracy_difference, run_id, select_lr,
-                     shared_data_dir)
+from .common import (DEFAULT_MODEL, PROTOCOL, balanced_test, machine, paired_accuracy_difference, read_finished,
+                     run_id, select_lr, shared_data_dir)
 
 L2P_TASKS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 
@@ -102,8 +102,9 @@ def run_l2p_arm(model, proc, arm: str, lr: float, seed: int, splits: dict, sc: L
     each, then the validation images' loss and accuracy over all classes (the learning-rate choice) and the
     whole test sample's per-image results. Resumable; a finished run (row.json) is read back."""
     run_dir = out / "runs" / run_id(arm, lr, seed)
-    if (run_dir / "row.json").exists():
-        return json.loads((run_dir / "row.json").read_text())
+    finished = read_finished(run_dir / "row.json", sc.bf16)
+    if finished is not None:
+        return finished
     spec = L2P_ARMS[arm]
     torch.manual_seed(seed)
     method = build(model, spec.method, proc, image_size=sc.image_size, **spec.options)
@@ -133,7 +134,7 @@ def run_l2p_arm(model, proc, arm: str, lr: float, seed: int, splits: dict, sc: L
     scores = continual_scores(acc) if spec.sequential else \
         {"average_accuracy": sum(acc[-1]) / len(acc[-1]), "forgetting": None}
     hits = "".join("1" if p == g else "0" for p, g in zip(total["predictions"], total["gold"]))  # per test image
-    row = {"arm": arm, "lr": lr, "seed": seed, **scores, "accuracy_matrix": acc,
+    row = {"arm": arm, "lr": lr, "seed": seed, "bf16": sc.bf16, **scores, "accuracy_matrix": acc,
            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "test_accuracy": total["accuracy"],
            "test_ci95": total["ci95"], "n_test": total["n"], "per_class": total["per_class"], "test_correct": hits,
            "trainable_params": method.num_trainable(), "image_size": sc.image_size, "per_class_train": sc.per_class,
@@ -142,13 +143,31 @@ def run_l2p_arm(model, proc, arm: str, lr: float, seed: int, splits: dict, sc: L
     return json.loads((run_dir / "row.json").read_text())
 
 
-def run_l2p_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
-                       seeds=None, print_fn=print, model_and_processor=None) -> dict:
-    """Each arm's learning rate chosen on the validation images' loss after the last task (seed 0, the
-    protocol's grid), then every seed at that rate; rows in OUT/results.jsonl, OUT/table.md."""
+def l2p_scale(scale: str, seeds=None, bf16: bool | None = None) -> L2PScale:
     sc = L2P_SCALES[scale]
-    if seeds is not None:
-        sc = L2PScale(**{**asdict(sc), "seeds": tuple(seeds)})
+    return L2PScale(**{**asdict(sc), **({"seeds": tuple(seeds)} if seeds is not None else {}),
+                       **({"bf16": bf16} if bf16 is not None else {})})
+
+
+def l2p_plan(scale: str = "quick", arms=None, seeds=None, bf16: bool | None = None) -> list[str]:
+    """What `run_l2p_experiment` would run (--dry-run): the scale, then each arm's first grid."""
+    sc = l2p_scale(scale, seeds, bf16)
+    lines = [f"scale {scale}: {len(L2P_TASKS)} tasks, {sc.per_class} training images per class, {sc.epochs} epochs "
+             f"per task of batch {sc.batch_size}, {sc.image_size} px, seeds {list(sc.seeds)}, "
+             f"{'bf16 autocast' if sc.bf16 else 'fp32'}, {sc.test_per_class} test images per class"]
+    for name in arms or L2P_ARMS:
+        arm = L2P_ARMS[name]
+        lines.append(f"{name}: {arm.method} {arm.options}, {'sequential' if arm.sequential else 'joint'}; lr grid "
+                     + ", ".join(f"{x:g}" for x in arm.grid) + f" (seed {sc.seeds[0]}), then seeds {list(sc.seeds[1:])}")
+    return lines
+
+
+def run_l2p_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
+                       seeds=None, bf16: bool | None = None, print_fn=print, model_and_processor=None) -> dict:
+    """Each arm's learning rate chosen on the validation images' loss after the last task (seed 0, the
+    protocol's grid), then every seed at that rate; rows in OUT/results.jsonl, OUT/table.md. `seeds`, `bf16`
+    (autocast for the frozen encoder) replace the scale's."""
+    sc = l2p_scale(scale, seeds, bf16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, proc = model_and_processor or models.load_model(model_name)

@@ -18,6 +18,7 @@ from ... import models
 from ...data import load_dataset
 from ...files import atomic_write_bytes
 from ...vision import wilson_interval
+from ..catalogue import ExperimentError
 from .common import DEFAULT_MODEL, balanced_test, machine, shared_data_dir
 
 @torch.no_grad()
@@ -80,7 +81,17 @@ def probe_scores(feats: dict, labels: dict, classes: int) -> dict:
     return out
 
 
-def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, sizes=(224, 112), n_test: int = 2000,
+PROBE_SIZES = (224, 112)
+
+
+def probe_plan(scale: str = "quick", arms=None, seeds=None, bf16: bool | None = None) -> list[str]:
+    """What `run_probe_experiment` would run (--dry-run); it has no arms, scales or seeds."""
+    return [f"linear probes ([CLS] and mean of patches) at {', '.join(f'{s} px' for s in PROBE_SIZES)}, "
+            f"{'bf16 autocast' if bf16 else 'fp32'} features, L2 chosen on val from {list(WEIGHT_DECAYS)}, "
+            "2000 test images"]
+
+
+def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, sizes=PROBE_SIZES, n_test: int = 2000,
                          seed: int = 0, bf16: bool = False, print_fn=print) -> dict:
     """Linear probes (CLS and mean-pooled patches) on frozen features at each image size."""
     out = Path(out)
@@ -97,6 +108,9 @@ def run_probe_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, si
     path = out / "probe.json"
     if path.exists():
         results = json.loads(path.read_text())
+        if results.get("bf16", bf16) != bf16:  # sizes done in the other precision are not mixed in
+            raise ExperimentError(f"{path}: recorded with bf16={results['bf16']}, this run asks bf16={bf16}; "
+                                  f"give the same --precision or another --out")
     for size in sizes:
         if str(size) in results["sizes"]:
             print_fn(f"{size} px: done before, kept")

@@ -29,8 +29,8 @@ from ...vision import evaluate_images
 from ..protocol import grid_around
 from ..stats import mean_std
 from ..tables import file_size
-from .common import (DEFAULT_MODEL, PROTOCOL, balanced_test, machine, paired_accuracy_difference, run_id, select_lr,
-                     shared_data_dir)
+from .common import (DEFAULT_MODEL, PROTOCOL, balanced_test, machine, paired_accuracy_difference, read_finished,
+                     run_id, select_lr, shared_data_dir)
 
 VPT_REFERENCE = "vpt-deep"  # the arm every other arm's test accuracy is compared with (paired)
 
@@ -80,8 +80,9 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
     run (row.json) is read back, not redone."""
     run_dir = out / "runs" / run_id(arm_name, lr, seed)
     done = run_dir / "row.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    finished = read_finished(done, scale.bf16)
+    if finished is not None:
+        return finished
     torch.manual_seed(seed)
     method = build(model, arm.method, proc, image_size=scale.image_size, **arm.options)
     cfg = TrainConfig(lr=lr, epochs=scale.epochs, batch_size=scale.batch_size, seed=seed, bf16=scale.bf16,
@@ -97,7 +98,7 @@ def train_arm(model, proc, arm_name: str, arm: Arm, lr: float, seed: int, splits
     finally:
         method.detach()
     artifact = Path(res["artifact_path"])
-    row = {"arm": arm_name, "method": arm.method, "options": arm.options, "lr": lr, "seed": seed,
+    row = {"arm": arm_name, "method": arm.method, "options": arm.options, "lr": lr, "seed": seed, "bf16": scale.bf16,
            "image_size": scale.image_size, "epochs": scale.epochs, "steps": res["steps"],
            "trainable_params": res["trainable_params"], "file_bytes": artifact.stat().st_size,
            "best_dev_loss": res["best_dev_loss"], "val_accuracy": val["accuracy"],
@@ -153,12 +154,29 @@ def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
             "test": balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, n_test)}
 
 
-def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
-                       seeds=None, print_fn=print, model_and_processor=None) -> dict:
-    """lr per arm chosen on val (seed 0), then every seed at that lr; rows in OUT/results.jsonl, table.md, vpt.png."""
+def vpt_scale(scale: str, seeds=None, bf16: bool | None = None) -> VisionScale:
     sc = VISION_SCALES[scale]
-    if seeds is not None:
-        sc = VisionScale(**{**asdict(sc), "seeds": tuple(seeds)})
+    return VisionScale(**{**asdict(sc), **({"seeds": tuple(seeds)} if seeds is not None else {}),
+                          **({"bf16": bf16} if bf16 is not None else {})})
+
+
+def vpt_plan(scale: str = "quick", arms=None, seeds=None, bf16: bool | None = None) -> list[str]:
+    """What `run_vpt_experiment` would run (--dry-run): the scale, then each arm's first grid."""
+    sc = vpt_scale(scale, seeds, bf16)
+    lines = [f"scale {scale}: {sc.image_size} px, {sc.epochs} epochs of batch {sc.batch_size}, seeds "
+             f"{list(sc.seeds)}, {'bf16 autocast' if sc.bf16 else 'fp32'}, {sc.n_test} test images"]
+    for name in arms or DEFAULT_VPT_ARMS:
+        arm = VPT_ARMS[name]
+        lines.append(f"{name}: {arm.method} {arm.options}; lr grid " + ", ".join(f"{x:g}" for x in arm.grid)
+                     + f" (seed {sc.seeds[0]}, grown past a winning edge), then seeds {list(sc.seeds[1:])}")
+    return lines
+
+
+def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scale: str = "quick", arms=None,
+                       seeds=None, bf16: bool | None = None, print_fn=print, model_and_processor=None) -> dict:
+    """lr per arm chosen on val (seed 0), then every seed at that lr; rows in OUT/results.jsonl, table.md, vpt.png.
+    `seeds`, `bf16` (autocast for the frozen encoder) replace the scale's."""
+    sc = vpt_scale(scale, seeds, bf16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     splits = vision_splits(data_dir, sc.n_test)    # the VTAB-1k split is fixed (seed 0); seeds vary training
