@@ -33,11 +33,12 @@ class ExperimentConfig:
                 "at least 1.10x faster)."})
     seeds: tuple[int, ...] | None = field(default=None, metadata={"help": "Seeds instead of the scale's (e.g. 0)."})
     sizes: tuple[int, ...] | None = field(default=None, metadata={
-        "help": "Training sizes instead of the scale's (low-data, init)."})
-    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local Ray instance)."})
+        "help": "Training sizes instead of the scale's (text experiments: low-data, init)."})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster address (default: a local Ray instance; text experiments only)."})
     cpus_per_run: int | None = field(default=None, metadata={
         "help": "CPUs (and torch threads) per run; runs share the machine's CPUs (default: a local run takes them "
-                "all, one run at a time). On a busy machine 1 can be several times faster per run."})
+                "all, one run at a time; text experiments only). On a busy machine 1 can be several times faster per run."})
 
     def __post_init__(self):
         c = type(self).__name__
