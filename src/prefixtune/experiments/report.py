@@ -184,12 +184,14 @@ def _vision_probe_block(root: Path, arg: str, link) -> str:
 
 
 def _vision_vpt_block(root: Path, arg: str, link) -> str:
+    # the image experiments import torch: only where a doc asks for their table (start-up time)
     from .vision.vpt import vpt_table_body
 
     return vpt_table_body(_vision_rows(root, arg))
 
 
 def _vision_l2p_block(root: Path, arg: str, link) -> str:
+    # the image experiments import torch: only where a doc asks for their table (start-up time)
     from .vision.l2p import l2p_table_body
 
     return l2p_table_body(_vision_rows(root, arg))
