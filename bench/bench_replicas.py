@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import common  # noqa: E402
 import prefixtune as pt  # noqa: E402
+from prefixtune.precision import device_model  # noqa: E402
 from prefixtune.prefix import MergedPrefix  # noqa: E402
 from prefixtune.serve import PrefixStore  # noqa: E402
 from prefixtune.serve.testing_pg import Replica, ThrowawayPostgres  # noqa: E402
@@ -112,12 +113,12 @@ def main() -> None:
             row = db.execute("SELECT * FROM api_keys").fetchone()
         with stores["sqlite"]._write() as db:
             db.execute("INSERT INTO api_keys VALUES (?,?,?)", (row["key_hash"], row["owner"], row["created"]))
-        common = ["--model", model_arg, "--torch-threads", "1", "--max-queue", "1024"]
-        pg_args = common + ["--store", url, "--files-dir", files]
+        serve_args = ["--model", model_arg, "--torch-threads", "1", "--max-queue", "1024"]
+        pg_args = serve_args + ["--store", url, "--files-dir", files]
         expected: dict = {}
         results = {}
         reps = [Replica(pg_args, log_path=tmp / f"r{i}.log") for i in range(2)]
-        sq = Replica(common + ["--store", tmp / "p.db"], log_path=tmp / "sqlite.log")
+        sq = Replica(serve_args + ["--store", tmp / "p.db"], log_path=tmp / "sqlite.log")
         try:
             for r in reps + [sq]:
                 r.start()
@@ -148,10 +149,8 @@ def main() -> None:
         print(f"round {i + 1}: two / one replica = {two['rps'] / one['rps']:.2f}x")
     from prefixtune.files import atomic_write_bytes
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "cpu": cpu,
+    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": common.commit(),
+              "cpu": device_model("cpu"),
               "cores": os.cpu_count(), "model": args.model, "requests": args.requests, "clients": args.clients,
               "max_tokens": args.max_tokens, "load_average": [round(before[0], 2), round(after[0], 2)],
               "rounds": rounds, "sqlite": results["1 replica (SQLite store)"]}

@@ -269,6 +269,17 @@ def versions() -> dict:
     return out
 
 
+def commit() -> str | None:
+    """The checkout's short commit, recorded with a result (None outside a git checkout)."""
+    import subprocess  # only the records that name their commit need it
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine(device: str = "cpu") -> dict:
     """Date, CPU, cores, versions, load average; the device, and its model on a GPU."""
     out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

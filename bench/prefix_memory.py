@@ -26,8 +26,10 @@ from pathlib import Path
 import httpx
 import torch
 
+import common
 import prefixtune as pt
 from prefixtune.files import atomic_write_bytes
+from prefixtune.precision import device_model
 from prefixtune.prefix import MergedPrefix
 from prefixtune.serve import PrefixStore
 
@@ -57,8 +59,8 @@ def main() -> None:
         path.unlink()
     del model
     runs = [dict(serve(args, tmp, key, concurrent=mode == "concurrent"), mode=mode) for mode in modes]
-    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
-              "cpu": cpu_model(), "cores": os.cpu_count(), "model": "smollm2-135m", "prefixes": args.prefixes,
+    record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": common.commit(),
+              "cpu": device_model("cpu"), "cores": os.cpu_count(), "model": "smollm2-135m", "prefixes": args.prefixes,
               "length": args.length, "file_bytes": size, "serve_args": args.serve_args, "runs": runs}
     for r in runs:
         print(f"{r['mode']}: file {size / 1e6:.1f} MB x {args.prefixes}: RSS {r['base_rss'] / 1e6:.0f} MB -> "
@@ -68,21 +70,6 @@ def main() -> None:
     path = args.out / f"prefix-memory-{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}.json"
     atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
     print(f"wrote {path}")
-
-
-def commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def serve(args, tmp: Path, key: str, concurrent: bool) -> dict:

@@ -167,18 +167,24 @@ def _read_json(path) -> dict:
 
 
 def _vision_rows(root: Path, arg: str) -> list[dict]:
-    path = root / arg / "results.jsonl"
-    if not path.exists():
-        raise ReportError(f"{path} not found: run `prefixtune experiment ... --out {arg}` first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_results(root / arg)
+    if not rows:
+        raise ReportError(f"{root / arg / 'results.jsonl'} not found: run `prefixtune experiment ... --out {arg}` first")
+    return rows
+
+
+def _records(root: Path, arg: str, what: str) -> list[str]:
+    """The files matching the block's glob, in name (date) order; at least one."""
+    paths = sorted(glob.glob(str(root / arg)))
+    if not paths:
+        raise ReportError(f"no {what} matches {arg}")
+    return paths
 
 
 def _vision_probe_block(root: Path, arg: str, link) -> str:
     from .vision.probe import probe_table  # the image experiments import torch: only where a doc asks for them
 
-    paths = sorted(glob.glob(str(root / arg)))
-    if not paths:
-        raise ReportError(f"no probe.json matches {arg}")
+    paths = _records(root, arg, "probe.json")
     return probe_table([_read_json(p) for p in paths]) + "\nData: " + ", ".join(
         f"[`{Path(p).parent.name}/{Path(p).name}`]({link(p)})" for p in paths) + ".\n"
 
@@ -198,9 +204,7 @@ def _vision_l2p_block(root: Path, arg: str, link) -> str:
 
 
 def _prefix_memory_block(root: Path, arg: str, link) -> str:
-    paths = sorted(glob.glob(str(root / arg)))
-    if not paths:
-        raise ReportError(f"no bench/prefix_memory.py record matches {arg}")
+    paths = _records(root, arg, "bench/prefix_memory.py record")
     lines = ["| record | requests | prefixes kept (cache) | RSS growth | per kept prefix | peak during the requests |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for p in paths:
@@ -216,9 +220,7 @@ def _prefix_memory_block(root: Path, arg: str, link) -> str:
 
 
 def _replicas_block(root: Path, arg: str, link) -> str:
-    paths = sorted(glob.glob(str(root / arg)))
-    if not paths:
-        raise ReportError(f"no bench/bench_replicas.py record matches {arg}")
+    paths = _records(root, arg, "bench/bench_replicas.py record")
     lines = ["| record | load average | round | 1 replica, req/s | 2 replicas, req/s | two / one | "
              "1 replica on SQLite, req/s | wrong answers |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in paths:

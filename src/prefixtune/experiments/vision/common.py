@@ -3,6 +3,7 @@ machine line, the learning-rate choice of the protocol and the paired accuracy i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -66,6 +67,12 @@ def read_finished(row_path: Path, bf16: bool) -> dict | None:
         raise ExperimentError(f"{row_path.parent}: recorded in {recorded}, this run asks for {asked}; "
                               f"give --precision {recorded} or another --out")
     return row
+
+
+def scale_with(sc, seeds=None, bf16: bool | None = None):
+    """A scale dataclass with the command line's seeds and precision in place of its own (None: keep)."""
+    return dataclasses.replace(sc, **({"seeds": tuple(seeds)} if seeds is not None else {}),
+                               **({"bf16": bf16} if bf16 is not None else {}))
 
 
 def run_id(arm: str, lr: float, seed: int) -> str:

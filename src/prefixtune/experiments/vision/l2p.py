@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,11 @@ from ...files import atomic_write_bytes
 from ...methods import build
 from ...train import TrainConfig, train
 from ...vision import evaluate_images
+from ..executor import write_results
 from ..protocol import grid_around
 from ..stats import mean_std
 from .common import (DEFAULT_MODEL, PROTOCOL, balanced_test, machine, paired_accuracy_difference, read_finished,
-                     run_id, select_lr, shared_data_dir)
+                     run_id, scale_with, select_lr, shared_data_dir)
 
 L2P_TASKS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 
@@ -143,15 +144,9 @@ def run_l2p_arm(model, proc, arm: str, lr: float, seed: int, splits: dict, sc: L
     return json.loads((run_dir / "row.json").read_text())
 
 
-def l2p_scale(scale: str, seeds=None, bf16: bool | None = None) -> L2PScale:
-    sc = L2P_SCALES[scale]
-    return L2PScale(**{**asdict(sc), **({"seeds": tuple(seeds)} if seeds is not None else {}),
-                       **({"bf16": bf16} if bf16 is not None else {})})
-
-
 def l2p_plan(scale: str = "quick", arms=None, seeds=None, bf16: bool | None = None) -> list[str]:
     """What `run_l2p_experiment` would run (--dry-run): the scale, then each arm's first grid."""
-    sc = l2p_scale(scale, seeds, bf16)
+    sc = scale_with(L2P_SCALES[scale], seeds, bf16)
     lines = [f"scale {scale}: {len(L2P_TASKS)} tasks, {sc.per_class} training images per class, {sc.epochs} epochs "
              f"per task of batch {sc.batch_size}, {sc.image_size} px, seeds {list(sc.seeds)}, "
              f"{'bf16 autocast' if sc.bf16 else 'fp32'}, {sc.test_per_class} test images per class"]
@@ -167,7 +162,7 @@ def run_l2p_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scal
     """Each arm's learning rate chosen on the validation images' loss after the last task (seed 0, the
     protocol's grid), then every seed at that rate; rows in OUT/results.jsonl, OUT/table.md. `seeds`, `bf16`
     (autocast for the frozen encoder) replace the scale's."""
-    sc = l2p_scale(scale, seeds, bf16)
+    sc = scale_with(L2P_SCALES[scale], seeds, bf16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, proc = model_and_processor or models.load_model(model_name)
@@ -189,7 +184,7 @@ def run_l2p_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scal
         for seed in sc.seeds[1:]:
             row = run_l2p_arm(model, proc, name, chosen[name], seed, split(seed), sc, out, print_fn=print_fn)
             rows.append(dict(row, chosen=True))
-        atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        write_results(out, rows)
     table = l2p_table(rows, sc, model_name)
     atomic_write_bytes(out / "table.md", table.encode())
     return {"rows": rows, "table": table, "chosen": chosen}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,11 +26,12 @@ from ...methods import build, get_method, load_artifact
 from ...plots import save_png
 from ...train import TrainConfig, train
 from ...vision import evaluate_images
+from ..executor import write_results
 from ..protocol import grid_around
 from ..stats import mean_std
 from ..tables import file_size
 from .common import (DEFAULT_MODEL, PROTOCOL, balanced_test, machine, paired_accuracy_difference, read_finished,
-                     run_id, select_lr, shared_data_dir)
+                     run_id, scale_with, select_lr, shared_data_dir)
 
 VPT_REFERENCE = "vpt-deep"  # the arm every other arm's test accuracy is compared with (paired)
 
@@ -154,15 +155,9 @@ def vision_splits(data_dir, n_test: int, seed: int = 0) -> dict:
             "test": balanced_test(load_dataset("cifar10", "test", data_dir=data_dir).examples, n_test)}
 
 
-def vpt_scale(scale: str, seeds=None, bf16: bool | None = None) -> VisionScale:
-    sc = VISION_SCALES[scale]
-    return VisionScale(**{**asdict(sc), **({"seeds": tuple(seeds)} if seeds is not None else {}),
-                          **({"bf16": bf16} if bf16 is not None else {})})
-
-
 def vpt_plan(scale: str = "quick", arms=None, seeds=None, bf16: bool | None = None) -> list[str]:
     """What `run_vpt_experiment` would run (--dry-run): the scale, then each arm's first grid."""
-    sc = vpt_scale(scale, seeds, bf16)
+    sc = scale_with(VISION_SCALES[scale], seeds, bf16)
     lines = [f"scale {scale}: {sc.image_size} px, {sc.epochs} epochs of batch {sc.batch_size}, seeds "
              f"{list(sc.seeds)}, {'bf16 autocast' if sc.bf16 else 'fp32'}, {sc.n_test} test images"]
     for name in arms or DEFAULT_VPT_ARMS:
@@ -176,7 +171,7 @@ def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scal
                        seeds=None, bf16: bool | None = None, print_fn=print, model_and_processor=None) -> dict:
     """lr per arm chosen on val (seed 0), then every seed at that lr; rows in OUT/results.jsonl, table.md, vpt.png.
     `seeds`, `bf16` (autocast for the frozen encoder) replace the scale's."""
-    sc = vpt_scale(scale, seeds, bf16)
+    sc = scale_with(VISION_SCALES[scale], seeds, bf16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     splits = vision_splits(data_dir, sc.n_test)    # the VTAB-1k split is fixed (seed 0); seeds vary training
@@ -194,7 +189,7 @@ def run_vpt_experiment(out, data_dir=None, model_name: str = DEFAULT_MODEL, scal
             row = train_arm(model, proc, name, arm, best["lr"], seed, splits, sc, out, print_fn)
             rows.append(dict(test_arm(model, proc, row, splits, sc, out), chosen=True))
             print_fn(f"{name} seed {seed}: test {rows[-1]['test_accuracy']:.3f}")
-        atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        write_results(out, rows)
     table = vpt_table(rows, sc, model_name)
     atomic_write_bytes(out / "table.md", table.encode())
     figure = vpt_figure(rows, out / "vpt.png")
