@@ -154,3 +154,107 @@ def test_bf16_needs_a_margin_so_noise_cannot_flip_the_choice(tmp_path, monkeypat
     assert p.bf16 is want
     if not want:
         assert "only" in p.reason and f"{P.BF16_MARGIN:.2f}x" in p.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the workload is too close to call, a training run times its own step
+
+
+@pytest.mark.parametrize("fp32_s,bf16_s,settled", [(1.0, 0.4, True), (1.0, 2.5, True), (1.28, 1.0, False),
+                                                    (0.98, 1.0, False), (1.0, 1.9, False)])
+def test_the_workload_settles_only_clear_answers(tmp_path, monkeypatch, fp32_s, bf16_s, settled):
+    monkeypatch.setattr(P, "available_cores", lambda: 1)
+    p = P.choose("auto", device="cpu", cache=tmp_path, timer=fake_timer(fp32_s, bf16_s, []))
+    assert p.settled is settled and ("times its own step" in p.reason) is not settled
+    again = P.choose("auto", device="cpu", cache=tmp_path, timer=fake_timer(1.0, 1.0, []))  # cached, flag and all
+    assert again.settled is settled and again.bf16 is p.bf16
+
+
+def test_cache_entries_without_the_flag_are_judged_by_their_times(tmp_path):
+    key = P.machine_key("cpu")
+    entry = {"bf16": True, "threads": 1, "reason": "bf16: old", "times_s": {"fp32@1": 1.28, "bf16@1": 1.0}}
+    (tmp_path / P.CACHE_FILE).write_text(json.dumps({key: entry}))
+    assert P.choose("auto", device="cpu", cache=tmp_path).settled is False
+    entry["times_s"] = {"fp32@1": 20.0, "bf16@1": 1.0}
+    (tmp_path / P.CACHE_FILE).write_text(json.dumps({key: entry}))
+    assert P.choose("auto", device="cpu", cache=tmp_path).settled is True
+
+
+@pytest.mark.parametrize("fp32_s,bf16_s,want", [(1.34, 1.0, True), (1.05, 1.0, False), (1.0, 1.8, False)])
+def test_choose_on_step_times_both_interleaved_and_caches_per_model(tmp_path, fp32_s, bf16_s, want):
+    order: list[bool] = []
+
+    def time_step(bf16: bool) -> float:
+        order.append(bf16)
+        return bf16_s if bf16 else fp32_s
+
+    p = P.choose_on_step(time_step, "smollm2-135m", threads=2, device="cpu", cache=tmp_path, reps=3)
+    assert p.bf16 is want and p.settled and p.threads == 2
+    assert "training step of smollm2-135m" in p.reason and f"fp32 {fp32_s:.3f} s" in p.reason
+    assert order == [False, True, False, True, True, False, False, True]  # warm-up, then alternating first
+    # the next run of that model on this machine reads the answer; another model does not
+    cached = P.choose("auto", device="cpu", cache=tmp_path, workload="smollm2-135m", timer=fake_timer(1.0, 9.0, []))
+    assert cached.bf16 is want and cached.settled and "cached in" in cached.reason
+    other = P.choose("auto", device="cpu", cache=tmp_path, workload="gpt2", timer=fake_timer(1.0, 9.0, []))
+    assert other.bf16 is False and "step-shaped workload" in other.reason
+
+
+def test_step_timer_leaves_no_gradient_and_no_trace_in_the_random_state():
+    from conftest import reversal_pairs, tiny, tiny_tokenizer
+
+    import prefixtune as pt
+    from prefixtune.train import TrainConfig, step_timer
+
+    model, tok = tiny("llama"), tiny_tokenizer("llama")
+    m = pt.build(model, "lora", tok, rank=2, dropout=0.5)  # dropout: a step draws random numbers
+    m.eval()
+    time_step = step_timer(m, tok, reversal_pairs(8), TrainConfig(batch_size=4))
+    state = torch.random.get_rng_state()
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    assert 0 < time_step(False) < 60 and 0 < time_step(True) < 60
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.grad is None for p in m.trainable().values()) and not m.training
+    assert all(p.dtype == torch.float32 and torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_a_run_that_timed_its_step_trains_exactly_like_one_told_the_answer(tmp_path, monkeypatch):
+    from conftest import reversal_pairs, tiny, tiny_tokenizer
+
+    from prefixtune.experiments import run as run_module
+    from prefixtune.experiments.run import DataPlan, run_training
+    from prefixtune.recipes import configs_for
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = P.cache_dir()
+    cache.mkdir(parents=True)
+    unsettled = {"bf16": False, "threads": 1, "reason": "fp32: too close", "settled": False}
+    (cache / P.CACHE_FILE).write_text(json.dumps({P.machine_key("cpu"): unsettled}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": p.source, "target": p.target}) + "\n" for p in reversal_pairs(40)))
+    plan = DataPlan("jsonl", path=str(data), train_split="all", eval_split="all", train_size=24, dev_sources=4)
+    method_cfg, train_cfg = configs_for("jsonl", "lora", rank=2, dropout=0.3, lr=1e-2, max_steps=3, batch_size=4,
+                                        log_every=100)
+    before = torch.get_num_threads()
+
+    def run(out, precision):
+        lines: list[str] = []
+        result = run_training("tiny-llama", plan, method_cfg, train_cfg, tmp_path / out, precision=precision,
+                              print_fn=lines.append, model_and_tokenizer=(tiny("llama"), tiny_tokenizer("llama")))
+        return result, [line for line in lines if line.startswith("precision")]
+
+    try:
+        timed, said = run("auto", "auto")
+        assert len(said) == 2 and "training step of tiny-llama" in said[1]
+        chosen = timed["train_config"].bf16
+        told, _ = run("told", "bf16" if chosen else "fp32")
+        assert timed["steps"] == told["steps"] == 3
+        a, b = timed["artifact"].tensors, told["artifact"].tensors
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+        def no_timing(*args, **kwargs):
+            raise AssertionError("the step's answer is cached: no second timing")
+        monkeypatch.setattr(run_module, "choose_on_step", no_timing)
+        again, said = run("again", "auto")
+        assert again["train_config"].bf16 is chosen and "cached in" in said[0]
+    finally:
+        torch.set_num_threads(before)

@@ -116,8 +116,9 @@ def train(
     model: str = typer.Option("smollm2-135m", help="Short name, local folder or Hub id of the frozen base model."),
     out: Path = typer.Option(..., help="Output folder: METHOD.safetensors, checkpoint.safetensors, log.jsonl, run.json."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.safetensors (same settings only)."),
-    precision: str = typer.Option("auto", help="auto (fp32 or bf16, whichever a step-shaped workload runs faster "
-                                  "on this machine: measured once, cached), fp32 or bf16. --bf16/--no-bf16 wins."),
+    precision: str = typer.Option("auto", help="auto (fp32 or bf16, whichever runs faster on this machine: a "
+                                  "step-shaped workload, and where it is within 2x the run's own training step; "
+                                  "measured once, cached), fp32 or bf16. --bf16/--no-bf16 wins."),
     **settings,
 ):
     """Train any method (prefix, infix, prompt, ptuning, ... see `prefixtune methods`) on a frozen LM.

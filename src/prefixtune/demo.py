@@ -20,7 +20,7 @@ from .decode import DecodeConfig
 from .experiments.executor import machine, package_versions
 from .experiments.run import evaluate, run_training
 from .files import atomic_write_bytes
-from .precision import resolve_bf16
+from .precision import ENV_VAR
 from .train import TrainConfig
 
 INSTRUCTION = ("Write one fluent English sentence that describes this restaurant, using every attribute "
@@ -46,13 +46,11 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
              + (f", time budget {minutes:g} min" if minutes else ""))
     if data_dir is None and Path(SHARED_DATA, "e2e").exists():
         data_dir = SHARED_DATA
-    bf16 = resolve_bf16(precision, print_fn=print_fn)  # a CPU flag is not a measurement: bf16 can be 2-20x slower
     phases: dict[str, float] = {}  # where the time goes on this CPU kind (recorded in demo.json)
 
     def lap(name: str) -> None:
         phases[name] = time.time() - started - sum(phases.values())
 
-    lap("precision")  # the bf16/fp32 probe (cached after a machine's first run)
     model, tok = models.load_model(model_name)  # looked up on the module: tests patch it there
     lap("load_model")
     plan = DataPlan("e2e", data_dir=data_dir, train_split="dev", eval_split="dev", train_size=train_size, seed=seed,
@@ -71,11 +69,13 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
     prefix_cfg = PrefixConfig(**DEMO_PREFIX)
     train_cfg = TrainConfig(lr=2e-3, epochs=20, batch_size=5, warmup_steps=5, max_steps=steps,
                             time_budget_s=minutes * 60 if minutes else None,
-                            eval_every=20, patience=3, checkpoint_every=20, dev_max_examples=30, seed=seed, log_every=10,
-                            bf16=bf16)
+                            eval_every=20, patience=3, checkpoint_every=20, dev_max_examples=30, seed=seed, log_every=10)
     resume = (out / "checkpoint.safetensors").exists()
+    # a CPU flag is not a measurement: bf16 can be 2-20x slower; run_training measures (cached per machine)
     run = run_training(model_name, plan, prefix_cfg, train_cfg, out, resume=resume, print_fn=print_fn,
-                       model_and_tokenizer=(model, tok))
+                       model_and_tokenizer=(model, tok),
+                       precision=precision if precision is not None else os.environ.get(ENV_VAR, "auto"))
+    bf16 = run["train_config"].bf16
     items = run["eval_items"]
     lap("train")  # data, training steps, dev losses, checkpoints
 

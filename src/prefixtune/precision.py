@@ -6,7 +6,10 @@ step-shaped workload (transformer-layer matmuls, forward + backward to the activ
 prefix training) is timed in fp32 and in bf16 autocast, at a few thread counts, interleaved, best
 of a few repetitions. The faster wins. The answer is cached per machine in
 `~/.cache/prefixtune/precision.json`, keyed by CPU (or GPU) model, usable core count and torch
-version, so the timing (a few seconds; ~10 s where bf16 is emulated) runs once. The reason line
+version, so the timing (a few seconds; ~10 s where bf16 is emulated) runs once. Where the workload's two
+times are within 2x of each other it does not settle the choice: a training run then times its own
+step in both precisions (`choose_on_step`, called by `experiments.run_training`) and caches that
+answer under the machine and the model. The reason line
 records the load average at measurement time: on a machine shared with other jobs, fewer threads
 can win (measured here: 1 thread 6x faster than 2 at load average 18); delete the file to measure
 again.
@@ -38,6 +41,11 @@ OPTIONS = ("auto", "fp32", "bf16")
 # measured fp32/bf16 = 1.28 and then 0.98, so a bare "faster wins" let noise pick the precision of a
 # whole run (issue 20); fp32, the exact reference, keeps anything closer.
 BF16_MARGIN = 1.10
+# The step-shaped workload settles the choice only when one precision is at least this much faster; closer
+# than that, a training run times its own step (`choose_on_step`). The workload is a proxy: on a Xeon without
+# AMX it said bf16 2.33x slower where the real SmolLM2 step was 1.8x slower, and on an AMX Xeon two probes read
+# fp32/bf16 1.28 and 0.98 where the real step was 1.34x faster in bf16 (issue 20).
+SETTLED_BY_WORKLOAD = 2.0
 ENV_VAR = "PREFIXTUNE_PRECISION"
 CACHE_FILE = "precision.json"
 
@@ -47,6 +55,7 @@ class Precision:
     bf16: bool
     threads: int
     reason: str
+    settled: bool = True  # False: the workload was too close to call; a training run times its own step
 
     @property
     def name(self) -> str:
@@ -172,23 +181,44 @@ def measure(device: str = "cpu", reps: int = 3, timer: Callable[..., float] = ti
     return times
 
 
-def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str]:
+def _verdict(fp32_s: float, bf16_s: float) -> tuple[bool, str, float]:
+    """bf16 only where it is `BF16_MARGIN` faster; the verdict in words; the ratio of the two times (>= 1)."""
+    bf16 = fp32_s >= BF16_MARGIN * bf16_s
+    ratio = max(fp32_s, bf16_s) / min(fp32_s, bf16_s)
+    if bf16:
+        return bf16, f"fp32 measured {ratio:.2f}x slower", ratio
+    if bf16_s < fp32_s:  # faster, but within the margin: noise could have made it so
+        return bf16, f"bf16 autocast measured only {ratio:.2f}x faster (it needs {BF16_MARGIN:.2f}x)", ratio
+    return bf16, f"bf16 autocast measured {ratio:.2f}x slower", ratio
+
+
+def _conditions(device: str, threads: int) -> str:
+    """Thread count and load average: other users' work skews timings, fewer threads can win under load."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    thread_note = "" if device.startswith("cuda") else f", {threads} thread{'s' * (threads > 1)}"
+    return f"{thread_note}; load average {load:.1f}"
+
+
+def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str, bool]:
     at = next(k for k in times if k.startswith("bf16@")).split("@")[1]
     fp32, bf16 = times[f"fp32@{at}"], times[f"bf16@{at}"]
     threads = int(at) or torch.get_num_threads()
-    name = "bf16" if fp32 >= BF16_MARGIN * bf16 else "fp32"
-    ratio = max(fp32, bf16) / min(fp32, bf16)
-    if name == "bf16":
-        verdict = f"fp32 measured {ratio:.2f}x slower"
-    elif bf16 < fp32:  # faster, but within the margin: noise could have made it so
-        verdict = f"bf16 autocast measured only {ratio:.2f}x faster (it needs {BF16_MARGIN:.2f}x)"
-    else:
-        verdict = f"bf16 autocast measured {ratio:.2f}x slower"
-    thread_note = "" if device.startswith("cuda") else f", {threads} thread{'s' * (threads > 1)}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other users' work skews timings
-    reason = (f"{name}: {verdict} on {device_model(device)} (step-shaped workload: fp32 "
-              f"{fp32 * 1e3:.0f} ms, bf16 {bf16 * 1e3:.0f} ms{thread_note}; load average {load:.1f})")
-    return name == "bf16", threads, reason
+    chosen, verdict, ratio = _verdict(fp32, bf16)
+    settled = ratio >= SETTLED_BY_WORKLOAD
+    reason = (f"{'bf16' if chosen else 'fp32'}: {verdict} on {device_model(device)} (step-shaped workload: fp32 "
+              f"{fp32 * 1e3:.0f} ms, bf16 {bf16 * 1e3:.0f} ms{_conditions(device, threads)})"
+              + ("" if settled else f"; within {SETTLED_BY_WORKLOAD:g}x, so a training run times its own step"))
+    return chosen, threads, reason, settled
+
+
+def _settled_by(times) -> bool:
+    """Whether recorded workload times settle the choice (entries written before `settled` was stored)."""
+    try:
+        at = next(k for k in times if k.startswith("bf16@")).split("@")[1]
+        fp32, bf16 = float(times[f"fp32@{at}"]), float(times[f"bf16@{at}"])
+        return max(fp32, bf16) / min(fp32, bf16) >= SETTLED_BY_WORKLOAD
+    except (TypeError, KeyError, ValueError, StopIteration, ZeroDivisionError, AttributeError):
+        return True  # nothing to go on: keep the recorded answer
 
 
 def _read_cache(path: Path) -> dict:
@@ -199,12 +229,32 @@ def _read_cache(path: Path) -> dict:
         return {}  # missing or damaged: measure again and rewrite it
 
 
+def _cache_path(cache: Path | None | bool) -> Path | None:
+    return None if cache is False else Path(cache or cache_dir()) / CACHE_FILE
+
+
+def _store(path: Path | None, key: str, entry: dict) -> None:
+    if path is None:
+        return
+    from .files import atomic_write_bytes  # atomic: two processes measuring at once never leave half a file
+
+    entries = _read_cache(path)
+    entries[key] = {**entry, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_bytes(path, json.dumps(entries, indent=2).encode())
+
+
+def _step_key(device: str, workload: str) -> str:
+    return f"{machine_key(device)} | training step of {workload}"
+
+
 def choose(option: str | None = None, device: str | None = None, cache: Path | None | bool = None,
-           timer: Callable[..., float] = time_workload) -> Precision:
+           timer: Callable[..., float] = time_workload, workload: str | None = None) -> Precision:
     """The precision (and CPU thread count) to train and decode with.
 
     option: "auto" (measure, cached), "fp32" or "bf16"; None reads $PREFIXTUNE_PRECISION (default "auto").
     cache: folder of the cache file (default ~/.cache/prefixtune); False: measure without caching.
+    workload: the model a run trains (its name); where a run on this machine already timed that model's own
+    step (`choose_on_step`), that answer is returned, settled.
     """
     source = "argument"
     if option is None:
@@ -218,19 +268,37 @@ def choose(option: str | None = None, device: str | None = None, cache: Path | N
         return Precision(option == "bf16", default_threads, f"{option}: chosen explicitly ({source})")
 
     key = machine_key(device)
-    path = None if cache is False else Path(cache or cache_dir()) / CACHE_FILE
+    path = _cache_path(cache)
     entries = _read_cache(path) if path is not None else {}
-    hit = entries.get(key)
-    if isinstance(hit, dict) and {"bf16", "threads", "reason"} <= set(hit):
-        return Precision(bool(hit["bf16"]), int(hit["threads"]), f"{hit['reason']}; cached in {path}")
+    for k in ([_step_key(device, workload)] if workload else []) + [key]:
+        hit = entries.get(k)
+        if isinstance(hit, dict) and {"bf16", "threads", "reason"} <= set(hit):
+            return Precision(bool(hit["bf16"]), int(hit["threads"]), f"{hit['reason']}; cached in {path}",
+                             settled=bool(hit.get("settled", _settled_by(hit.get("times_s")))))
     times = measure(device, timer=timer)
-    bf16, threads, reason = _decide(times, device)
-    if path is not None:
-        from .files import atomic_write_bytes  # atomic: two processes measuring at once never leave half a file
+    bf16, threads, reason, settled = _decide(times, device)
+    _store(path, key, {"bf16": bf16, "threads": threads, "reason": reason, "settled": settled, "times_s": times})
+    return Precision(bf16, threads, reason, settled)
 
-        entries[key] = {"bf16": bf16, "threads": threads, "reason": reason, "times_s": times,
-                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_bytes(path, json.dumps(entries, indent=2).encode())
+
+def choose_on_step(time_step: Callable[[bool], float], workload: str, threads: int, device: str = "cpu",
+                   cache: Path | None | bool = None, reps: int = 3) -> Precision:
+    """fp32 or bf16 by timing the run's own training step: `time_step(bf16)` returns the seconds of one step.
+
+    One untimed step of each warms kernels, then `reps` rounds alternate which precision goes first (load that
+    comes and goes hits both alike); best of the rounds, and bf16 only where it is `BF16_MARGIN` faster. The
+    answer is cached under this machine and `workload` (the model's name), so it is timed once."""
+    time_step(False), time_step(True)
+    best = {False: float("inf"), True: float("inf")}
+    for i in range(reps):
+        for bf16 in ((False, True) if i % 2 == 0 else (True, False)):
+            best[bf16] = min(best[bf16], time_step(bf16))
+    fp32_s, bf16_s = best[False], best[True]
+    bf16, verdict, _ = _verdict(fp32_s, bf16_s)
+    reason = (f"{'bf16' if bf16 else 'fp32'}: {verdict} on {device_model(device)} (the training step of {workload}: "
+              f"fp32 {fp32_s:.3f} s, bf16 {bf16_s:.3f} s, best of {reps}{_conditions(device, threads)})")
+    _store(_cache_path(cache), _step_key(device, workload),
+           {"bf16": bf16, "threads": threads, "reason": reason, "settled": True, "times_s": {"fp32": fp32_s, "bf16": bf16_s}})
     return Precision(bf16, threads, reason)
 
 
@@ -240,14 +308,21 @@ def apply(precision: Precision, device: str = "cpu") -> None:
         torch.set_num_threads(precision.threads)
 
 
-def resolve_bf16(option: str | None = "auto", print_fn: Callable[[str], None] | None = print) -> bool:
-    """For `TrainConfig.bf16`: choose, set the thread count, print which and why; returns True for bf16."""
+def resolve(option: str | None = "auto", print_fn: Callable[[str], None] | None = print,
+            workload: str | None = None) -> Precision:
+    """Choose (see `choose`), set the thread count, print which and why. An unsettled answer (`settled` False)
+    is printed by whoever times the run's own step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = choose(option, device=device)
+    p = choose(option, device=device, workload=workload)
     apply(p, device)
     if print_fn is not None:
         print_fn(f"precision {p.reason}")
-    return p.bf16
+    return p
+
+
+def resolve_bf16(option: str | None = "auto", print_fn: Callable[[str], None] | None = print) -> bool:
+    """For `TrainConfig.bf16` where no training step can be timed: `resolve`'s answer, True for bf16."""
+    return resolve(option, print_fn).bf16
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,40 @@ def _encode_all(method: Method, tokenizer, pairs, cfg: TrainConfig) -> list[Enco
     return [method.encode(tokenizer, p.source, p.target, cfg.max_source_len, cfg.max_target_len) for p in pairs]
 
 
+def step_timer(method: Method, tokenizer, pairs, cfg: TrainConfig) -> Callable[[bool], float]:
+    """`time_step(bf16)`: seconds of one training step (forward and backward, no update) on the run's first
+    `batch_size` pairs, in bf16 or fp32 as `train` runs it; for `precision.choose_on_step`.
+
+    It leaves no gradient and no trace in the random state, so a run that timed its step first trains exactly
+    like one that did not."""
+    batch = method.collate(_encode_all(method, tokenizer, list(pairs)[:cfg.batch_size], cfg),
+                           tokenizer.pad_token_id).to(method.model.device)
+    params = list(method.trainable().values())
+    device = method.model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def time_step(bf16: bool) -> float:
+        was_training = method.training
+        method.train()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    frozen_matmul_weights_in(method.model, torch.bfloat16 if bf16 else None, keep=params):
+                sync()
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = method(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                                  loss_on_targets=True)
+                loss.backward()
+                sync()
+                return time.perf_counter() - start
+        finally:
+            for p in params:
+                p.grad = None
+            method.train(was_training)
+
+    return time_step
+
+
 @torch.no_grad()
 def dev_loss(method: Method, encoded: list[Encoded], pad_id: int, batch_size: int) -> float:
     """Mean loss over the dev pairs (weighted by target tokens, or by rows for classification)."""

@@ -28,10 +28,10 @@ from ..files import atomic_write_bytes
 from ..methods import attach, load_artifact, method_of
 from ..metrics import score
 from ..metrics.model_based import model_based_scores
-from ..precision import decoding_dtype, resolve_bf16
+from ..precision import choose_on_step, decoding_dtype, resolve
 from ..prefix import read_metadata
 from ..recipes import canonical
-from ..train import TrainConfig, TrainingError, check_resumable, train
+from ..train import TrainConfig, TrainingError, check_resumable, step_timer, train
 
 
 def plan_data(plan: DataPlan):
@@ -166,12 +166,17 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     identity = run_identity(model_name, plan, train_pairs, dev_pairs)
     if resume and (out / "checkpoint.safetensors").exists():  # data and model name: decided before the load
         check_same_run(out / "checkpoint.safetensors", identity)
-    if precision is not None:
-        train_cfg = dataclasses.replace(train_cfg, bf16=resolve_bf16(precision, print_fn=print_fn))
+    chosen = None if precision is None else resolve(precision, print_fn=print_fn, workload=model_name)
     model, tok = model_and_tokenizer or models.load_model(model_name)  # looked up on the module: tests patch it there
     identity["fingerprint"] = models.fingerprint(model)
     torch.manual_seed(train_cfg.seed)
     method = method_cls(model, method_cfg, tokenizer=tok)
+    if chosen is not None and not chosen.settled:  # the workload could not call it: time this run's own step
+        chosen = choose_on_step(step_timer(method, tok, train_pairs, train_cfg), model_name, chosen.threads,
+                                device=model.device.type)
+        print_fn(f"precision {chosen.reason}")
+    if chosen is not None:
+        train_cfg = dataclasses.replace(train_cfg, bf16=chosen.bf16)
     if resume and (out / "checkpoint.safetensors").exists():
         check_same_run(out / "checkpoint.safetensors", identity)  # now the base model's weights too
         check_resumable(out / "checkpoint.safetensors", method, train_cfg)
@@ -185,7 +190,8 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     result = train(method, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
                    extra_meta={"base_model": model_name, "dataset": plan.dataset, "run": identity}, progress=progress)
     method.detach()  # weight methods changed the model in place or hooked it: give the base back
-    return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items, "method": method}
+    return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items, "method": method,
+            "train_config": train_cfg}
 
 
 def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfig,
