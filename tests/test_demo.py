@@ -27,6 +27,7 @@ def test_demo_trains_evaluates_and_records_its_phases(tmp_path, monkeypatch):
                        precision="fp32", print_fn=lines.append, record_dir=tmp_path / "records")
 
     assert summary["steps"] == 3 and summary["eval_mrs"] == 3
+    assert summary["batch_size"] == 5 and summary["lr"] == 3e-3 and summary["bf16"] is False  # the budget recorded
     phases = summary["phase_seconds"]
     assert list(phases) == ["load_model", "train", "zero_shot_eval", "prefix_eval"]  # train: precision too
     assert all(v >= 0 for v in phases.values())

@@ -134,6 +134,31 @@ def test_meteor_identical_and_process_is_reaped():
     assert proc.returncode is not None  # exited and waited for: no zombie left behind
 
 
+def test_a_shared_meteor_jvm_scores_each_corpus_as_a_fresh_one_and_starts_once(monkeypatch):
+    from prefixtune.metrics import meteor as meteor_module
+    from prefixtune.metrics import scorer_ready
+
+    a = (["the cat sat on the mat", "a dog"], [["the cat sat on a mat"], ["the dog barked"]])
+    b = (["name is the eagle", "it is a pub"], [["the eagle is a coffee shop"], ["a pub near the river"]])
+    fresh = [meteor_module.meteor(*a), meteor_module.meteor(*b)]
+    started = []
+    real = meteor_module.MeteorProcess
+
+    class Counting(real):
+        def __init__(self):
+            started.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(meteor_module, "MeteorProcess", Counting)
+    with scorer_ready("e2e") as proc, scorer_ready("webnlg") as inner:  # nested blocks reuse the outer JVM
+        assert inner is proc
+        shared = [meteor_module.meteor(*a), meteor_module.meteor(*b), meteor_module.meteor(*a)]
+    assert started == [1] and proc.returncode is not None
+    assert shared == [fresh[0], fresh[1], fresh[0]]
+    with scorer_ready("xsum") as nothing:  # no METEOR in the task: nothing started
+        assert nothing is None and started == [1]
+
+
 def test_ptb_tokenize_keeps_one_line_per_text():
     # Line breaks inside a text must not shift the texts after it; punctuation is dropped.
     assert ptb_tokenize(["Hello,\nWorld!", "", "It's (big)."]) == ["hello world", "", "it 's -lrb- big -rrb-"]

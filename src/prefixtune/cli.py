@@ -287,7 +287,7 @@ def score(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     data_dir: Optional[str] = typer.Option(None, help="Folder with e2e/ (default: ../shared/data if present, else download)."),
-    steps: int = typer.Option(120, help="Most training steps, batches of 5 (early stopping on the dev loss; no time limit, so the result does not depend on the machine's speed)."),
+    steps: int = typer.Option(100, help="Most training steps, batches of 5 (early stopping on the dev loss; no time limit, so the result does not depend on the machine's speed)."),
     time_budget: Optional[float] = typer.Option(None, help="Opt-in: stop training after this many minutes (the "
                                                 "result then depends on the machine's speed)."),
     train_size: int = typer.Option(200, help="Training pairs sampled from E2E."),

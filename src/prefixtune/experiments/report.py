@@ -142,8 +142,8 @@ def _demo_block(root: Path, arg: str, link) -> str:
     paths = sorted(glob.glob(str(root / arg)))
     if not paths:  # said in the doc, not hidden: the figures appear with the first recorded run
         return f"No `make demo` run is recorded yet (`make demo` writes one file into `{Path(arg).parent}/` per run).\n"
-    head = ["date", "CPU", "precision, threads", "load avg", "steps (best)", "training min", "total min", "zero-shot BLEU",
-            "prefix BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"]
+    head = ["date", "CPU", "precision, threads", "load avg", "steps (best) × batch @ lr", "model load s", "training min",
+            "total min", "zero-shot BLEU", "prefix BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in paths:
         r = _read_json(p)
@@ -152,7 +152,10 @@ def _demo_block(root: Path, arg: str, link) -> str:
             r["date"], f"{r['machine']['cpu']} ×{r['machine']['cpus']}",
             ("bf16" if r.get("bf16") else "fp32") + (f", {r['torch_threads']}" if r.get("torch_threads") else ""),
             "–".join(f"{x:.1f}" for x in (r.get("load_average") or []) if x is not None) or "–",
-            f"{r['steps']} ({r.get('best_step')})", f"{r['train_seconds'] / 60:.1f}", f"{r['total_seconds'] / 60:.1f}",
+            f"{r['steps']} ({r.get('best_step')})" + (f" × {r['batch_size']} @ {r['lr']:g}" if "lr" in r else ""),
+            # a first load parses the GGUF (~20 s); later ones read the saved float32 copy (~1 s)
+            f"{r['phase_seconds']['load_model']:.0f}" if "load_model" in r.get("phase_seconds", {}) else "–",
+            f"{r['train_seconds'] / 60:.1f}", f"{r['total_seconds'] / 60:.1f}",
             f"{r['zero_shot']['bleu']:.4f}", f"{s['bleu']:.4f}", f"{s['nist']:.3f}", f"{s['meteor']:.4f}",
             f"{s['rouge_l']:.4f}", f"{s['cider']:.3f}"]) + " |")
     return "\n".join(lines) + "\n\nRecords: " + ", ".join(

@@ -26,7 +26,7 @@ from ..data_plan import DataPlan  # torch-free: the CLI builds its data options 
 from ..decode import DecodeConfig, generate_texts, write_predictions
 from ..files import atomic_write_bytes
 from ..methods import attach, load_artifact, method_of
-from ..metrics import score
+from ..metrics import score, scorer_ready
 from ..metrics.model_based import model_based_scores
 from ..precision import choose_on_step, decoding_dtype, resolve
 from ..prefix import read_metadata
@@ -224,23 +224,25 @@ def evaluate(model, tokenizer, prefix, items, task: str, decode_cfg: DecodeConfi
             partial.flush()
 
     started = time.time()
-    try:
-        outputs = generate_texts(model, tokenizer, [it.source for it in items], prefix, decode_cfg,
-                                 format_source=format_source, progress=progress, on_output=on_output)
-    finally:
-        if partial is not None:
-            partial.close()
-    seconds = time.time() - started
-    refs = [list(it.references) for it in items]
-    scores = score(task, outputs, refs)
-    extra, notes = model_based_scores(outputs, refs) if model_based else ({}, [])
-    result = {"task": task, "n": len(items), "scores": {**scores, **extra}, "notes": notes,
-              "decode_seconds": round(seconds, 1), "decode": asdict(decode_cfg)}
-    if task == "webnlg" and items and "seen" in (items[0].meta or {}):
-        for name, want in (("seen", True), ("unseen", False)):
-            idx = [i for i, it in enumerate(items) if it.meta.get("seen") == want]
-            if idx:
-                result[f"scores_{name}"] = score(task, [outputs[i] for i in idx], [list(items[i].references) for i in idx])
+    with scorer_ready(task):  # METEOR's JVM loads its tables while the outputs are generated
+        try:
+            outputs = generate_texts(model, tokenizer, [it.source for it in items], prefix, decode_cfg,
+                                     format_source=format_source, progress=progress, on_output=on_output)
+        finally:
+            if partial is not None:
+                partial.close()
+        seconds = time.time() - started
+        refs = [list(it.references) for it in items]
+        scores = score(task, outputs, refs)
+        extra, notes = model_based_scores(outputs, refs) if model_based else ({}, [])
+        result = {"task": task, "n": len(items), "scores": {**scores, **extra}, "notes": notes,
+                  "decode_seconds": round(seconds, 1), "decode": asdict(decode_cfg)}
+        if task == "webnlg" and items and "seen" in (items[0].meta or {}):
+            for name, want in (("seen", True), ("unseen", False)):
+                idx = [i for i, it in enumerate(items) if it.meta.get("seen") == want]
+                if idx:
+                    result[f"scores_{name}"] = score(task, [outputs[i] for i in idx],
+                                                     [list(items[i].references) for i in idx])
     if out_dir is not None:
         write_predictions(out_dir / "predictions.jsonl", items, outputs)
         atomic_write_bytes(out_dir / "metrics.json", json.dumps(result, indent=2).encode())

@@ -8,6 +8,6 @@ See `tasks.py` for what each task reports and which script it matches.
 
 from .files import read_hyps, read_refs
 from .table import format_table
-from .tasks import TASKS, score
+from .tasks import TASKS, score, scorer_ready
 
-__all__ = ["TASKS", "format_table", "read_hyps", "read_refs", "score"]
+__all__ = ["TASKS", "format_table", "read_hyps", "read_refs", "score", "scorer_ready"]

@@ -15,12 +15,13 @@ needed for meteor (e2e, webnlg, dart) and for the PTB tokenizer behind rouge_l/c
 (e2e, generic); xsum needs no Java.
 """
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, ContextManager, Sequence
 
 from .bleu import mteval_bleu, multi_bleu
 from .chrf import chrf
 from .coco import coco_rouge_l, coco_scores, coco_tokenize
-from .meteor import meteor
+from .meteor import meteor, shared_meteor
 from .nist import nist
 from .rouge import rouge
 from .ter import ter
@@ -82,6 +83,13 @@ _SCORERS: dict[str, Callable[[list[str], list[list[str]]], dict[str, float]]] = 
     "accuracy": _accuracy,
 }
 TASKS = tuple(_SCORERS)
+_METEOR_TASKS = ("e2e", "webnlg", "dart")
+
+
+def scorer_ready(task: str) -> ContextManager:
+    """A block within which `score(task, ...)` finds its slow parts started (METEOR's JVM, for the tasks
+    that report METEOR): enter it before decoding, score inside it."""
+    return shared_meteor() if task in _METEOR_TASKS else contextlib.nullcontext()
 
 
 def score(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
