@@ -300,6 +300,12 @@ def main() -> None:
     if have("prefixtune", "floor"):
         ratios.append(common.ratio("train: prefixtune step / floor step (s per target token)",
                                    best("floor") / best("prefixtune"), None, "1.0 = the prefix costs nothing"))
+    if have("floor", "peft+grouped"):  # the bound on the first ratio: no prefix step is cheaper than the floor
+        ceiling = best("floor") / best("peft+grouped")
+        ratios.append(common.ratio("train: floor / PEFT+Trainer group_by_length (the most any prefix step can reach)",
+                                   ceiling, None, f"median {med('floor') / med('peft+grouped'):.2f}"
+                                   + (f"; the 1.5 goal needs a step {1.5 / ceiling:.2f}x below the floor" if ceiling < 1.5
+                                      else "")))
     if have("prefixtune", "full-ft"):
         ratios.append(common.ratio("train: prefixtune step / full fine-tuning step", best("full-ft") / best("prefixtune"), None))
     if have("prefixtune", "floor", "full-ft"):
