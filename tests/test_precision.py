@@ -258,3 +258,19 @@ def test_a_run_that_timed_its_step_trains_exactly_like_one_told_the_answer(tmp_p
         assert again["train_config"].bf16 is chosen and "cached in" in said[0]
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_experiment_takes_the_step_answer_a_training_run_cached_for_its_model(tmp_path, monkeypatch):
+    from prefixtune.experiments.command import _bf16
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    P.choose_on_step(lambda bf16: 1.0 if bf16 else 1.5, "smollm2-135m", threads=P.available_cores())
+    unsettled = {"bf16": False, "threads": 1, "reason": "fp32: too close", "settled": False}
+    path = P.cache_dir() / P.CACHE_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), P.machine_key("cpu"): unsettled}))
+    before = torch.get_num_threads()
+    try:
+        assert _bf16("auto", lambda s: None, workload="smollm2-135m") is True   # the model's own step said bf16
+        assert _bf16("auto", lambda s: None, workload="gpt2") is False          # no step timed: the workload's answer
+    finally:
+        torch.set_num_threads(before)

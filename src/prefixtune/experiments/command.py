@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from ..recipes import recipe_for
-from .catalogue import VISION_EXPERIMENTS, Experiment, ExperimentError, build
+from .catalogue import CATALOGUE, VISION_EXPERIMENTS, Experiment, ExperimentError, build
 from .executor import run_sweep
 from .protocol import Protocol, comparison_specs, select_learning_rates
 from .report import save_experiment_meta, write_outputs
@@ -44,8 +44,10 @@ def experiment(name: str, out: str | Path, *, model: str | None = None, dataset:
         return run_vision_experiment(name, out, model=model, data_dir=data_dir, scale=scale, seeds=seeds,
                                      arms=methods, bf16=_bf16(precision, print_fn), dry_run=dry_run,
                                      print_fn=print_fn)
+    # a step of this model timed by an earlier training run on this machine answers for the whole experiment
+    model_name = model or (CATALOGUE[name].model if name in CATALOGUE else None)
     exp = build(name, scale, model=model, dataset=dataset, data_dir=data_dir, path=path, methods=methods,
-                seeds=seeds, sizes=sizes, bf16=_bf16(precision, print_fn))
+                seeds=seeds, sizes=sizes, bf16=_bf16(precision, print_fn, workload=model_name))
     if cpus_per_run is not None and cpus_per_run < 1:
         raise ExperimentError(f"--cpus-per-run must be at least 1, got {cpus_per_run}")
     if dry_run:
@@ -71,14 +73,14 @@ def _no_bar(label: str):
     yield None
 
 
-def _bf16(precision: str, print_fn: Callable[[str], None]) -> bool:
+def _bf16(precision: str, print_fn: Callable[[str], None], workload: str | None = None) -> bool:
     if precision not in ("fp32", "bf16", "auto"):
         raise ExperimentError(f"--precision must be fp32, bf16 or auto, got {precision!r}")
     if precision == "auto":
         # torch: precision imports it; only when bf16 is measured (start-up time)
-        from ..precision import resolve_bf16
+        from ..precision import resolve
 
-        return resolve_bf16("auto", print_fn=print_fn)
+        return resolve("auto", print_fn=print_fn, workload=workload).bf16
     return precision == "bf16"
 
 
