@@ -288,3 +288,22 @@ def test_model_based_metrics_are_skipped_with_a_note_when_unavailable(monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bert_score" else real(name, *a))
     scores, notes = model_based_scores(["a b"], [["a b"]])
     assert scores == {} and "BERTScore skipped" in notes[0]
+
+
+def test_evaluate_starts_meteor_before_decoding_and_scores_in_that_jvm(monkeypatch):
+    from prefixtune.data.base import EvalItem
+    from prefixtune.decode import DecodeConfig
+    from prefixtune.experiments import run as run_module
+    from prefixtune.metrics import meteor as meteor_module
+
+    seen = []
+
+    def generate(model, tok, sources, prefix, cfg, **kwargs):
+        seen.append(meteor_module._shared.get())  # the JVM is already starting while outputs are made
+        return ["the eagle is a pub"] * len(sources)
+
+    monkeypatch.setattr(run_module, "generate_texts", generate)
+    items = [EvalItem("name : The Eagle", ["The Eagle is a pub ."]), EvalItem("name : Zizzi", ["Zizzi is a pub ."])]
+    result = run_module.evaluate(None, None, None, items, "e2e", DecodeConfig(precision="fp32"))
+    assert seen[0] is not None and seen[0].returncode is not None  # started before decoding, closed after
+    assert result["scores"] == score("e2e", result["outputs"], [it.references for it in items])
