@@ -122,8 +122,8 @@ class TrainConfig:
                                                 "stored in bf16 for the run; the method's parameters, optimizer and "
                                                 "loss stay float32). Faster or slower by CPU, measured: a SmolLM2 step "
                                                 "1.34x faster on a Xeon with AMX-BF16, 1.8x slower on a Xeon with "
-                                                "AVX512-BF16 but no AMX, 19.7x slower on an AMD EPYC without AVX-512; "
-                                                "--precision auto measures this machine."})
+                                                "AVX512-BF16 but no AMX; the step-shaped workload 19.7x slower on an "
+                                                "AMD EPYC without AVX-512. --precision auto measures this machine."})
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "dev_max_examples",
