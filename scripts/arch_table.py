@@ -1,4 +1,4 @@
-"""The README's supported-architecture table, generated from `prefixtune.models.ARCHITECTURES`.
+"""The README's supported-architecture table, generated from `prefixtune.architectures.ARCHITECTURES`.
 
     python scripts/arch_table.py           # print the table
     python scripts/arch_table.py --write   # replace the table in README.md (between the markers)
@@ -60,7 +60,7 @@ prefix + input in these tests."""
 
 def render() -> str:
     sys.path.insert(0, str(ROOT / "src"))
-    from prefixtune.models import ARCHITECTURES
+    from prefixtune.architectures import ARCHITECTURES
 
     lines = ["| `model_type` | prefix kinds | positions | attention | verified in CI | notes |",
              "| --- | --- | --- | --- | --- | --- |"]

@@ -1,4 +1,4 @@
-"""Every row of `models.ARCHITECTURES` x every attention implementation transformers offers for it,
+"""Every row of `architectures.ARCHITECTURES` x every attention implementation transformers offers for it,
 on tiny seeded random configs, checked against references computed without prefixtune's machinery:
 
   * a prefix made from text T == T written before the input (decoder-only models; the decoder side of
@@ -20,7 +20,7 @@ import transformers as tf
 import prefixtune as pt
 from prefixtune.engine import activations_of_text, forward_with_prefix
 from prefixtune.attention import RowPrefixes
-from prefixtune.models import ARCHITECTURES
+from prefixtune.architectures import ARCHITECTURES
 from prefixtune.prefix import MergedPrefix
 
 from conftest import VOCAB

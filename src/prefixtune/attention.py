@@ -34,7 +34,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from .kv_cache import reserved_cache
-from .models import ARCHITECTURES, Arch, arch_of, attention_modules, model_name, position_modules
+from .architectures import ARCHITECTURES, Arch, arch_of, attention_modules, position_modules
+from .models import model_name
 if TYPE_CHECKING:  # per_row reads .kv, .embeds and .is_infix only: no runtime import of the artifact module
     from .prefix import MergedPrefix
 
@@ -431,7 +432,7 @@ def _probe(model, layout: PrefixLayout) -> None:
         if (key.shape[1], key.shape[3]) != (heads, head_dim):
             raise ValueError(f"{model_type!r} {kind} layer {layer}: keys have {key.shape[1]} heads of size "
                              f"{key.shape[3]}, the architecture table says {heads} of {head_dim} "
-                             f"(prefixtune/models.py:ARCHITECTURES[{model_type!r}].kv_shape)")
+                             f"(prefixtune/architectures.py:ARCHITECTURES[{model_type!r}].kv_shape)")
 
 
 def _input_embeddings(model):

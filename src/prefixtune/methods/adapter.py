@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import arch_of, modules_matching
+from ..architectures import arch_of, modules_matching
 from .configs import AdapterConfig
 from .weights import WeightMethod
 
@@ -43,7 +43,7 @@ def adapter_sites(model) -> dict[str, nn.Module]:
     arch = arch_of(model)
     if not (arch.attention_output and arch.mlp_output):
         raise ValueError(f"the architecture table has no adapter sites for model_type={model.config.model_type!r}; "
-                         "add attention_output and mlp_output to its row in prefixtune/models.py:ARCHITECTURES")
+                         "add attention_output and mlp_output to its row in prefixtune/architectures.py:ARCHITECTURES")
     sites = {**modules_matching(model, arch.attention_output), **modules_matching(model, arch.mlp_output)}
     if not sites:
         raise ValueError(f"no adapter sites matched in {type(model).__name__}")

@@ -1,7 +1,7 @@
 """FT-top-k (the paper's §5.2 baseline FT-top2): only the top k transformer blocks train.
 
 Which parameters belong to which block comes from the architecture table
-(`models.ARCHITECTURES[...].blocks`); encoder-decoder models train the top k blocks of each stack.
+(`architectures.ARCHITECTURES[...].blocks`); encoder-decoder models train the top k blocks of each stack.
 Embeddings, final norms and the LM head stay frozen. The artifact holds only those blocks' weights.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models import block_parameters
+from ..architectures import block_parameters
 from .configs import FtTopConfig
 from .weights import WeightMethod
 

@@ -19,7 +19,8 @@ import re
 import torch
 from torch import nn
 
-from ..models import arch_of, fingerprint, modules_matching
+from ..architectures import arch_of, modules_matching
+from ..models import fingerprint
 from ..files import PrefixFileError
 from .configs import IA3Config
 from .lora import has_conv1d, linear_shape

@@ -4,7 +4,7 @@
 convention). Works on `nn.Linear` and GPT-2's `transformers.pytorch_utils.Conv1D` (weight stored
 (in, out)). Enters through PyTorch forward hooks; `merge()` folds the update into the weights
 (and removes the hooks) for hook-free inference. Default targets per architecture come from
-the table (`models.ARCHITECTURES[...].lora_targets`: the query and value projections).
+the table (`architectures.ARCHITECTURES[...].lora_targets`: the query and value projections).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..models import arch_of, fingerprint, modules_matching
+from ..architectures import arch_of, modules_matching
+from ..models import fingerprint
 from ..files import PrefixFileError
 from .configs import LoRAConfig
 from .weights import WeightArtifact, WeightMethod

@@ -1,5 +1,5 @@
 """Visual Prompt Tuning (Jia et al. 2022, "Visual Prompt Tuning") on a frozen ViT-style image encoder
-(HF `ViTModel`, `Dinov2Model`: rows of `models.ARCHITECTURES` with `modality="image"`).
+(HF `ViTModel`, `Dinov2Model`: rows of `architectures.ARCHITECTURES` with `modality="image"`).
 
     VPT-Shallow: [x_1, Z_1, E_1] = L_1([x_0, P, E_0])       prompts inserted once, after [CLS]
     VPT-Deep:    [x_i, _, E_i] = L_i([x_{i-1}, P_{i-1}, E_{i-1}])   fresh prompts at every layer, the
@@ -40,7 +40,8 @@ from torch import nn
 from ..batching import IGNORE, Batch, Encoded
 from ..config import ConfigError
 from ..attention import RowPrefixes, use_prefix
-from ..models import model_name, modules_matching
+from ..architectures import modules_matching
+from ..models import model_name
 from ..files import PrefixFileError
 from ..vision import Image, ImageProcessor, vision_config
 from .adapter import Bottleneck, adapter_sites
@@ -65,7 +66,7 @@ class PromptedEncoder:
         arch = layout.arch
         if arch.modality == "text" or not arch.image_embeddings or not arch.blocks:
             raise ValueError(f"{model_name(model)} ({type(model).__name__}) is not an image encoder with an "
-                             "`image_embeddings` entry in prefixtune/models.py:ARCHITECTURES; visual prompts need one "
+                             "`image_embeddings` entry in prefixtune/architectures.py:ARCHITECTURES; visual prompts need one "
                              "(ViTModel, Dinov2Model)")
         self.model = model
         found = modules_matching(model, arch.image_embeddings)
