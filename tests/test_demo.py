@@ -38,3 +38,26 @@ def test_demo_trains_evaluates_and_records_its_phases(tmp_path, monkeypatch):
     records = list((tmp_path / "records").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["prefix_tuned"] == summary["prefix_tuned"]
     assert any(line.startswith("total time:") for line in "\n".join(lines).splitlines())
+
+
+def test_a_demo_folder_from_other_settings_is_kept_and_the_run_goes_beside_it(tmp_path, monkeypatch):
+    if not (DATA / "e2e").exists():
+        missing(f"shared E2E data not found at {DATA}")
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    monkeypatch.setattr(prefixtune.models, "load_model", lambda name: (tiny("llama"), tok))
+
+    def demo(steps, lines):
+        return run_demo(out=tmp_path / "demo", data_dir=str(DATA), steps=steps, train_size=20, eval_size=2,
+                        precision="fp32", print_fn=lines.append)
+
+    first = demo(2, [])
+    checkpoint = (tmp_path / "demo" / "checkpoint.safetensors").read_bytes()
+    again: list[str] = []
+    assert demo(2, again)["resumed"] is True                 # the same settings: the finished run is resumed
+    other: list[str] = []
+    moved = demo(3, other)                                    # other settings (an older version's, other options)
+    assert moved["steps"] == 3 and moved["resumed"] is False and first["steps"] == 2
+    assert any("holds a demo run made with other settings" in line and "demo-2" in line for line in other)
+    assert (tmp_path / "demo-2" / "demo.json").exists()
+    assert (tmp_path / "demo" / "checkpoint.safetensors").read_bytes() == checkpoint  # the earlier run untouched

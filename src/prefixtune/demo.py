@@ -8,6 +8,7 @@ on. Reports all five official E2E metrics for (a) the untuned model given an ins
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from .experiments.run import evaluate, run_training
 from .files import atomic_write_bytes
 from .metrics import scorer_ready
 from .precision import ENV_VAR
-from .train import TrainConfig
+from .train import ResumeMismatch, TrainConfig
 
 INSTRUCTION = ("Write one fluent English sentence that describes this restaurant, using every attribute "
                "and nothing else: {source}")
@@ -33,6 +34,11 @@ DEMO_PREFIX = dict(length=10, reparam="mlp", mlp_hidden=512, init_text="table-to
 
 # The data beside a checkout of this project (its workplace layout): used when no folder is given
 SHARED_DATA = "../shared/data"
+
+
+def _unused_sibling(folder: Path) -> Path:
+    """FOLDER-2, FOLDER-3, ...: the first that does not exist."""
+    return next(p for n in itertools.count(2) if not (p := folder.with_name(f"{folder.name}-{n}")).exists())
 
 
 def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: int = 100, minutes: float | None = None,
@@ -74,10 +80,20 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None, steps: 
                             time_budget_s=minutes * 60 if minutes else None,
                             eval_every=50, patience=2, checkpoint_every=25, dev_max_examples=30, seed=seed, log_every=10)
     resume = (out / "checkpoint.safetensors").exists()
-    # a CPU flag is not a measurement: bf16 can be 2-20x slower; run_training measures (cached per machine)
-    run = run_training(model_name, plan, prefix_cfg, train_cfg, out, resume=resume, print_fn=print_fn,
-                       model_and_tokenizer=(model, tok),
-                       precision=precision if precision is not None else os.environ.get(ENV_VAR, "auto"))
+
+    def train_into(folder: Path, resume: bool) -> dict:
+        # a CPU flag is not a measurement: bf16 can be 2-20x slower; run_training measures (cached per machine)
+        return run_training(model_name, plan, prefix_cfg, train_cfg, folder, resume=resume, print_fn=print_fn,
+                            model_and_tokenizer=(model, tok),
+                            precision=precision if precision is not None else os.environ.get(ENV_VAR, "auto"))
+
+    try:
+        run = train_into(out, resume)
+    except ResumeMismatch:  # an earlier demo's run (other settings: an older version, other options) is kept
+        earlier, out, resume = out, _unused_sibling(out), False
+        print_fn(f"{earlier} holds a demo run made with other settings or data; it stays as it is, and this run "
+                 f"goes to {out}")
+        run = train_into(out, resume)
     bf16 = run["train_config"].bf16
     items = run["eval_items"]
     lap("train")  # data, training steps, dev losses, checkpoints

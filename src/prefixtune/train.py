@@ -43,6 +43,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says where and what was kept."""
 
 
+class ResumeMismatch(TrainingError):
+    """A checkpoint asked to be resumed was made with other settings, data or model (each difference named)."""
+
+
 @dataclass
 class LoopState:
     """Everything besides tensors needed to resume exactly."""
@@ -173,7 +177,7 @@ def check_resumable(path: Path, method: Method, cfg: TrainConfig) -> None:
     diffs += [f"{k} {saved_train.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
               if k not in RESUMABLE_CHANGES and saved_train.get(k) != now.get(k)]
     if diffs:
-        raise TrainingError(f"{path}: this run was trained with other settings; resuming would mix them: "
+        raise ResumeMismatch(f"{path}: this run was trained with other settings; resuming would mix them: "
                             f"{'; '.join(diffs)}. Resume with the same settings or start a new output folder")
 
 

@@ -31,7 +31,7 @@ from ..metrics.model_based import model_based_scores
 from ..precision import choose_on_step, decoding_dtype, resolve
 from ..prefix import read_metadata
 from ..recipes import canonical
-from ..train import TrainConfig, TrainingError, check_resumable, step_timer, train
+from ..train import ResumeMismatch, TrainConfig, TrainingError, check_resumable, step_timer, train
 
 
 def plan_data(plan: DataPlan):
@@ -137,7 +137,7 @@ def check_same_run(checkpoint: Path, identity: dict) -> None:
     if saved.get("data_sha256") != identity["data_sha256"] and not any(d.split()[0] in ("path", "train_pairs") for d in diffs):
         diffs.append("the training or dev pairs differ in content (same settings, other data)")
     if diffs:
-        raise TrainingError(f"{checkpoint}: this run was trained on other data or another model; resuming would "
+        raise ResumeMismatch(f"{checkpoint}: this run was trained on other data or another model; resuming would "
                             f"mix them: {'; '.join(diffs)}. Resume with the same data and model or start a new "
                             "output folder")
 
@@ -171,25 +171,29 @@ def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainCo
     identity["fingerprint"] = models.fingerprint(model)
     torch.manual_seed(train_cfg.seed)
     method = method_cls(model, method_cfg, tokenizer=tok)
-    if chosen is not None and not chosen.settled:  # the workload could not call it: time this run's own step
-        chosen = choose_on_step(step_timer(method, tok, train_pairs, train_cfg), model_name, chosen.threads,
-                                device=model.device.type)
-        print_fn(f"precision {chosen.reason}")
-    if chosen is not None:
-        train_cfg = dataclasses.replace(train_cfg, bf16=chosen.bf16)
-    if resume and (out / "checkpoint.safetensors").exists():
-        check_same_run(out / "checkpoint.safetensors", identity)  # now the base model's weights too
-        check_resumable(out / "checkpoint.safetensors", method, train_cfg)
-    run_info = {"model": model_name, "method": method.name, "data": asdict(plan), "method_config": method_cfg.to_dict(),
-                "train": asdict(train_cfg), "trainable_params": method.num_trainable()}
-    out.mkdir(parents=True, exist_ok=True)
-    if not (resume and (out / "run.json").exists()):
-        atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=2).encode())
-    print_fn(f"method {method.name}: {method.num_trainable():,} trainable parameters "
-             f"({100 * method.num_trainable() / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
-    result = train(method, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
-                   extra_meta={"base_model": model_name, "dataset": plan.dataset, "run": identity}, progress=progress)
-    method.detach()  # weight methods changed the model in place or hooked it: give the base back
+    try:
+        if chosen is not None and not chosen.settled:  # the workload could not call it: time this run's own step
+            chosen = choose_on_step(step_timer(method, tok, train_pairs, train_cfg), model_name, chosen.threads,
+                                    device=model.device.type)
+            print_fn(f"precision {chosen.reason}")
+        if chosen is not None:
+            train_cfg = dataclasses.replace(train_cfg, bf16=chosen.bf16)
+        if resume and (out / "checkpoint.safetensors").exists():
+            check_same_run(out / "checkpoint.safetensors", identity)  # now the base model's weights too
+            check_resumable(out / "checkpoint.safetensors", method, train_cfg)
+        run_info = {"model": model_name, "method": method.name, "data": asdict(plan),
+                    "method_config": method_cfg.to_dict(), "train": asdict(train_cfg),
+                    "trainable_params": method.num_trainable()}
+        out.mkdir(parents=True, exist_ok=True)
+        if not (resume and (out / "run.json").exists()):
+            atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=2).encode())
+        print_fn(f"method {method.name}: {method.num_trainable():,} trainable parameters "
+                 f"({100 * method.num_trainable() / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
+        result = train(method, tok, train_pairs, dev_pairs, train_cfg, out, resume=resume, print_fn=print_fn,
+                       extra_meta={"base_model": model_name, "dataset": plan.dataset, "run": identity},
+                       progress=progress)
+    finally:  # also when a check refuses or training fails: weight methods changed the model or hooked it
+        method.detach()  # give the base back
     return {**result, "model": model, "tokenizer": tok, "eval_items": eval_items, "method": method,
             "train_config": train_cfg}
 
