@@ -139,3 +139,14 @@ def test_refused_rerun_keeps_run_records(assets, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == records
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # valid JSON throughout
     assert log and all("time" in rec for rec in log)
+
+
+def test_no_java_is_one_error_line_not_a_traceback(tmp_path, monkeypatch):
+    hyp, refs = tmp_path / "hyp.txt", tmp_path / "refs.txt"
+    hyp.write_text("the eagle is a pub\n")
+    refs.write_text("The Eagle is a pub .\n\n")
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no java anywhere
+    r = _run("score", "--task", "e2e", "--hyp", hyp, "--refs", refs)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("error:") == 1 and "`java` was not found" in r.stderr and "default-jre-headless" in r.stderr

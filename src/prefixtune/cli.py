@@ -466,6 +466,7 @@ def user_error_message(e: BaseException) -> str | None:
     from .data import DataError, MissingDataError
     from .data.fetch import DownloadError  # numpy, as above: only when a command has failed (start-up time)
     from .train import TrainingError  # torch: only when a command has failed (start-up time)
+    from .metrics.java import JavaMissing  # pycocoevalcap: only when a command has failed (start-up time)
 
     if isinstance(e, StoreError):
         return str(e)
@@ -474,7 +475,7 @@ def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return f"{e.filename}: {e.strerror}" if e.filename else str(e)
     if isinstance(e, (ConfigError, DataError, MissingDataError, DownloadError, PrefixFileError, TrainingError,
-                      ValueError, FileNotFoundError)):
+                      ValueError, FileNotFoundError, JavaMissing)):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
 

@@ -15,6 +15,10 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 INSTALL_HINT = "install a Java runtime (e.g. `apt-get install default-jre-headless`) or set JAVA_HOME"
 
 
+class JavaMissing(RuntimeError):
+    """No Java runtime: the machine lacks a program, not the code a fix (the CLI says it in one line)."""
+
+
 def find_java() -> str:
     """Return the path of the `java` executable, or raise a RuntimeError naming it.
 
@@ -27,7 +31,7 @@ def find_java() -> str:
             return str(candidate)
     found = shutil.which("java")
     if found is None:
-        raise RuntimeError(f"`java` was not found on PATH (needed for METEOR / PTB tokenization); {INSTALL_HINT}")
+        raise JavaMissing(f"`java` was not found on PATH (needed for METEOR / PTB tokenization); {INSTALL_HINT}")
     return found
 
 
