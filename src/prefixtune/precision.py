@@ -4,7 +4,7 @@ A CPU that lists `avx512_bf16` can still run bf16 autocast 2x slower than fp32 (
 Xeon), and one without it can win with bf16 (an AMD EPYC did). So the answer is measured: a
 step-shaped workload (transformer-layer matmuls, forward + backward to the activations, as in
 prefix training) is timed in fp32 and in bf16 autocast, at a few thread counts, interleaved, best
-of a few repetitions. The faster wins. The answer is cached per machine in
+of a few repetitions; bf16 wins where it is at least `BF16_MARGIN` faster. The answer is cached per machine in
 `~/.cache/prefixtune/precision.json`, keyed by CPU (or GPU) model, usable core count and torch
 version, so the timing (a few seconds; ~10 s where bf16 is emulated) runs once. Where the workload's two
 times are within 2x of each other it does not settle the choice: a training run then times its own
