@@ -101,3 +101,13 @@ def test_a_folder_keeps_the_sizes_and_seeds_of_its_earlier_commands(tmp_path):
     assert meta["notes"][0].startswith("scale quick: sizes [50, 200], seeds [0, 1, 2],")
     save_experiment_meta(build("init", "quick", sizes=[100]), tmp_path)  # another experiment: its own record
     assert json.loads((tmp_path / "experiment.json").read_text())["sizes"] == [100]
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_every_experiments_reference_is_one_of_its_rows(name):
+    """The interval column compares each row with the reference row: a reference no run is labelled with
+    leaves that column empty (ptuning-v2, prefix-length, embedding-only, infix and init once had it so)."""
+    for scale in SCALES:
+        exp = build(name, scale)
+        labels = {r.labels["label"] for r in exp.runs}
+        assert exp.reference in labels, (scale, exp.reference, sorted(labels))

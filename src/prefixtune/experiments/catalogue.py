@@ -170,22 +170,22 @@ CATALOGUE: dict[str, ExperimentSpec] = {
         notes=(f"held out of training: {', '.join(UNSEEN_WEBNLG)} (WebNLG 2017 dev split evaluated)",)),
     "prefix-length": ExperimentSpec(
         "§7.1: prefix length", "e2e", SMOLLM, ("prefix",),
-        axis=Axis("length", Per((1, 5, 10, 20), scale={"paper": (1, 5, 10, 20, 40), "tiny": (1, 4)})),
-        label="{arm}-{length}", group_by=("label", "length"), x="length"),
+        axis=Axis("length", Per((1, 5, 10, 20), scale={"paper": (1, 5, 10, 20, 40), "tiny": (1, 10)})),
+        label="{arm}-{length}", group_by=("label", "length"), x="length", reference="prefix-10"),
     "embedding-only": ExperimentSpec(
         "§7.2: EMB-1/10/20 (soft input embeddings only) vs the prefix", "e2e", SMOLLM, ("prompt", "prefix"),
         axis=Axis("length", Per((10,), arm={"prompt": (1, 10, 20)})),
-        label=Per("{arm}-{length}", arm={"prompt": "EMB-{length}"})),
+        label=Per("{arm}-{length}", arm={"prompt": "EMB-{length}"}), reference="prefix-10"),
     "infix": ExperimentSpec(
         "§7.3: [x; INFIX; y] vs [PREFIX; x; y] at equal length", "e2e", SMOLLM, ("infix", "prefix"),
-        axis=Axis("length", (10,)), label="{arm}-{length}"),
+        axis=Axis("length", (10,)), label="{arm}-{length}", reference="prefix-10"),
     "init": ExperimentSpec(
         "§7.4: random vs task words vs irrelevant words, in low data", "e2e", SMOLLM, ("prefix",),
         sizes=Sizes.SCALE, options={"length": 6, "batch_size": 10},
         axis=Axis("init", ("random", "table-to-text:", "elephant"),
                   options={"random": {"init": "random"}, "table-to-text:": {"init": "text", "init_text": "table-to-text:"},
                            "elephant": {"init": "text", "init_text": "elephant"}}),
-        label="init={init}", group_by=("label", "train_size"), x="train_size"),
+        label="init={init}", group_by=("label", "train_size"), x="train_size", reference="init=table-to-text:"),
     "ptuning-v2": ExperimentSpec(
         "deep prompts vs shallow prompt tuning vs fine-tuning on BoolQ, accuracy", "boolq", "minilm-l6",
         tuple(CLASSIFIER_ARMS), arms=CLASSIFIER_ARMS, arms_are="classifiers",
