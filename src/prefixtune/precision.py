@@ -199,9 +199,14 @@ def _conditions(device: str, threads: int) -> str:
     return f"{thread_note}; load average {load:.1f}"
 
 
-def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str, bool]:
+def _compared(times: dict[str, float]) -> tuple[str, float, float]:
+    """The thread count bf16 was timed at, and fp32's and bf16's seconds there (`measure`'s keys)."""
     at = next(k for k in times if k.startswith("bf16@")).split("@")[1]
-    fp32, bf16 = times[f"fp32@{at}"], times[f"bf16@{at}"]
+    return at, float(times[f"fp32@{at}"]), float(times[f"bf16@{at}"])
+
+
+def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str, bool]:
+    at, fp32, bf16 = _compared(times)
     threads = int(at) or torch.get_num_threads()
     chosen, verdict, ratio = _verdict(fp32, bf16)
     settled = ratio >= SETTLED_BY_WORKLOAD
@@ -214,8 +219,7 @@ def _decide(times: dict[str, float], device: str) -> tuple[bool, int, str, bool]
 def _settled_by(times) -> bool:
     """Whether recorded workload times settle the choice (entries written before `settled` was stored)."""
     try:
-        at = next(k for k in times if k.startswith("bf16@")).split("@")[1]
-        fp32, bf16 = float(times[f"fp32@{at}"]), float(times[f"bf16@{at}"])
+        _, fp32, bf16 = _compared(times)
         return max(fp32, bf16) / min(fp32, bf16) >= SETTLED_BY_WORKLOAD
     except (TypeError, KeyError, ValueError, StopIteration, ZeroDivisionError, AttributeError):
         return True  # nothing to go on: keep the recorded answer
@@ -297,8 +301,8 @@ def choose_on_step(time_step: Callable[[bool], float], workload: str, threads: i
     bf16, verdict, _ = _verdict(fp32_s, bf16_s)
     reason = (f"{'bf16' if bf16 else 'fp32'}: {verdict} on {device_model(device)} (the training step of {workload}: "
               f"fp32 {fp32_s:.3f} s, bf16 {bf16_s:.3f} s, best of {reps}{_conditions(device, threads)})")
-    _store(_cache_path(cache), _step_key(device, workload),
-           {"bf16": bf16, "threads": threads, "reason": reason, "settled": True, "times_s": {"fp32": fp32_s, "bf16": bf16_s}})
+    _store(_cache_path(cache), _step_key(device, workload), {"bf16": bf16, "threads": threads, "reason": reason,
+                                                             "settled": True, "times_s": {"fp32": fp32_s, "bf16": bf16_s}})
     return Precision(bf16, threads, reason)
 
 
@@ -311,7 +315,7 @@ def apply(precision: Precision, device: str = "cpu") -> None:
 def resolve(option: str | None = "auto", print_fn: Callable[[str], None] | None = print,
             workload: str | None = None) -> Precision:
     """Choose (see `choose`), set the thread count, print which and why. An unsettled answer (`settled` False)
-    is printed by whoever times the run's own step."""
+    is for a caller that can time the run's own step to refine (`choose_on_step`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = choose(option, device=device, workload=workload)
     apply(p, device)
