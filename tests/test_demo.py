@@ -61,3 +61,21 @@ def test_a_demo_folder_from_other_settings_is_kept_and_the_run_goes_beside_it(tm
     assert any("holds a demo run made with other settings" in line and "demo-2" in line for line in other)
     assert (tmp_path / "demo-2" / "demo.json").exists()
     assert (tmp_path / "demo" / "checkpoint.safetensors").read_bytes() == checkpoint  # the earlier run untouched
+
+
+def test_the_demo_checks_its_data_before_it_loads_the_model(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from prefixtune.data.fetch import DownloadError
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    loaded = []
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(prefixtune.models, "load_model", lambda name: loaded.append(name))
+    with pytest.raises(DownloadError, match="e2e split 'dev' not found; looked for: .*nowhere"):
+        run_demo(out=tmp_path / "demo", data_dir=str(tmp_path / "nowhere"), steps=1, precision="fp32",
+                 print_fn=lambda line: None)
+    assert loaded == []  # the ~20 s model load never started

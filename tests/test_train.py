@@ -259,3 +259,19 @@ def test_download_failure_names_url_and_way_around(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DownloadError, match=r"https://example\.org/x\.csv.*--data-dir"):
         urllib_fetch("https://example.org/x.csv", tmp_path / "x.csv")
+
+
+def test_a_failed_download_says_first_what_the_data_folder_lacks(tmp_path):
+    from prefixtune.data import load_dataset
+    from prefixtune.data.fetch import DownloadError
+
+    def offline(url, dest):
+        raise DownloadError(f"could not download {url} (offline)")
+
+    with pytest.raises(DownloadError) as raised:
+        load_dataset("e2e", "dev", data_dir=tmp_path / "mistyped", download=True, fetch=offline)
+    message = str(raised.value)
+    # the folder looked in comes first (a mistyped --data-dir is the likelier mistake), then the download's failure
+    assert message.index(str(tmp_path / "mistyped" / "e2e")) < message.index("could not download")
+    assert message.startswith("e2e split 'dev' not found")
+    assert not (tmp_path / "mistyped" / "e2e" / "devset.csv").exists()  # nothing half-written

@@ -133,9 +133,10 @@ class MissingDataError(FileNotFoundError):
     ``downloadable`` says whether :func:`prefixtune.data.download` can fetch it.
     """
 
-    def __init__(self, message: str, *, downloadable: bool = True) -> None:
+    def __init__(self, message: str, *, downloadable: bool = True, what: str | None = None) -> None:
         super().__init__(message)
         self.downloadable = downloadable
+        self.what = what or message  # what is missing and where it was looked for, without the advice
 
 
 def locate(
@@ -167,5 +168,5 @@ def locate(
         f"(data folder used: {root})."
     )
     looked = ", ".join(str(p) for p in paths)
-    message = f"{dataset} split '{split}' not found; looked for: {looked}. " + " ".join(advice)
-    raise MissingDataError(message, downloadable=downloadable)
+    what = f"{dataset} split '{split}' not found; looked for: {looked}"
+    raise MissingDataError(f"{what}. " + " ".join(advice), downloadable=downloadable, what=what)

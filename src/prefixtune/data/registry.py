@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from . import boolq, cifar10, dart, e2e, jsonl, webnlg, xsum
 from .base import Dataset, MissingDataError
-from .fetch import Fetcher, Resource, place_all, urllib_fetch
+from .fetch import DownloadError, Fetcher, Resource, place_all, urllib_fetch
 
 ENV_VAR = "PREFIXTUNE_DATA"
 SPLIT_ALIASES = {"valid": "dev", "validation": "dev", "val": "dev"}
@@ -132,7 +132,11 @@ def load_dataset(
     except MissingDataError as e:
         if not (download and e.downloadable and spec.resources):
             raise
-    _download(spec, root, splits=[split], fetch=fetch, force=False)
+        missing = e.what
+    try:
+        _download(spec, root, splits=[split], fetch=fetch, force=False)
+    except DownloadError as e:  # say first that the folder lacks it: a mistyped --data-dir is the likelier cause
+        raise DownloadError(f"{missing}; and {e}") from e
     return spec.loader(root, split, **opts)
 
 
