@@ -213,6 +213,28 @@ def test_save_load_attach_gives_identical_logits(method, tmp_path):
         assert all(n.startswith("adapter.transformer.h.") for n in names) and len(names) == 4 * 4
 
 
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_an_artifact_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, method):
+    model = tiny("llama")
+    m = pt.build(model, method)
+    randomize(m)
+    m.save(tmp_path / "a.safetensors")
+    m.detach()
+    artifact = pt.load_artifact(tmp_path / "a.safetensors", model)
+    name = sorted(artifact.tensors)[-1]
+    artifact.tensors[name] = torch.cat([artifact.tensors[name]] * 2)  # the right base, one tensor of the wrong shape
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    modules, hooked, base = [n for n, _ in model.named_modules()], hooks(), logits(model)
+    with pytest.raises(pt.PrefixFileError, match="shape"):
+        pt.attach(model, artifact)
+    # the half-applied method is taken off again: no module of it is left, the outputs are the base's
+    assert [n for n, _ in model.named_modules()] == modules and hooks() == hooked
+    assert torch.equal(logits(model), base)
+
+
 def test_wrong_base_model_is_refused(tmp_path):
     model = tiny("llama")
     m = pt.build(model, "lora", rank=2)

@@ -130,6 +130,19 @@ class Method(nn.Module):
     def export(self):
         raise NotImplementedError
 
+    @classmethod
+    def built_frozen(cls, model, config, tokenizer, load_values) -> "Method":
+        """The method built on `model`, its saved values put in by `load_values(method)`, then frozen (a loaded
+        artifact serves; it does not train). If loading fails, the base model is given back before the error."""
+        method = cls(model, config, tokenizer=tokenizer)
+        try:
+            load_values(method)
+        except BaseException:
+            method.detach()
+            raise
+        method.requires_grad_(False)
+        return method
+
     def detach(self) -> None:
         """Give the base model back exactly as before the method was built. Soft methods change nothing
         in it (they enter per batch row through the engine); weight methods override this."""

@@ -205,14 +205,7 @@ class PTuningV2Model(Method):
             raise PrefixFileError(f"{source}: its config cannot be read ({e})") from e
         # the merged values are loaded flat; the MLP (if any) was only a training device
         config = dataclasses.replace(saved, reparam="flat", init="random", init_text=None)
-        method = cls(model, config, tokenizer=tokenizer)
-        try:
-            method.load_tensors_from(tensors, source)
-        except BaseException:
-            method.detach()
-            raise
-        method.requires_grad_(False)
-        return method
+        return cls.built_frozen(model, config, tokenizer, lambda method: method.load_tensors_from(tensors, source))
 
     @torch.no_grad()
     def load_tensors_from(self, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -273,14 +273,7 @@ class ImageClassifier(Method):
         text = getattr(tokenizer, "tokenizer", None) or (None if isinstance(tokenizer, ImageProcessor) else tokenizer)
         if text is not None:                                   # CLIP methods: the text tokenizer
             processor.tokenizer = text
-        method = cls(model, config, tokenizer=processor)
-        try:
-            method.load_named(artifact.tensors, source)
-        except BaseException:
-            method.detach()
-            raise
-        method.requires_grad_(False)
-        return method
+        return cls.built_frozen(model, config, processor, lambda method: method.load_named(artifact.tensors, source))
 
     @classmethod
     def load(cls, path, model, tokenizer=None):

@@ -148,14 +148,7 @@ class WeightMethod(Method):
             config = cls.config_class.from_dict(artifact.meta.get("config") or {})
         except (ConfigError, TypeError) as e:
             raise PrefixFileError(f"{cls.name} artifact: its config cannot be used ({e})") from e
-        method = cls(model, config, tokenizer=tokenizer)
-        try:
-            method.load_tensors(artifact.tensors)
-        except BaseException:
-            method.detach()
-            raise
-        method.requires_grad_(False)
-        return method
+        return cls.built_frozen(model, config, tokenizer, lambda method: method.load_tensors(artifact.tensors))
 
     @classmethod
     def check_fits(cls, artifact: WeightArtifact, model, source: str | None = None) -> None:
