@@ -210,7 +210,7 @@ def test_a_classification_table_compares_accuracy_with_its_reference_arm(tmp_pat
     table = table_markdown(exp, rows, folder)
     assert "accuracy − ptuning-v2 [95% CI]" in table
     probe = next(line for line in table.splitlines() if line.startswith("| probe |"))
-    assert "-0.2500 [" in probe and probe.rstrip(" |").split("|")[-3].strip().endswith("behind")
+    assert "-0.2500 [" in probe and probe.rstrip(" |").split("|")[-3].strip().endswith("behind; higher in 0/1 seeds")
 
 
 def test_replicas_block_has_one_line_per_round_with_the_scaling_ratio(tmp_path):
@@ -226,3 +226,57 @@ def test_replicas_block_has_one_line_per_round_with_the_scaling_ratio(tmp_path):
     assert "| 1.0 → 2.5 | 1 | 5.0 | 9.0 | 1.80× | 4.5 | 0 |" in text and "| 2 | 5.0 | 9.0 | 1.80× | 4.5 | 1 |" in text
     with pytest.raises(ReportError, match="no bench/bench_replicas.py record"):
         render("<!-- generated: replicas bench/results/none-*.json -->\n<!-- /generated -->", tmp_path)
+
+
+def test_an_extrapolation_table_gives_intervals_for_all_seen_and_unseen_sources(tmp_path):
+    from prefixtune.experiments.report import load_experiment
+    from prefixtune.experiments.tables import table_markdown
+
+    folder = tmp_path / "results" / "extrapolation"
+    ref = "the airport serves the city of aarhus in denmark"
+    rows = []
+    for arm in ("prefix", "finetune"):
+        for seed in (0, 1):
+            rid = f"{arm}-full-s{seed}"
+            ev = folder / "runs" / rid / "eval"
+            ev.mkdir(parents=True)
+            lines = []
+            for i in range(80):
+                seen = i < 40
+                # the prefix writes the reference on unseen categories only, fine-tuning on seen ones only
+                right = seen if arm == "finetune" else not seen
+                lines.append({"source": f"s{i}", "output": ref if right else "aarhus", "references": [ref],
+                              "meta": {"category": "Airport" if seen else "Food", "seen": seen}})
+            (ev / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            rows.append({"id": rid, "label": arm, "method": arm, "seed": seed, "lr": 1e-3, "stopped_early": True,
+                         "trainable_params": 10, "scores": {"bleu": 0.5}, "scores_seen": {"bleu": 0.5},
+                         "scores_unseen": {"bleu": 0.5}, "best_dev_loss": 1.0, "train_seconds": 3.0, "n_eval": 80})
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "experiment.json").write_text(json.dumps({
+        "name": "extrapolation", "scale": "quick", "model": "smollm2-135m", "dataset": "webnlg", "reference": "prefix",
+        "group_by": ["label"], "x": None, "notes": []}))
+    exp, rows, _ = load_experiment(folder)
+    table = table_markdown(exp, rows, folder)
+    head = table.splitlines()[0].split(" | ")
+    cells = dict(zip(head, next(line for line in table.splitlines() if line.startswith("| finetune |")).split(" | ")))
+    assert cells["BLEU seen − prefix [95% CI]"].endswith("ahead; higher in 2/2 seeds")
+    assert cells["BLEU unseen − prefix [95% CI]"].endswith("behind; higher in 0/2 seeds")
+    assert "BLEU − prefix [95% CI]" in cells  # all sources: each arm is right on half of them
+
+    # predictions written before they carried the item's meta: the split intervals are left out, not guessed
+    for path in folder.glob("runs/*/eval/predictions.jsonl"):
+        path.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "meta"}) + "\n"
+                                for x in path.read_text().splitlines()))
+    table = table_markdown(exp, rows, folder)
+    assert "BLEU − prefix [95% CI]" in table and "unseen − prefix" not in table
+
+
+def test_predictions_carry_an_items_meta_where_it_has_one(tmp_path):
+    from prefixtune.data.base import EvalItem
+    from prefixtune.decode import write_predictions
+
+    items = [EvalItem("a", ("x",), {"category": "Food", "seen": False}), EvalItem("b", ("y",))]
+    write_predictions(tmp_path / "p.jsonl", items, ["out a", "out b"])
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows == [{"source": "a", "output": "out a", "references": ["x"], "meta": {"category": "Food", "seen": False}},
+                    {"source": "b", "output": "out b", "references": ["y"]}]

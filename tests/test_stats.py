@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from prefixtune.metrics import score
+from prefixtune.metrics import score, scorer_ready
 from prefixtune.experiments.protocol import Protocol, choose
 from prefixtune.experiments.stats import BleuStats, Interval, mean_std, paired_bootstrap
 
@@ -60,7 +60,32 @@ def test_paired_bootstrap_averages_seeds_and_refuses_unpaired_sources():
     with pytest.raises(ValueError, match="different numbers of sources"):
         paired_bootstrap([(s1, s1[:3])], lambda st: 0.0)
     iv = paired_bootstrap([(s1, s1), (s1, s1)], lambda st: float(st.sum()), resamples=10)
-    assert iv == Interval(0.0, 0.0, 0.0, 10)
+    assert iv == Interval(0.0, 0.0, 0.0, 10, (0.0, 0.0))
+
+
+def test_an_interval_keeps_each_seeds_difference_and_says_in_how_many_it_is_above_zero():
+    ones, zeros = np.ones((50, 1)), np.zeros((50, 1))
+    mean = lambda st: float(st.mean())  # noqa: E731
+    # seed 0: A all right, B all wrong (+1); seed 1: the other way round (-1); seed 2: A half right (+0.5)
+    half = np.concatenate([ones[:25], zeros[:25]])
+    iv = paired_bootstrap([(ones, zeros), (zeros, ones), (half, zeros)], mean, resamples=200)
+    assert iv.per_seed == (1.0, -1.0, 0.5) and iv.estimate == pytest.approx(0.5 / 3)
+    assert iv.cell(3).startswith(f"{iv.estimate:+.3f} [") and iv.cell().endswith("; higher in 2/3 seeds")
+    assert iv.verdict() in iv.cell()
+
+
+def test_webnlg_bleu_from_summed_source_statistics_is_the_challenge_scripts_corpus_bleu():
+    hyps, refs = _corpus(60, 2, 0.3)
+    refs = [r[:1] if i % 3 == 0 else r for i, r in enumerate(refs)]  # some items with fewer references: padded
+    hyps = [h.capitalize() + " ." for h in hyps]                      # normalization (case, punctuation) counts
+    # a short output of an item with one reference: the padding's empty references are the closest length
+    hyps = [h.split()[0] if i % 6 == 0 else h for i, h in enumerate(hyps)]
+    bleu = BleuStats("webnlg")
+    stats = bleu.per_source(hyps, refs)
+    with scorer_ready("webnlg"):  # one METEOR JVM for both scores
+        assert bleu.score(stats) == pytest.approx(score("webnlg", hyps, refs)["bleu"], abs=1e-12)
+        assert bleu.score(stats[:30]) == pytest.approx(score("webnlg", hyps[:30], refs[:30])["bleu"], abs=1e-12)
+    assert BleuStats("dart").webnlg  # DART is scored by the same scripts
 
 
 def test_mean_std_and_the_learning_rate_rule():

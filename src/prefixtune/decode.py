@@ -95,7 +95,9 @@ def clean_output(text: str, stop_at_newline: bool = True) -> str:
 
 
 def write_predictions(path: str | Path, items, outputs: list[str]) -> None:
-    """Per-example output file: one JSON object per line with source, output and references."""
-    lines = [json.dumps({"source": it.source, "output": out, "references": list(it.references)}, ensure_ascii=False)
+    """Per-example output file: one JSON object per line with source, output, references and the item's meta
+    where it has one (WebNLG: category and seen, which the seen/unseen intervals are computed from)."""
+    lines = [json.dumps({"source": it.source, "output": out, "references": list(it.references),
+                         **({"meta": it.meta} if getattr(it, "meta", None) else {})}, ensure_ascii=False)
              for it, out in zip(items, outputs)]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())

@@ -7,6 +7,8 @@ which sources happened to be evaluated. With several seeds, seed s of system A i
 of system B (same training sample, same held-out sources), and the statistic is the mean over seeds
 of the per-seed corpus-BLEU difference. Corpus BLEU of a resample is computed from per-source
 sufficient statistics (n-gram matches, totals, lengths), which is exactly what the corpus score sums.
+Seeds are not resampled (three of them would bound little); each interval keeps its per-seed
+differences instead, and the tables say in how many seeds the difference is above 0.
 """
 
 from __future__ import annotations
@@ -34,13 +36,12 @@ class BleuStats:
 
     def __init__(self, task: str):
         # sacrebleu: only for bootstrap BLEU; tables and figures import this module for mean_std (start-up time)
-        from sacrebleu.metrics import BLEU
+        from ..metrics.bleu import mteval_metric, multi_bleu_metric
 
         if task in ("e2e", "generic"):  # mteval-v13a as e2e-metrics runs it (metrics/bleu.py)
-            self.metric = BLEU(lowercase=True, tokenize="13a", smooth_method="exp", force=True)
-        elif task in ("webnlg", "dart"):
-            raise ValueError(f"bootstrap for {task!r}: its BLEU scores normalized text with padded references "
-                             "(metrics/tasks.py); not wired here yet")
+            self.metric, self.webnlg = mteval_metric(), False
+        elif task in ("webnlg", "dart"):  # multi-bleu.perl on the 2017 scripts' normalized, padded texts
+            self.metric, self.webnlg = multi_bleu_metric(), True
         else:
             raise ValueError(f"no BLEU for task {task!r}")
 
@@ -48,7 +49,10 @@ class BleuStats:
         """(sources, stats) integer array; summing rows gives the corpus statistics."""
         # sacrebleu: the metrics package imports it; only for bootstrap BLEU (start-up time)
         from ..metrics.bleu import reference_streams
+        from ..metrics.tasks import webnlg_texts  # the metrics package, as above (start-up time)
 
+        if self.webnlg:
+            hyps, _, refs = webnlg_texts(hyps, refs)
         return np.asarray(self.metric._extract_corpus_statistics(list(hyps), reference_streams(refs)), dtype=np.int64)
 
     def score(self, stats: np.ndarray) -> float:
@@ -77,6 +81,7 @@ class Interval:
     low: float
     high: float
     resamples: int
+    per_seed: tuple[float, ...] = ()  # each seed's difference on the evaluated sources (the estimate is their mean)
 
     @property
     def excludes_zero(self) -> bool:
@@ -86,6 +91,13 @@ class Interval:
         if not self.excludes_zero:
             return "no difference shown"
         return better if self.low > 0 else worse
+
+    def cell(self, digits: int = 4) -> str:
+        """A table's cell: the difference, its interval, what it allows saying, and in how many seeds the
+        difference is above 0 (the resampling is over sources only; this shows whether training's
+        randomness turns the difference round)."""
+        return (f"{self.estimate:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}] {self.verdict()}; "
+                f"higher in {sum(d > 0 for d in self.per_seed)}/{len(self.per_seed)} seeds")
 
 
 def paired_bootstrap(pairs: list[tuple[np.ndarray, np.ndarray]], score, resamples: int = 1000, seed: int = 0,
@@ -101,7 +113,8 @@ def paired_bootstrap(pairs: list[tuple[np.ndarray, np.ndarray]], score, resample
         if len(a) != len(b) or len(a) == 0:
             raise ValueError(f"paired_bootstrap: systems scored on different numbers of sources ({len(a)} vs {len(b)})")
     rng = np.random.default_rng(seed)
-    estimate = float(np.mean([score(a) - score(b) for a, b in pairs]))
+    per_seed = tuple(float(score(a) - score(b)) for a, b in pairs)
+    estimate = float(np.mean(per_seed))
     values = np.empty(resamples)
     for i in range(resamples):
         diffs = []
@@ -111,4 +124,4 @@ def paired_bootstrap(pairs: list[tuple[np.ndarray, np.ndarray]], score, resample
         values[i] = np.mean(diffs)
     tail = (1 - level) / 2
     low, high = np.quantile(values, [tail, 1 - tail])
-    return Interval(estimate, float(low), float(high), resamples)
+    return Interval(estimate, float(low), float(high), resamples, per_seed)

@@ -53,10 +53,11 @@ def _predictions(out: Path, run_id: str) -> dict[str, dict] | None:
 
 
 def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str | None = None,
-                 resamples: int = 1000) -> dict[tuple, Interval]:
+                 resamples: int = 1000, seen: bool | None = None) -> dict[tuple, Interval]:
     """Per table group: paired bootstrap 95% interval of (group's headline metric - the reference rows'; BLEU,
     or accuracy for a classification task; default reference: the experiment's `reference`), pairing seed
-    with seed at the same training size (same training sample, same evaluation sources)."""
+    with seed at the same training size (same training sample, same evaluation sources). `seen` True or
+    False: only the sources of categories trained on (or held out), as their predictions' meta says."""
     reference = reference or exp.reference
     try:
         stats = paired_stats(recipe_for(exp.dataset).metric)
@@ -76,6 +77,10 @@ def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str | 
             sources = [src for src in a if src in b]
             if len(sources) != len(a) or len(sources) != len(b):
                 raise ValueError(f"{r['id']} and {ref['id']} were evaluated on different sources")
+            if seen is not None:
+                if any("seen" not in a[x].get("meta", {}) for x in sources):
+                    continue  # predictions written before they carried the item's meta: no split interval
+                sources = [x for x in sources if a[x]["meta"]["seen"] == seen]
             pairs.append((stats.per_source([a[x]["output"] for x in sources], [a[x]["references"] for x in sources]),
                           stats.per_source([b[x]["output"] for x in sources], [b[x]["references"] for x in sources])))
         if pairs:
@@ -92,9 +97,12 @@ def table_markdown(exp: Experiment, rows: list[dict], out: Path | None = None, c
     cols = metric_columns(rows)
     split_cols = [f"{c} {g}" for g in ("seen", "unseen") for c in cols[:1]] if any("scores_seen" in r for r in rows) else []
     headline = next((c for c in ("bleu", "accuracy") if c in cols), None)
-    intervals = intervals_vs(exp, out, rows, reference) if out is not None and headline else {}
-    cmp_col = [f"{'BLEU' if headline == 'bleu' else headline} − {reference} [95% CI]"] if intervals else []
-    head = list(exp.group_by) + ["seeds", "lr", "stopped early", "trainable params"] + cols + split_cols + cmp_col + \
+    subsets = (None, "seen", "unseen") if split_cols else (None,)
+    intervals = {g: intervals_vs(exp, out, rows, reference, seen=None if g is None else g == "seen")
+                 for g in subsets} if out is not None and headline else {}
+    name = "BLEU" if headline == "bleu" else headline
+    cmp_cols = [f"{name}{'' if g is None else ' ' + g} − {reference} [95% CI]" for g in subsets if intervals.get(g)]
+    head = list(exp.group_by) + ["seeds", "lr", "stopped early", "trainable params"] + cols + split_cols + cmp_cols + \
         ["dev loss", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, group in group_rows(rows, exp.group_by).items():
@@ -107,9 +115,9 @@ def table_markdown(exp: Experiment, rows: list[dict], out: Path | None = None, c
         cells += [_fmt([r["scores"][c] for r in group if c in r.get("scores", {})]) for c in cols]
         for g in ("seen", "unseen") if split_cols else ():
             cells.append(_fmt([r[f"scores_{g}"][cols[0]] for r in group if f"scores_{g}" in r]))
-        if cmp_col:
-            iv = intervals.get(key)
-            cells.append(f"{iv.estimate:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] {iv.verdict()}" if iv else "–")
+        for g in (g for g in subsets if intervals.get(g)):
+            iv = intervals[g].get(key)
+            cells.append(iv.cell() if iv else "–")
         cells.append(_fmt([r["best_dev_loss"] for r in group if isinstance(r.get("best_dev_loss"), (int, float))
                            and math.isfinite(r["best_dev_loss"])]))
         cells.append(_fmt([r["train_seconds"] for r in group]))

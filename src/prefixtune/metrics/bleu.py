@@ -11,15 +11,22 @@ from typing import Sequence
 from sacrebleu.metrics import BLEU
 
 
+def mteval_metric() -> BLEU:
+    """mteval-v13a as e2e-metrics runs it. force=True only silences sacrebleu's "looks tokenized" warning."""
+    return BLEU(lowercase=True, tokenize="13a", smooth_method="exp", force=True)
+
+
+def multi_bleu_metric() -> BLEU:
+    """multi-bleu.perl on text already lower-cased and tokenized: whitespace tokens, no smoothing."""
+    return BLEU(lowercase=False, tokenize="none", smooth_method="none", force=True)
+
+
 def mteval_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    # force=True only silences sacrebleu's "your text looks tokenized" warning.
-    metric = BLEU(lowercase=True, tokenize="13a", smooth_method="exp", force=True)
-    return metric.corpus_score(list(hyps), reference_streams(refs)).score / 100.0
+    return mteval_metric().corpus_score(list(hyps), reference_streams(refs)).score / 100.0
 
 
 def multi_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    metric = BLEU(lowercase=False, tokenize="none", smooth_method="none", force=True)
-    return metric.corpus_score(list(hyps), reference_streams(refs)).score / 100.0
+    return multi_bleu_metric().corpus_score(list(hyps), reference_streams(refs)).score / 100.0
 
 
 def reference_streams(refs: Sequence[Sequence[str]]) -> list[list[str | None]]:

@@ -43,12 +43,19 @@ def _e2e(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     }
 
 
-def _webnlg(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+def webnlg_texts(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """What the 2017 scripts score: normalized outputs, the first 3 normalized references of each item, and
+    those references padded to 3 with empty ones, as multi-bleu.perl reads them (for BLEU only)."""
     norm_hyps = [normalize_hypothesis(h) for h in hyps]
     norm_refs = [[normalize_reference(r) for r in item[:WEBNLG_MAX_REFS]] for item in refs]
     # multi-bleu.perl reads the blank lines that pad short items in reference files 1-2
     # as zero-length references, which can win the closest-length brevity choice.
     padded = [item + [""] * (WEBNLG_MAX_REFS - len(item)) for item in norm_refs]
+    return norm_hyps, norm_refs, padded
+
+
+def _webnlg(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    norm_hyps, norm_refs, padded = webnlg_texts(hyps, refs)
     return {
         "bleu": multi_bleu(norm_hyps, padded),
         "meteor": meteor(norm_hyps, norm_refs),

@@ -222,7 +222,7 @@ def l2p_table_body(rows: list[dict], reference: str = L2P_REFERENCE) -> str:
         tried = ", ".join(f"{r['lr']:g}: {r['val_loss']:.4f}" for r in sorted(grid, key=lambda r: r["lr"]))
         edge = f", at the grid's {rs[0]['at_edge']} edge" if rs[0].get("at_edge") else ""
         diff = paired_accuracy_difference(rows, arm, reference)
-        versus = "–" if diff is None else f"{diff.estimate:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] {diff.verdict()}"
+        versus = "–" if diff is None else diff.cell(3)
         lines.append(f"| {arm} | {rs[0]['lr']:g}{f' ({tried}{edge})' if tried else ''} | {len(rs)} | "
                      f"{m:.3f}{f' ± {s:.3f}' if len(rs) > 1 else ''} | {fs} | {per_task} | {ci} | {versus} | "
                      f"{rs[0]['trainable_params']:,} | {mean_std([r['seconds'] for r in rs])[0]:.0f} |")

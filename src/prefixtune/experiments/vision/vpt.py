@@ -227,8 +227,7 @@ def vpt_table_body(rows: list[dict], reference: str = VPT_REFERENCE) -> str:
                                                 else f"val acc {r['val_accuracy']:.3f}") for r in grid)
         edge = f", at the grid's {chosen[0]['at_edge']} edge" if chosen[0].get("at_edge") else ""
         diff = paired_accuracy_difference(rows, arm, reference)
-        versus = "–" if diff is None else (f"{diff.estimate:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] "
-                                            f"{diff.verdict()}")
+        versus = "–" if diff is None else diff.cell(3)
         lines.append(f"| {arm} | {chosen[0]['lr']:g} ({tried}{edge}) | {len(chosen)} | {vm:.3f} | {m:.3f}"
                      f"{f' ± {s:.3f}' if len(chosen) > 1 else ''} | "
                      f"{per} | {versus} | {chosen[0]['trainable_params']:,} | {file_size(chosen[0]['file_bytes'])} | "
