@@ -81,6 +81,8 @@ def intervals_vs(exp: Experiment, out: Path, rows: list[dict], reference: str | 
                 if any("seen" not in a[x].get("meta", {}) for x in sources):
                     continue  # predictions written before they carried the item's meta: no split interval
                 sources = [x for x in sources if a[x]["meta"]["seen"] == seen]
+                if not sources:
+                    continue
             pairs.append((stats.per_source([a[x]["output"] for x in sources], [a[x]["references"] for x in sources]),
                           stats.per_source([b[x]["output"] for x in sources], [b[x]["references"] for x in sources])))
         if pairs:
