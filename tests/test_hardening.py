@@ -30,28 +30,9 @@ from prefixtune.serve.store_errors import StoreError
 
 from conftest import one_torch_thread_impl, tiny
 from test_cli_errors import _run, assets  # noqa: F401 (assets is a fixture)
-from test_serve import BASE, World, client, complete, start_server
+from test_serve import BASE, client, complete, serve, world  # noqa: F401 (serve and world are fixtures)
 
 one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread_impl)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return World(tmp_path_factory.mktemp("prefixes"))
-
-
-@pytest.fixture
-def serve(world, tmp_path):
-    servers = []
-
-    def start(**config):
-        server, store = start_server(world, tmp_path, **config)
-        servers.append(server)
-        return server, store, store.add_key("alice"), server.app.state.prefixtune
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def raw_post(c: httpx.Client, body: str) -> httpx.Response:

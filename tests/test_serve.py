@@ -87,6 +87,22 @@ def start_server(world, tmp_path, **config) -> tuple[ServerThread, PrefixStore]:
     return ServerThread(app).start(), store
 
 
+@pytest.fixture
+def serve(world, tmp_path):
+    """serve(**config): a fresh server and a key for alice; stopped after the test. (Imported by the test
+    modules that start a server per test.)"""
+    servers = []
+
+    def start(**config):
+        server, store = start_server(world, tmp_path, **config)
+        servers.append(server)
+        return server, store, store.add_key("alice"), server.app.state.prefixtune
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def server(world, tmp_path_factory):
     """A server with keys for alice and bob; alice owns p0..p3 (p3 public), bob owns nothing yet."""

@@ -11,31 +11,11 @@ import time
 import httpx
 import pytest
 
-from test_serve import BASE, World, client, complete, start_server, upload
+from test_serve import BASE, client, complete, serve, upload, world  # noqa: F401 (serve and world are fixtures)
 
 from conftest import one_torch_thread_impl
 
 one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread_impl)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return World(tmp_path_factory.mktemp("prefixes"))
-
-
-@pytest.fixture
-def serve(world, tmp_path):
-    """serve(**config): a fresh server and a key for alice; stopped after the test."""
-    servers = []
-
-    def start(**config):
-        server, store = start_server(world, tmp_path, **config)
-        servers.append(server)
-        return server, store, store.add_key("alice"), server.app.state.prefixtune
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def wait_until(condition, timeout: float = 10.0) -> bool:
