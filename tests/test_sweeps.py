@@ -6,6 +6,7 @@ One local Ray instance serves the whole module (Ray start-up is the slow part).
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -59,7 +60,11 @@ def _png(path: Path) -> bool:
 def test_tiny_experiment_end_to_end_then_rerun_skips(assets, local_ray, tmp_path):
     exp = _tiny_experiment(assets)
     assert [r.id for r in exp.runs] == ["prefix-n20-s0", "prefix-n40-s0"]  # 2 sizes x 1 seed
-    result = command.run_experiment(exp, tmp_path, print_fn=lambda s: None)
+    told: list[str] = []
+    result = command.run_experiment(exp, tmp_path, print_fn=told.append)
+    # a finished selection run (trained, not evaluated) is reported by its dev loss, a comparison run by its scores
+    assert re.search(r"\] prefix-n20-s0-lr[0-9.e-]+: best dev loss [0-9.]+ at step \d+ \(", "\n".join(told))
+    assert re.search(r"\] zero-step-n20-s0: bleu [0-9.]+", "\n".join(told))
     choices = json.loads((tmp_path / "lr_choice.json").read_text())
     assert set(choices) == {"prefix-n20", "prefix-n40"}
     rows = read_results(tmp_path)

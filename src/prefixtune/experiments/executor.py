@@ -323,5 +323,10 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 
 def _headline(row: dict) -> str:
+    """A finished run in a few words: its first three scores, or (a selection run, not evaluated) its best dev loss."""
     scores = row.get("scores", {})
-    return ", ".join(f"{k} {v:.4g}" for k, v in list(scores.items())[:3] if isinstance(v, (int, float)))
+    words = ", ".join(f"{k} {v:.4g}" for k, v in list(scores.items())[:3] if isinstance(v, (int, float)))
+    loss = row.get("best_dev_loss")
+    if not words and isinstance(loss, (int, float)):
+        words = f"best dev loss {loss:.4f} at step {row.get('best_step')}"
+    return words
