@@ -233,10 +233,14 @@ def test_webnlg_split_keeps_unseen_categories_out_of_training():
     marked_unseen = {it.source for it in items if not it.meta["seen"]}
     assert marked_unseen and marked_unseen <= dev_unseen
     assert not {e.source for e in dev_pairs} & marked_unseen  # early stopping never sees them either
-    from prefixtune.experiments.executor import _pick_eval_items
-
-    picked = _pick_eval_items(items, 10)
-    assert sum(it.meta["seen"] for it in picked) == 5 and len(picked) == 10
+    # what an experiment scores: a few sources spread over the split, half of them unseen; the dev loss
+    # comes from the same split, so none of the scored sources may give it (nor choose the learning rate)
+    assert {e.source for e in dev_pairs} & {it.source for it in items if it.meta["seen"]}  # unpicked: they overlap
+    train_again, dev_kept, picked = plan_data(plan, score_limit=10)
+    assert sum(it.meta["seen"] for it in picked) == 5 and len(picked) == 10 and train_again == train_pairs
+    assert not {e.source for e in dev_kept} & {it.source for it in picked}
+    assert {(e.source, e.target) for e in dev_kept} == {(e.source, e.target) for e in dev_pairs
+                                                       if e.source not in {it.source for it in picked}}
 
 
 def test_table_means_and_sample_std_over_seeds():

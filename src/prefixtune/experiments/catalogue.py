@@ -318,7 +318,7 @@ def scale_note(scale: str, s: Scale) -> str:
     return (f"scale {scale}: sizes {list(s.sizes)}, seeds {list(s.seeds)}, "
             f"{'max ' + str(s.max_steps) + ' steps' if s.max_steps else 'recipe epochs'}, "
             f"{'epochs ' + str(s.epochs) + ', ' if s.epochs else ''}"
-            f"{'first ' + str(s.eval_limit) if s.eval_limit else 'all'} evaluation sources, beam {s.num_beams}"
+            f"{str(s.eval_limit) + ' evaluation sources spread over the split (half unseen where marked)' if s.eval_limit else 'all evaluation sources'}, beam {s.num_beams}"
             + (", learning-rate grids centred on each method's short-run rate" if s.short_run else "")
             + (f"; early stopping: dev loss every {s.eval_every} steps, patience {s.patience}" if s.patience else ""))
 

@@ -93,23 +93,6 @@ def dev_curve(run_dir: Path) -> list[list[float]]:
     return [[k, points[k]] for k in sorted(points)]
 
 
-def _pick_eval_items(items: list, limit: int | None) -> list:
-    """At most `limit` items, spread over the whole list; with seen/unseen marks, half of each."""
-    if limit is None or len(items) <= limit:
-        return items
-
-    def spread(xs, k):
-        return [xs[int(i * len(xs) / k)] for i in range(k)] if k < len(xs) else xs
-
-    marks = [(it.meta or {}).get("seen") for it in items]
-    if None in marks:
-        return spread(items, limit)
-    seen = [it for it in items if it.meta["seen"]]
-    unseen = [it for it in items if not it.meta["seen"]]
-    k_unseen = min(len(unseen), limit // 2)
-    return spread(seen, limit - k_unseen) + spread(unseen, k_unseen)
-
-
 def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | None = None,
             print_fn: Callable[[str], None] | None = None) -> dict:
     """Train and evaluate one run in root/runs/<id>; returns its row (cached in row.json, or select.json
@@ -144,7 +127,7 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
         if spec.method == ZERO_STEP:
             from ..models import load_model  # torch: only when a run runs (start-up time)
 
-            _, _, eval_items = plan_data(plan)
+            _, _, eval_items = plan_data(plan, spec.eval_limit)
             model, tok = load_model(model_name)
             result = {"model": model, "tokenizer": tok, "eval_items": eval_items, "artifact": None,
                       "trainable_params": 0, "steps": 0, "best_dev_loss": None, "best_step": None,
@@ -156,7 +139,8 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
             if resume:
                 say("resuming from its checkpoint")
             try:
-                result = run_training(model_name, plan, method_cfg, train_cfg, run_dir, resume=resume, print_fn=say)
+                result = run_training(model_name, plan, method_cfg, train_cfg, run_dir, resume=resume, print_fn=say,
+                                      score_limit=spec.eval_limit)
             except TrainingError as e:
                 if spec.evaluate or "became" not in str(e):
                     raise
@@ -166,7 +150,7 @@ def run_one(spec: RunSpec, model_name: str, root: str | Path, threads: int | Non
                           "diverged": str(e)}
         metrics = None
         if spec.evaluate:
-            items = _pick_eval_items(result["eval_items"], spec.eval_limit)
+            items = result["eval_items"]  # the scored ones: their sources gave no dev loss
             decode_cfg = decode_config_for(spec.dataset, **spec.decode)
             metrics = evaluate(result["model"], result["tokenizer"], result["artifact"], items,
                                recipe_for(spec.dataset).metric, decode_cfg, run_dir / "eval")

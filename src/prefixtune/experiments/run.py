@@ -34,8 +34,30 @@ from ..recipes import canonical
 from ..train import ResumeMismatch, TrainConfig, TrainingError, check_resumable, step_timer, train
 
 
-def plan_data(plan: DataPlan):
-    """Returns (train_pairs, dev_pairs, eval_items)."""
+def pick_scored(items: list, limit: int | None) -> list:
+    """At most `limit` items, spread over the whole list; with seen/unseen marks, half of each."""
+    if limit is None or len(items) <= limit:
+        return items
+
+    def spread(xs, k):
+        return [xs[int(i * len(xs) / k)] for i in range(k)] if k < len(xs) else xs
+
+    marks = [(it.meta or {}).get("seen") for it in items]
+    if None in marks:
+        return spread(items, limit)
+    seen = [it for it in items if it.meta["seen"]]
+    unseen = [it for it in items if not it.meta["seen"]]
+    k_unseen = min(len(unseen), limit // 2)
+    return spread(seen, limit - k_unseen) + spread(unseen, k_unseen)
+
+
+def plan_data(plan: DataPlan, score_limit: int | None = None):
+    """Returns (train_pairs, dev_pairs, eval_items).
+
+    `score_limit` (experiments): the evaluation items are the `pick_scored` few that will be scored, and
+    the dev loss never uses their sources: when the dev loss and the scores come from one split (WebNLG's
+    dev in `extrapolation`), a scored source's references must not choose the learning rate or the best
+    step. (Same-split low-data plans hold their dev sources out already; this removes nothing there.)"""
     opts = {"path": plan.path} if plan.path else {}
     train_opts = dict(opts)
     if plan.exclude_categories:
@@ -69,6 +91,10 @@ def plan_data(plan: DataPlan):
         dev_pairs = [e for e in dev_pairs if e.source not in unseen_sources]
     if plan.eval_size is not None:
         eval_items = eval_items[:plan.eval_size]
+    if score_limit is not None:
+        eval_items = pick_scored(eval_items, score_limit)
+        scored = {it.source for it in eval_items}
+        dev_pairs = [e for e in dev_pairs if e.source not in scored]
     return train_pairs, dev_pairs, eval_items
 
 
@@ -144,18 +170,19 @@ def check_same_run(checkpoint: Path, identity: dict) -> None:
 
 def run_training(model_name: str, plan: DataPlan, method_cfg, train_cfg: TrainConfig, out: str | Path,
                  resume: bool = False, print_fn: Callable[[str], None] = print, model_and_tokenizer=None,
-                 progress=None, precision: str | None = None) -> dict:
+                 progress=None, precision: str | None = None, score_limit: int | None = None) -> dict:
     """Load data, then the model; train the method `method_cfg` configures on it. Data and the output folder are checked
     before the model is loaded, and run.json is written only for a run that goes ahead. `precision` ("auto",
     "fp32", "bf16"; None: `train_cfg.bf16` as it is) decides `train_cfg.bf16` once the data is checked: "auto"
-    may measure this machine for seconds, which a mistake in the data should not wait for.
+    may measure this machine for seconds, which a mistake in the data should not wait for. `score_limit`:
+    as for `plan_data` (the returned "eval_items" are then the ones to score).
 
     The returned "model" is the base model again: a weight method (finetune, ft-top, adapter, LoRA) is
     detached after training (its hooks removed, the original weights put back), so that applying the
     returned "artifact" to it, as evaluation does, gives the trained model exactly once."""
     method_cls = method_of(method_cfg)
     out = check_output_folder(out, resume)
-    train_pairs, dev_pairs, eval_items = plan_data(plan)
+    train_pairs, dev_pairs, eval_items = plan_data(plan, score_limit)
     print_fn(f"data: {len(train_pairs)} training pairs, {len(dev_pairs)} dev pairs, {len(eval_items)} evaluation sources")
     if not train_pairs:
         raise TrainingError("no training examples")
