@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-deps -r requirements.lock
+	# a dropped connection mid-download (seen on a 104 MB wheel) resumes, and the whole step is tried 3 times
+	for try in 1 2 3; do $(PY) -m pip install -q --resume-retries 20 --no-deps -r requirements.lock && break; \
+	  [ $$try = 3 ] && exit 1; echo "pip install failed (try $$try of 3); trying again"; sleep 10; done
 	$(PY) -m pip install -q --no-deps -e .
 	@command -v java >/dev/null || { echo "installing Java for METEOR (default-jre-headless)"; \
 	  (apt-get update -qq && apt-get install -y -qq default-jre-headless) || \
